@@ -1,0 +1,48 @@
+# lobevol: two commands on a fresh machine.
+#   make run   installs (into .venv) and runs lobevol on its embedded default
+#   make test  installs (into .venv, plus the DICOM peers via apt when root) and runs the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+APT_PACKAGES := dcmtk dicom3tools orthanc poppler-utils
+
+.PHONY: install install-peers run test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The integration tests talk to real peers; install them when we can (root, apt).
+install-peers:
+	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump Orthanc pdftoppm; do \
+	  command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing DICOM peers (missing:$$missing)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); fi; \
+	fi
+
+run: install
+	$(VENV)/bin/lobevol run
+
+test: install install-peers
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not integration" tests
+
+bench: install
+	$(PY) benchmarks/predict_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,6 @@
+"""One module per ``lobevol`` subcommand.
+
+Each module defines ``register(subparsers)``, which adds its parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an
+exit status). Heavy imports belong inside the handler, so ``--help`` stays fast.
+"""
