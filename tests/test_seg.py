@@ -1,0 +1,128 @@
+"""DICOM SEG writer: geometry round trip, codes, validation with dciodvfy."""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from inference.labels import REGIONS
+from node.seg import build_seg, region_volumes_from_seg, segment_numbers_by_key
+from tests.dicom_validation import validate
+from tests.output_fixtures import MODEL, ct_volume, region_labels, region_voxel_volumes_cm3, write_ct_series
+
+SHAPE = (12, 40, 40)  # slices, rows, columns: 4 mm pixels, 5 mm slices
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    labels = region_labels(SHAPE)
+    paths = write_ct_series(tmp_path_factory.mktemp("ct"), labels)
+    return ct_volume(paths), labels
+
+
+def test_binary_seg_round_trip_is_exact(study, tmp_path):
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    back = hd.seg.segread(path)
+    numbers = segment_numbers_by_key(back)
+    assert sorted(numbers) == sorted(r.key for r in REGIONS)
+    pixels = back.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in volume.datasets], combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    expected = np.zeros_like(labels)
+    for region in REGIONS:
+        expected[labels == region.value] = numbers[region.key]
+    np.testing.assert_array_equal(pixels, expected)
+    # Every frame lies on a source image plane and references that image.
+    source_positions = {ds.SOPInstanceUID: list(ds.ImagePositionPatient) for ds in volume.datasets}
+    for frame in back.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert list(frame.PlanePositionSequence[0].ImagePositionPatient) == pytest.approx(source_positions[uid])
+    volumes = region_volumes_from_seg(back, volume.datasets)
+    truth = region_voxel_volumes_cm3(labels, 4 * 4 * 5)
+    assert volumes == pytest.approx(truth, rel=1e-9)
+
+
+def test_segment_codes_colours_and_algorithm(study):
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL)
+    by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    right_frontal = by_label["Right frontal lobe"]
+    prop = right_frontal.SegmentedPropertyTypeCodeSequence[0]
+    assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("83251001", "SCT")
+    assert prop.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    assert right_frontal.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in by_label["Cerebellum"].SegmentedPropertyTypeCodeSequence[0]
+    assert by_label["Brainstem"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "119238007"
+    lab = hd.color.CIELabColor.from_dicom_value(right_frontal.RecommendedDisplayCIELabValue)
+    assert np.abs(np.array(lab.to_rgb()) - np.array(REGIONS[0].rgb)).max() <= 2
+    algorithm = right_frontal.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "lobevol"
+    assert MODEL["weights_sha256"] in algorithm.AlgorithmParameters
+
+
+def test_seg_is_in_the_source_study_new_series(study):
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL)
+    source = volume.datasets[0]
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert (seg.PatientID, seg.PatientName) == (source.PatientID, source.PatientName)
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.SeriesDescription == "lobevol SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+
+
+def test_missing_regions_are_left_out_and_numbers_stay_contiguous(study):
+    volume, labels = study
+    partial = labels.copy()
+    partial[np.isin(partial, (3, 9))] = 0
+    seg = build_seg(volume, partial, MODEL)
+    numbers = segment_numbers_by_key(seg)
+    assert "right_parietal_lobe" not in numbers and "cerebellum" not in numbers
+    assert sorted(numbers.values()) == list(range(1, 9))
+
+
+def test_labelmap_seg_round_trip(study, tmp_path):
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL, labelmap=True)
+    assert seg.SegmentationType == "LABELMAP"
+    path = tmp_path / "labelmap.dcm"
+    seg.save_as(path)
+    back = hd.seg.segread(path)
+    assert region_volumes_from_seg(back, volume.datasets) == pytest.approx(
+        region_voxel_volumes_cm3(labels, 4 * 4 * 5), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a[:, :-1], "shape"),
+        (lambda a: np.where(a == 1, 11, a), "label values"),
+        (lambda a: a.astype(np.float32), "integer"),
+        (lambda a: np.zeros_like(a), "empty"),
+    ],
+)
+def test_bad_label_slices_are_refused(study, mutate, message):
+    volume, labels = study
+    with pytest.raises(ValueError, match=message):
+        build_seg(volume, mutate(labels), MODEL)
+
+
+def test_model_without_checksum_is_refused(study):
+    volume, labels = study
+    with pytest.raises(ValueError, match="weights_sha256"):
+        build_seg(volume, labels, {**MODEL, "weights_sha256": ""})
+
+
+@pytest.mark.integration
+def test_binary_seg_passes_dciodvfy(study, tmp_path):
+    volume, labels = study
+    path = tmp_path / "seg.dcm"
+    build_seg(volume, labels, MODEL).save_as(path)
+    result = validate(path)
+    assert result.errors == [], result.output
+    assert result.warnings == [], result.output
