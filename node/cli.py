@@ -16,6 +16,7 @@ from node import __version__
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.run",
+    "node.commands.segment",
 )
 
 DESCRIPTION = """\

@@ -1,0 +1,120 @@
+"""``lobevol segment``: analyse DICOM studies (or one image) offline, without the node."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+EPILOG = """\
+examples:
+  lobevol segment /media/cd/DICOM --out results
+      every study found under the folder (any nesting, any file names; non-DICOM
+      files are ignored): results/<study uid>/{seg,sr,report,key_*}.dcm, report.pdf,
+      labels.nii.gz, volumes.json, volumes.csv, and results/volumes.csv for all studies
+  lobevol segment scan.nii.gz --out results --sex F --age 2.1
+      a NIfTI image in HU: only the plain files and the PDF (no DICOM study to write into)
+  lobevol segment incoming/ --out results --seg labelmap --no-overlays --z-threshold 2.5
+
+Each study gets one summary line. The exit status is 1 when no study could be
+analysed; the message gives each study's reason (e.g. why no series was chosen).
+Not for clinical use: the bundled model was trained on synthetic phantoms.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="analyse DICOM studies or an image: SEG, SR, PDF, key images, volumes",
+        description=(
+            "Find the head CT studies under INPUT, pick each study's best head CT series, segment the "
+            "10 brain regions, measure their volumes, compare them with the normative reference and "
+            "write the results: DICOM SEG, TID 1500 SR, PDF report (also as Encapsulated PDF) and "
+            "key images, all in the source study; plus the label map (NIfTI) and volumes (JSON, CSV)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", type=Path,
+                        help="folder of DICOM files (one or several studies), or an image file (.nii, .nii.gz, .mha, .nrrd)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: torch's choice)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips): slower, a little smoother")
+    parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default="binary",
+                        help="DICOM SEG type (default binary: what most viewers display)")
+    parser.add_argument("--no-sr", action="store_true", help="do not write the TID 1500 SR")
+    parser.add_argument("--no-pdf", action="store_true", help="do not write the PDF report")
+    parser.add_argument("--no-overlays", action="store_true", help="do not write the Secondary Capture key images")
+    parser.add_argument("--reference", type=Path, default=None, help="normative reference file (default: bundled)")
+    parser.add_argument("--z-threshold", type=float, default=2.0, help="flag volumes with |z| above this (default 2)")
+    parser.add_argument("--sex", choices=("M", "F"), default=None, help="patient sex, for image input")
+    parser.add_argument("--age", type=float, default=None, metavar="YEARS", help="age at scan in years, for image input")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.pipeline import PipelineSettings
+
+    settings = PipelineSettings(
+        seg_type=args.seg, write_sr=not args.no_sr and args.seg != "none", write_pdf=not args.no_pdf,
+        write_overlays=not args.no_overlays, reference_path=args.reference, z_threshold=args.z_threshold,
+    )
+    if not args.input.exists():
+        raise FileNotFoundError(f"input {args.input} does not exist")
+    if args.input.is_file():
+        if not args.input.name.lower().endswith(IMAGE_SUFFIXES):
+            raise ValueError(
+                f"{args.input} is a file but not an image ({', '.join(IMAGE_SUFFIXES)}); "
+                "give a folder for DICOM input"
+            )
+        return _segment_image(args, settings)
+    if args.sex or args.age is not None:
+        raise ValueError("--sex and --age apply to image input; DICOM studies carry their own")
+    return _segment_dicom(args, settings)
+
+
+def _segmenter(args):
+    from inference.predict import Segmenter
+
+    return Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta)
+
+
+def _segment_image(args, settings) -> int:
+    import SimpleITK as sitk
+
+    from node.pipeline import analyse_image
+
+    image = sitk.ReadImage(str(args.input))
+    case_id = args.input.name.split(".")[0]
+    outcome = analyse_image(image, args.out / case_id, _segmenter(args), settings, case_id=case_id,
+                            sex=args.sex, age_years=args.age)
+    print(outcome.summary)
+    return 0
+
+
+def _segment_dicom(args, settings) -> int:
+    from tqdm import tqdm
+
+    from node.dicom_files import find_dicom_files, group_by_study
+    from node.pipeline import analyse_study, write_volumes_csv
+
+    studies = group_by_study(find_dicom_files(args.input))
+    if not studies:
+        raise ValueError(f"no DICOM files found under {args.input}")
+    segmenter = _segmenter(args)
+    outcomes = []
+    for study_uid, series in tqdm(studies.items(), desc="studies", unit="study", disable=len(studies) < 2):
+        instances = [header for headers in series.values() for header in headers]
+        outcome = analyse_study(instances, args.out / study_uid, segmenter, settings)
+        tqdm.write(outcome.summary)
+        outcomes.append(outcome)
+    done = [o for o in outcomes if o.status == "done"]
+    if len(studies) > 1 and done:
+        path = write_volumes_csv(args.out / "volumes.csv", [o.volumes_row for o in done])
+        print(f"volumes of {len(done)} studies: {path}")
+    if not done:
+        reasons = "; ".join(f"study {o.study_uid}: {o.reason}" for o in outcomes)
+        raise RuntimeError(f"no study could be analysed ({reasons})")
+    return 0

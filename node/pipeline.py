@@ -1,0 +1,332 @@
+"""Analyse one study: select the series, segment, measure, compare, write every result.
+
+:func:`analyse_study` is the one path from received DICOM instances to the
+result objects; the node's worker and ``lobevol segment`` both call it.
+:func:`analyse_image` is the same analysis for a plain image (NIfTI...),
+which yields only the plain files and the PDF (there is no DICOM study to
+write into).
+
+Files written per study (in ``out_dir``):
+  seg.dcm, sr.dcm, report.dcm (Encapsulated PDF), key_<view>.dcm (Secondary
+  Capture): the DICOM results, all in the source study, each in a new series;
+  labels.nii.gz (label map on the analysed volume's grid), volumes.json,
+  volumes.csv (``id,sex,age_years,<10 region keys>``) and report.pdf.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pydicom
+import SimpleITK as sitk
+
+from inference.labels import REGION_KEYS
+from node.series_selection import SelectionRules
+
+log = logging.getLogger(__name__)
+
+SEG_TYPES = ("binary", "labelmap", "none")
+#: Slices thicker than this make the volumes noticeably less precise (mm).
+THICK_SLICE_MM = 3.0
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What to analyse and which results to write.
+
+    Attributes:
+        selection: series-selection rules.
+        seg_type: "binary" (default), "labelmap" or "none".
+        write_sr: write the TID 1500 SR (needs the SEG it references).
+        write_pdf: write report.pdf and its Encapsulated PDF instance.
+        write_overlays: write the Secondary Capture key images.
+        reference_path: normative reference file; None = the bundled one.
+        z_threshold: |z| above which a volume is flagged.
+        max_gap_factor: largest slice gap, in multiples of the usual
+            spacing, accepted when building the volume.
+    """
+
+    selection: SelectionRules = field(default_factory=SelectionRules)
+    seg_type: str = "binary"
+    write_sr: bool = True
+    write_pdf: bool = True
+    write_overlays: bool = True
+    reference_path: Path | None = None
+    z_threshold: float = 2.0
+    max_gap_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"seg type {self.seg_type!r} is not one of {', '.join(SEG_TYPES)}")
+        if self.write_sr and self.seg_type == "none":
+            raise ValueError("the SR references the SEG's segments: enable the SEG or disable the SR")
+        if not self.z_threshold > 0:
+            raise ValueError(f"z threshold must be positive, got {self.z_threshold}")
+        if not self.max_gap_factor >= 1:
+            raise ValueError(f"max gap factor must be at least 1, got {self.max_gap_factor}")
+
+    @classmethod
+    def from_mapping(cls, outputs: Mapping[str, str], selection: Mapping[str, str] | None = None) -> "PipelineSettings":
+        """Settings from config.ini sections (``[outputs]`` and ``[selection]``), strings as read.
+
+        Keys of ``outputs``: seg (binary|labelmap|none), sr, pdf, overlays
+        (yes/no), reference (path, empty = bundled), z_threshold,
+        max_gap_factor. Unknown keys are refused so typos do not pass silently.
+        """
+        known = {"seg", "sr", "pdf", "overlays", "reference", "z_threshold", "max_gap_factor"}
+        unknown = set(outputs) - known
+        if unknown:
+            raise ValueError(f"unknown [outputs] settings: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        defaults = cls()
+        return cls(
+            selection=SelectionRules.from_mapping(dict(selection)) if selection else defaults.selection,
+            seg_type=outputs.get("seg", defaults.seg_type).strip().lower(),
+            write_sr=_flag(outputs, "sr", defaults.write_sr),
+            write_pdf=_flag(outputs, "pdf", defaults.write_pdf),
+            write_overlays=_flag(outputs, "overlays", defaults.write_overlays),
+            reference_path=Path(outputs["reference"]) if outputs.get("reference", "").strip() else None,
+            z_threshold=float(outputs.get("z_threshold", defaults.z_threshold)),
+            max_gap_factor=float(outputs.get("max_gap_factor", defaults.max_gap_factor)),
+        )
+
+
+def _flag(mapping: Mapping[str, str], key: str, default: bool) -> bool:
+    value = str(mapping.get(key, "yes" if default else "no")).strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"setting {key} = {value!r}: expected yes or no")
+
+
+@dataclass
+class StudyOutcome:
+    """What happened to one study.
+
+    Attributes:
+        study_uid: the study (or, for image input, the case id).
+        status: "done", "skipped" (nothing suitable to analyse) or "failed".
+        reason: plain language; always set when not "done".
+        result_files: DICOM objects to send back (SEG, SR, Encapsulated PDF, key images).
+        plain_files: NIfTI labels, volumes JSON and CSV, PDF.
+        summary: one line, no patient identifiers.
+        volumes_row: the CSV row (id, sex, age_years, volumes) when done.
+    """
+
+    study_uid: str
+    status: str
+    reason: str = ""
+    result_files: list[Path] = field(default_factory=list)
+    plain_files: list[Path] = field(default_factory=list)
+    summary: str = ""
+    volumes_row: dict | None = None
+
+
+def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: PipelineSettings = PipelineSettings()) -> StudyOutcome:
+    """Analyse one study's instances and write its results into ``out_dir``.
+
+    Args:
+        instances: ``InstanceHeader`` objects of one study (any series mix).
+        out_dir: folder for this study's files (created).
+        segmenter: a loaded ``inference.predict.Segmenter``.
+        settings: selection rules and outputs.
+
+    Returns:
+        The outcome; a study without a suitable series is "skipped" and a
+        study whose series cannot be analysed is "failed", each with the
+        reason (no exception escapes for bad input).
+    """
+    from node.demographics import demographics_from
+    from node.series_selection import select_series
+    from node.series_volume import load_series_volume
+
+    if not instances:
+        raise ValueError("no instances given")
+    study_uids = {h.study_uid for h in instances}
+    if len(study_uids) != 1:
+        raise ValueError(f"instances of {len(study_uids)} studies given; analyse_study takes one study")
+    study_uid = study_uids.pop()
+    series: dict[str, list] = {}
+    for header in instances:
+        series.setdefault(header.series_uid, []).append(header)
+    selection = select_series(series, settings.selection)
+    if selection.chosen is None:
+        reason = f"no suitable head CT series: {selection.summary()}"
+        return StudyOutcome(study_uid, "skipped", reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
+    try:
+        volume = load_series_volume(series[selection.chosen], max_gap_factor=settings.max_gap_factor)
+    except ValueError as error:
+        reason = f"chosen series {_short(selection.chosen)} cannot be analysed: {error}"
+        return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+    demographics = demographics_from(volume.datasets[0])
+    try:
+        return _analyse_volume(
+            volume, study_uid, Path(out_dir), segmenter, settings,
+            sex=demographics.sex, age_years=demographics.age_years,
+            extra_notes=[*volume.notes, *demographics.notes], case_id=study_uid,
+        )
+    except (ValueError, RuntimeError) as error:
+        # Our own checks (empty segmentation, labels off the source planes...) name the problem.
+        log.warning("study %s failed: %s", _short(study_uid), error)
+        reason = f"analysis failed: {error}"
+        return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+
+
+def analyse_image(
+    image: sitk.Image,
+    out_dir: Path,
+    segmenter,
+    settings: PipelineSettings = PipelineSettings(),
+    *,
+    case_id: str,
+    sex: str | None = None,
+    age_years: float | None = None,
+) -> StudyOutcome:
+    """Analyse a plain image (HU): plain files and the PDF only (no DICOM study to write into)."""
+    if sex is not None and sex not in ("M", "F"):
+        raise ValueError(f"sex must be M or F, got {sex!r}")
+    if age_years is not None and not 0 <= age_years < 30:
+        raise ValueError(f"age {age_years} years is out of range")
+    notes = [] if sex is not None and age_years is not None else [
+        "sex and/or age not given (use --sex and --age for image input)"
+    ]
+    return _analyse_volume(None, case_id, Path(out_dir), segmenter, settings, sex=sex, age_years=age_years,
+                           extra_notes=notes, case_id=case_id, image=image)
+
+
+def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: PipelineSettings, *,
+                    sex, age_years, extra_notes: Sequence[str], case_id: str,
+                    image: sitk.Image | None = None) -> StudyOutcome:
+    """Segment, compare, write. ``volume`` is a SeriesVolume, or None for plain-image input."""
+    from normative.compare import compare, load_reference
+    from node.overlay_images import render_key_views
+    from node.pdf_report import StudyHeader, render_pdf_report
+
+    started = time.monotonic()
+    image = volume.image if volume is not None else image
+    segmentation = segmenter.segment(image)
+    if not any(segmentation.volumes_cm3.values()):
+        raise RuntimeError("the model found no brain region in the image: nothing to measure")
+    normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.reference_path),
+                        z_threshold=settings.z_threshold)
+    notes = quality_notes(image, segmentation.model, extra_notes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcome = StudyOutcome(study_uid, "done")
+    outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)
+    views = render_key_views(image, segmentation.labels)
+    pdf = None
+    if settings.write_pdf:
+        header = StudyHeader.from_dataset(volume.datasets[0]) if volume is not None else StudyHeader()
+        pdf = render_pdf_report(normative, segmentation.model, views, header=header, quality_notes=notes)
+        (out_dir / "report.pdf").write_bytes(pdf)
+        outcome.plain_files.append(out_dir / "report.pdf")
+    if volume is not None:
+        outcome.result_files += _write_dicom_results(volume, segmentation, normative, views, pdf, settings, out_dir)
+    outcome.volumes_row = csv_row(case_id, normative.sex, normative.age_years, segmentation.volumes_cm3)
+    flagged = [r.key for r in normative.regions if r.flag in ("above", "below")]
+    outcome.summary = (
+        f"study {_short(study_uid)}: done in {time.monotonic() - started:.0f} s, total "
+        f"{normative.total.volume_cm3:.1f} cm3, "
+        + (f"{len(flagged)} region(s) outside the normal range" if normative.applicable else "no z-scores")
+        + f", {len(outcome.result_files)} DICOM object(s) and {len(outcome.plain_files)} file(s) in {out_dir}"
+    )
+    return outcome
+
+
+def _write_dicom_results(volume, segmentation, normative, views, pdf: bytes | None, settings,
+                         out_dir: Path) -> list[Path]:
+    """SEG, SR, Encapsulated PDF and key images, as the settings ask."""
+    from node.encapsulated_pdf import build_encapsulated_pdf
+    from node.overlay_images import build_overlay_images
+    from node.seg import build_seg
+    from node.sr import build_sr
+
+    written = []
+    source = volume.datasets[0]
+    if settings.seg_type != "none":
+        label_slices = volume.labels_on_source_slices(segmentation.labels)
+        seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.seg_type == "labelmap")
+        written.append(_save(seg, out_dir / "seg.dcm"))
+        if settings.write_sr:
+            sr = build_sr(volume, seg, segmentation.volumes_cm3, normative, segmentation.model)
+            written.append(_save(sr, out_dir / "sr.dcm"))
+    if pdf is not None:
+        wrapped = build_encapsulated_pdf(pdf, source, source_instances=volume.datasets)
+        written.append(_save(wrapped, out_dir / "report.dcm"))
+    if settings.write_overlays:
+        for view, image in zip(views, build_overlay_images(views, normative, source)):
+            written.append(_save(image, out_dir / f"key_{view.name}.dcm"))
+    return written
+
+
+def _save(dataset: pydicom.Dataset, path: Path) -> Path:
+    dataset.save_as(path)
+    return path
+
+
+def quality_notes(image: sitk.Image, model: Mapping[str, object], notes: Sequence[str]) -> list[str]:
+    """Plain-language notes for the report: input notes, thick slices, phantom-trained model."""
+    result = list(notes)
+    thickness = image.GetSpacing()[2]
+    if thickness > THICK_SLICE_MM:
+        result.append(f"thick slices ({thickness:.1f} mm): partial-volume effects make volumes less precise")
+    if "phantom" in str(model.get("trained_on", "")).lower():
+        result.append("the model was trained on synthetic phantoms, not on patient scans")
+    return result
+
+
+def csv_row(case_id: str, sex: str | None, age_years: float | None, volumes_cm3: Mapping[str, float]) -> dict:
+    """One row of volumes.csv (the format ``lobevol normative fit/stats`` read)."""
+    row = {"id": case_id, "sex": sex or "", "age_years": "" if age_years is None else f"{age_years:.3f}"}
+    row.update({key: f"{volumes_cm3[key]:.3f}" for key in REGION_KEYS})
+    return row
+
+
+CSV_COLUMNS = ("id", "sex", "age_years", *REGION_KEYS)
+
+
+def write_volumes_csv(path: Path, rows: Sequence[dict]) -> Path:
+    """Write volume rows with the header ``id,sex,age_years,<10 region keys>``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_plain_files(out_dir: Path, case_id: str, segmentation, normative, notes: Sequence[str]) -> list[Path]:
+    """labels.nii.gz, volumes.json and volumes.csv for research use."""
+    labels_path = out_dir / "labels.nii.gz"
+    sitk.WriteImage(segmentation.labels, str(labels_path), useCompression=True)
+    summary = {
+        "id": case_id,
+        "volumes_cm3": {key: segmentation.volumes_cm3[key] for key in REGION_KEYS},
+        "normative": normative.to_dict(),
+        "model": _jsonable(segmentation.model),
+        "quality_notes": list(notes),
+        "timings_s": segmentation.timings_s,
+    }
+    json_path = out_dir / "volumes.json"
+    json_path.write_text(json.dumps(summary, indent=2))
+    row = csv_row(case_id, normative.sex, normative.age_years, segmentation.volumes_cm3)
+    return [labels_path, json_path, write_volumes_csv(out_dir / "volumes.csv", [row])]
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _short(uid: str) -> str:
+    """A UID shortened for one-line summaries (its last 12 characters)."""
+    return uid if len(uid) <= 16 else f"...{uid[-12:]}"
