@@ -18,22 +18,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset, validate_file_meta
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from node import __version__
-from node.seg import MANUFACTURER
+from node.derived import MANUFACTURER, PATIENT_STUDY_KEYWORDS, with_required_patient_study
 
 PDF_SERIES_NUMBER = 9103
 PDF_SERIES_DESCRIPTION = "lobevol report"
 DOCUMENT_TITLE = "lobevol brain region volumetry report"
-
-#: Patient and study attributes copied from the source into every derived object.
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "OtherPatientIDsSequence", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription",
-)
-# Type 2: present, possibly empty, even when the source lacks them.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-          "AccessionNumber", "ReferringPhysicianName")
-
 
 def build_encapsulated_pdf(
     pdf: bytes,
@@ -61,12 +50,10 @@ def build_encapsulated_pdf(
         raise ValueError("the source dataset has no StudyInstanceUID: cannot place the report in its study")
     now = created or datetime.now()
     ds = pydicom.Dataset()
+    completed = with_required_patient_study([source])[0]
     for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            setattr(ds, keyword, source[keyword].value)
-    for keyword in _TYPE2:
-        if keyword not in ds:
-            setattr(ds, keyword, None)
+        if keyword in completed:
+            setattr(ds, keyword, completed[keyword].value)
     ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = hd.UID()
     ds.Modality = "DOC"

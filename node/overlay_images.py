@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from inference.labels import NUM_CLASSES, REGIONS
-from node.seg import MANUFACTURER
+from node.derived import MANUFACTURER, with_required_patient_study
 
 OVERLAY_SERIES_NUMBER = 9104
 OVERLAY_SERIES_DESCRIPTION = "lobevol key images"
@@ -192,7 +192,7 @@ def build_overlay_images(
     for number, view in enumerate(views, start=1):
         pixels = _overlay_canvas(view, normative, caption)
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=with_required_patient_study([source])[0],
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,

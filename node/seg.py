@@ -26,7 +26,6 @@ Choices:
 """
 from __future__ import annotations
 
-import socket
 from typing import Mapping, Sequence
 
 import highdicom as hd
@@ -36,8 +35,8 @@ from pydicom.sr.codedict import codes
 
 from inference.labels import NUM_CLASSES, REGIONS, Region
 from node import __version__
+from node.derived import MANUFACTURER, device_serial_number, with_required_patient_study
 
-MANUFACTURER = "lobevol"
 SEG_SERIES_NUMBER = 9101
 SEG_SERIES_DESCRIPTION = "lobevol SEG"
 
@@ -66,11 +65,6 @@ def laterality_code(region: Region) -> hd.sr.CodedConcept | None:
     if region.laterality is None:
         return None
     return hd.sr.CodedConcept.from_code(_LATERALITY_CODES[region.laterality])
-
-
-def device_serial_number() -> str:
-    """This node's identity in Device Serial Number (the host name, at most 64 characters)."""
-    return (socket.gethostname() or "unknown")[:64]
 
 
 def algorithm_identification(model: Mapping[str, object]) -> hd.AlgorithmIdentificationSequence:
@@ -189,7 +183,7 @@ def build_seg(
         hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
     )
     seg = hd.seg.Segmentation(
-        source_images=datasets,
+        source_images=with_required_patient_study(datasets),
         pixel_array=labels,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,

@@ -43,7 +43,8 @@ from pydicom.uid import generate_uid
 
 from inference.labels import LOBE_PAIRS, REGION_KEYS, REGIONS, Region
 from node import __version__
-from node.seg import MANUFACTURER, device_serial_number, laterality_code, structure_code
+from node.derived import MANUFACTURER, device_serial_number, with_required_patient_study
+from node.seg import laterality_code, structure_code
 
 SR_SERIES_NUMBER = 9102
 SR_SERIES_DESCRIPTION = "lobevol SR"
@@ -116,7 +117,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*datasets, seg],
+        evidence=[*with_required_patient_study(datasets), seg],
         content=report,
         series_instance_uid=hd.UID(),
         series_number=series_number,
