@@ -208,3 +208,28 @@ def ct_volume(paths: list[Path]):
 MODEL = {"name": "resunet333_phantom", "architecture": "resunet", "kernel_size": (3, 3, 3),
          "spacing_mm": (1.0, 1.0, 1.0), "weights_sha256": "ab" * 32, "code_version": "0.1.0",
          "trained_on": "synthetic phantoms"}
+
+
+class PartitionSegmenter:
+    """A stand-in for ``inference.predict.Segmenter`` that needs no model.
+
+    It labels soft-tissue voxels (0..80 HU, brain-like) by their position
+    around the head's centre: lobes above, cerebellum and brainstem below.
+    Geometry, not anatomy: it lets the output tests run on any CT (real
+    scanner samples included) without depending on a trained network.
+    """
+
+    def segment(self, image):
+        import SimpleITK as sitk
+        from inference.predict import Segmentation, measure_volumes
+
+        hu = sitk.GetArrayFromImage(image)
+        tissue = (hu > 0) & (hu < 80)
+        if not tissue.any():
+            raise ValueError("no soft tissue in the image")
+        labels = region_labels(hu.shape)
+        labels[~tissue] = 0
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        return Segmentation(labels=label_image, volumes_cm3=measure_volumes(label_image), model=dict(MODEL),
+                            timings_s={"total": 0.0})

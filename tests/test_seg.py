@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import highdicom as hd
+import pydicom
 import numpy as np
 import pytest
 
@@ -126,3 +127,53 @@ def test_binary_seg_passes_dciodvfy(study, tmp_path):
     result = validate(path)
     assert result.errors == [], result.output
     assert result.warnings == [], result.output
+
+
+@pytest.fixture(scope="module")
+def ge_headers(tmp_path_factory):
+    """The GE sample's 28 headers (gantry tilt 18.5 deg, uneven spacing), sorted along the slice normal."""
+    import subprocess
+    from pathlib import Path
+
+    archive = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
+    if not archive.exists():
+        raise FileNotFoundError(f"real CT samples missing: {archive}")
+    root = tmp_path_factory.mktemp("real-ct")
+    subprocess.run(["tar", "-xJf", str(archive), "-C", str(root), "GE"], check=True)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "GE").iterdir())]
+    orientation = np.array(headers[0].ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return sorted(headers, key=lambda ds: float(np.dot(normal, np.array(ds.ImagePositionPatient, float))))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:The string \"REMOVED\" is unlikely")  # the sample's de-identified name
+def test_seg_on_tilted_uneven_ge_series_references_its_own_planes(ge_headers, tmp_path):
+    from types import SimpleNamespace
+
+    rows, columns = ge_headers[0].Rows, ge_headers[0].Columns
+    yy, xx = np.mgrid[:rows, :columns]
+    disc = (yy - rows / 2) ** 2 + (xx - columns / 2) ** 2 < 60 ** 2
+    labels = np.zeros((len(ge_headers), rows, columns), np.uint8)
+    for index in range(4, 24):
+        labels[index][disc] = 1 + index % 10
+    seg = build_seg(SimpleNamespace(datasets=ge_headers), labels, MODEL)
+    path = tmp_path / "ge_seg.dcm"
+    seg.save_as(path)
+    source = {ds.SOPInstanceUID: ds for ds in ge_headers}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert list(frame.PlanePositionSequence[0].ImagePositionPatient) == pytest.approx(
+            [float(v) for v in source[uid].ImagePositionPatient])
+    shared = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in shared] == pytest.approx([float(v) for v in ge_headers[0].ImageOrientationPatient])
+    # The de-identified source leaves study date, time and ID empty and names the patient "REMOVED".
+    result = validate(path)
+    assert result.errors == [], result.output
+    assert result.unexplained_warnings(("would be needed to build DICOMDIR", "Retired Person Name form")) == [], \
+        result.output
+    back = hd.seg.segread(path)
+    pixels = back.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in ge_headers], combine_segments=True,
+                                                assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(pixels > 0, labels > 0)
