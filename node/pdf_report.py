@@ -269,6 +269,12 @@ def _z_chart(normative, width: float) -> Drawing:
                            textAnchor="middle"))
     drawing.add(String(width / 2, 1 * mm, f"green band: normal range |z| <= {threshold:g}", fontSize=6.5,
                        textAnchor="middle", fillColor=colors.HexColor("#2e7d32")))
+    if all(result.z_score is None for result in results):
+        middle = (plot_top + plot_bottom) / 2
+        drawing.add(Rect(left, middle - 2.5 * mm, right - left, 6 * mm, fillColor=colors.white, strokeColor=None))
+        drawing.add(String(width / 2, middle, "no z-scores: see quality notes",
+                           fontSize=7.5, textAnchor="middle", fillColor=colors.grey))
+        return drawing
     for index, result in enumerate(results):
         y = plot_top - (index + 1) * row_h + 0.9 * mm
         colour = colors.black if result.key == "total" else colors.Color(*(c / 255 for c in region_by_key(result.key).rgb))
