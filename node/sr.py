@@ -31,6 +31,9 @@ Structure (written with highdicom.sr):
   code ``AI``, "Asymmetry index (L-R)/mean" (UCUM "1").
 - A region the model did not find (no SEG segment) is a TID 1501 group with
   volume 0 and a Comment saying so.
+- With a LABELMAP SEG the Referenced Segment items point to a Label Map
+  Segmentation instance; dciodvfy (which predates that SOP class) reports
+  them as errors. The default BINARY SEG validates cleanly.
 """
 from __future__ import annotations
 
