@@ -13,11 +13,23 @@ from typing import Optional, Sequence
 
 from node import __version__
 
-#: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "node.commands.run",
-    "node.commands.segment",
+#: Subcommands listed first in ``--help``, in this order (the daily work of a node);
+#: every other module of :mod:`node.commands` follows alphabetically.
+COMMAND_ORDER: tuple[str, ...] = (
+    "serve", "status", "echo", "send", "retry", "config", "demo", "segment", "normative",
+    "phantom", "train", "evaluate", "compare", "run",
 )
+
+
+def command_modules() -> list[str]:
+    """Module names of every subcommand: each module of node.commands with a ``register`` function."""
+    import pkgutil
+
+    import node.commands
+
+    names = [m.name for m in pkgutil.iter_modules(node.commands.__path__) if not m.name.startswith("_")]
+    ranked = sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
+    return [f"node.commands.{name}" for name in ranked]
 
 DESCRIPTION = """\
 lobevol: brain-region volumetry of pediatric head CT.
@@ -32,7 +44,7 @@ EPILOG = """\
 examples:
   lobevol run                                   phantom -> segment -> volumes vs truth
   lobevol phantom --out phantoms --count 3 --seed 1 --montage
-  lobevol predict phantoms/case_0000/labels.nii.gz ...   (see lobevol predict --help)
+  lobevol segment phantoms/case_0000/dicom --out results
   lobevol train --phantoms 40 --out runs/resunet --epochs 50
   lobevol evaluate inference/weights/resunet333_phantom.pt phantoms/
   lobevol normative stats cohort.csv --out stats/
@@ -55,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="more log output (-v info, -vv debug)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         importlib.import_module(name).register(subparsers)
     return parser
 
