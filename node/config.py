@@ -1,0 +1,424 @@
+"""The node's configuration: one INI file (``config.ini``), validated on load.
+
+:func:`load_config` reads the file, refuses unknown sections and keys (a typo
+must not pass silently), checks every value and resolves relative paths against
+the file's own folder. The result is a frozen :class:`NodeConfig`;
+``lobevol config check`` prints its :meth:`NodeConfig.describe`.
+
+Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title.
+"""
+from __future__ import annotations
+
+import configparser
+import re
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+#: AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2).
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+REMOTE_PREFIX = "remote "
+
+#: Every section and key the file may hold, with its default (None: no default, value required
+#: when the section is present). Sections [selection] and [outputs] are validated by the pipeline.
+KNOWN: dict[str, dict[str, str]] = {
+    "node": {
+        "ae_title": "LOBEVOL", "bind_address": "127.0.0.1", "port": "11112", "max_associations": "8",
+        "log_patient_identifiers": "no", "shutdown_grace_s": "120",
+    },
+    "storage": {
+        "spool": "var/spool", "results": "var/results", "database": "var/lobevol.sqlite",
+        "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
+    },
+    "series": {"stability_s": "15"},
+    "inference": {"device": "auto", "threads": "", "model": "", "tta": "no", "job_timeout_s": "1800"},
+    "results": {"send_to_origin": "yes", "extra_destinations": ""},
+    "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
+    "retention": {"images_hours": "24", "results_days": "30"},
+    "tls": {
+        "enabled": "no", "certificate": "", "private_key": "", "ca_certificates": "",
+        "require_client_certificate": "yes",
+    },
+}
+PIPELINE_SECTIONS = ("selection", "outputs")
+REMOTE_KEYS = {"host": None, "port": None, "may_send": "no", "may_receive": "no", "check_host": "no"}
+
+
+@dataclass(frozen=True)
+class RemoteAE:
+    """A peer we know: who may send to us and who may receive our results.
+
+    Attributes:
+        ae_title: its AE title (what it sends as calling AE, what we call it).
+        host: host name or IP address.
+        port: its DICOM port.
+        may_send: it may open associations to us (C-STORE, C-ECHO).
+        may_receive: we may send results to it.
+        check_host: refuse its AE title when the association comes from another address.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+    may_send: bool = False
+    may_receive: bool = False
+    check_host: bool = False
+
+    def __post_init__(self) -> None:
+        _check_ae_title(self.ae_title, f"remote {self.ae_title!r}")
+        if not self.host.strip():
+            raise ValueError(f"remote {self.ae_title}: host is empty")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"remote {self.ae_title}: port {self.port} is not in 1-65535")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for sending results: first_delay_s, doubled each attempt up to max_delay_s.
+
+    After ``max_attempts`` failed attempts a destination's items end as failed.
+    """
+
+    first_delay_s: float = 10.0
+    max_delay_s: float = 600.0
+    max_attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.first_delay_s > 0 or self.max_delay_s < self.first_delay_s:
+            raise ValueError("[retry] needs 0 < first_delay_s <= max_delay_s")
+        if self.max_attempts < 1:
+            raise ValueError("[retry] max_attempts must be at least 1")
+
+    def delay_after(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+        return min(self.first_delay_s * 2 ** max(attempts - 1, 0), self.max_delay_s)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """Optional TLS for both directions (our certificate and key, the CAs we trust)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is None:
+                raise ValueError(f"[tls] is enabled but {name} is not set")
+            if not path.is_file():
+                raise FileNotFoundError(f"[tls] {name} {path} does not exist")
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The context for our SCP, or None when TLS is off."""
+        if not self.enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_certificates))
+        context.load_cert_chain(str(self.certificate), str(self.private_key))
+        context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
+        return context
+
+    def client_context(self, host: str) -> tuple[ssl.SSLContext, str] | None:
+        """(context, server host name) for our SCU, or None when TLS is off."""
+        if not self.enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
+        context.load_cert_chain(str(self.certificate), str(self.private_key))
+        return context, host
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every setting of the node (see config.ini for the meaning of each; sizes in bytes, times in s)."""
+
+    source: Path | None
+    ae_title: str = "LOBEVOL"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 8
+    log_patient_identifiers: bool = False
+    shutdown_grace_s: float = 120.0
+    spool_dir: Path = Path("var/spool")
+    results_dir: Path = Path("var/results")
+    database: Path = Path("var/lobevol.sqlite")
+    max_instance_bytes: int = 200 * 2**20
+    max_instances_per_study: int = 5000
+    disk_high_water_percent: float = 90.0
+    stability_s: float = 15.0
+    device: str = "auto"
+    threads: int | None = None
+    model: Path | None = None
+    tta: bool = False
+    job_timeout_s: float = 1800.0
+    send_to_origin: bool = True
+    extra_destinations: tuple[str, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    images_retention_s: float = 24 * 3600.0
+    results_retention_s: float = 30 * 86400.0
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    remotes: Mapping[str, RemoteAE] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    selection: Mapping[str, str] = field(default_factory=dict)
+
+    def pipeline_settings(self):
+        """The ``node.pipeline.PipelineSettings`` of the [outputs] and [selection] sections."""
+        from node.pipeline import PipelineSettings
+
+        return PipelineSettings.from_mapping(dict(self.outputs), dict(self.selection) or None)
+
+    def remote(self, ae_title: str) -> RemoteAE:
+        """The remote AE with this title; KeyError naming the known ones when there is none."""
+        try:
+            return self.remotes[ae_title]
+        except KeyError:
+            known = ", ".join(sorted(self.remotes)) or "none"
+            raise KeyError(f"AE title {ae_title!r} is not in the remote table (known: {known})") from None
+
+    def result_destinations(self, origin_ae: str | None) -> tuple[list[RemoteAE], list[str]]:
+        """Where a job's results go: (destinations, notes on destinations left out and why)."""
+        titles, notes = [], []
+        if self.send_to_origin and origin_ae:
+            if origin_ae not in self.remotes:
+                notes.append(f"origin {origin_ae} is not in the remote table")
+            elif not self.remotes[origin_ae].may_receive:
+                notes.append(f"origin {origin_ae} may not receive results (may_receive = no)")
+            else:
+                titles.append(origin_ae)
+        titles += [t for t in self.extra_destinations if t not in titles]
+        return [self.remotes[t] for t in titles], notes
+
+    def describe(self) -> str:
+        """The effective settings, one per line (what ``lobevol config check`` prints)."""
+        lines = [f"configuration: {self.source or '(built-in defaults)'}"]
+        for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
+                     "shutdown_grace_s", "spool_dir", "results_dir", "database", "max_instance_bytes",
+                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "device", "threads",
+                     "model", "tta", "job_timeout_s", "send_to_origin", "extra_destinations",
+                     "images_retention_s", "results_retention_s"):
+            value = getattr(self, name)
+            if name == "model" and value is None:
+                value = "(bundled model)"
+            lines.append(f"  {name:<26}{value}")
+        lines.append(f"  {'retry':<26}first {self.retry.first_delay_s:g} s, doubling up to "
+                     f"{self.retry.max_delay_s:g} s, {self.retry.max_attempts} attempts")
+        lines.append(f"  {'tls':<26}" + (f"on (certificate {self.tls.certificate}, client certificate "
+                                             f"{'required' if self.tls.require_client_certificate else 'optional'})"
+                                             if self.tls.enabled else "off"))
+        settings = self.pipeline_settings()
+        lines.append(f"  {'outputs':<26}seg {settings.seg_type}, sr {_yes(settings.write_sr)}, "
+                     f"pdf {_yes(settings.write_pdf)}, overlays {_yes(settings.write_overlays)}, "
+                     f"z threshold {settings.z_threshold:g}, reference "
+                     f"{settings.reference_path or '(bundled)'}")
+        lines.append(f"  {'selection':<26}{settings.selection}")
+        lines.append("remote AEs:")
+        for remote in self.remotes.values():
+            rights = [r for r, ok in (("may send", remote.may_send), ("may receive", remote.may_receive),
+                                      ("host checked", remote.check_host)) if ok]
+            lines.append(f"  {remote.ae_title:<17}{remote.host}:{remote.port}  {', '.join(rights) or 'no rights'}")
+        return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Read and validate a config file; relative paths resolve against its folder.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a syntax error, an unknown section or key, or an invalid value (the
+            message names the section, key and what is expected).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file {path} does not exist")
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    parser.optionxform = str  # keys are case-sensitive: a wrong case is a typo to report
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config_from_parser(parser, path.resolve().parent, source=path)
+
+
+def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Path | None = None) -> NodeConfig:
+    """Validate parsed sections (see :func:`load_config`)."""
+    where = f"{source}: " if source else ""
+    sections = {name: dict(parser.items(name)) for name in parser.sections()}
+    for name, items in sections.items():
+        if name.startswith(REMOTE_PREFIX) or name in PIPELINE_SECTIONS:
+            continue
+        if name not in KNOWN:
+            known = ", ".join([*KNOWN, *PIPELINE_SECTIONS, "remote AE_TITLE"])
+            raise ValueError(f"{where}unknown section [{name}]; known sections: {known}")
+        unknown = set(items) - set(KNOWN[name])
+        if unknown:
+            raise ValueError(f"{where}unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(KNOWN[name])}")
+    values = _Values(sections, where)
+    remotes = _remotes(sections, where)
+    extra = tuple(t.strip() for t in values.text("results", "extra_destinations").split(",") if t.strip())
+    for title in extra:
+        if title not in remotes:
+            raise ValueError(f"{where}[results] extra_destinations names {title!r}, which has no [remote {title}] section")
+        if not remotes[title].may_receive:
+            raise ValueError(f"{where}[results] extra destination {title} has may_receive = no")
+    outputs = dict(sections.get("outputs", {}))
+    if outputs.get("reference", "").strip():
+        outputs["reference"] = str(_resolve(base, outputs["reference"]))
+    threads = values.text("inference", "threads")
+    model = values.text("inference", "model")
+    config = NodeConfig(
+        source=source,
+        ae_title=_check_ae_title(values.text("node", "ae_title"), f"{where}[node] ae_title"),
+        bind_address=values.text("node", "bind_address"),
+        port=values.integer("node", "port", 0, 65535),
+        max_associations=values.integer("node", "max_associations", 1, 1000),
+        log_patient_identifiers=values.flag("node", "log_patient_identifiers"),
+        shutdown_grace_s=values.number("node", "shutdown_grace_s", 0),
+        spool_dir=_resolve(base, values.text("storage", "spool")),
+        results_dir=_resolve(base, values.text("storage", "results")),
+        database=_resolve(base, values.text("storage", "database")),
+        max_instance_bytes=int(values.number("storage", "max_instance_mb", 0.001) * 2**20),
+        max_instances_per_study=values.integer("storage", "max_instances_per_study", 1, 10**7),
+        disk_high_water_percent=values.number("storage", "disk_high_water_percent", 1, 100),
+        stability_s=values.number("series", "stability_s", 0),
+        device=_check_device(values.text("inference", "device"), where),
+        threads=int(values.number("inference", "threads", 1)) if threads else None,
+        model=_resolve(base, model) if model else None,
+        tta=values.flag("inference", "tta"),
+        job_timeout_s=values.number("inference", "job_timeout_s", 1),
+        send_to_origin=values.flag("results", "send_to_origin"),
+        extra_destinations=extra,
+        retry=_wrap(where, RetryPolicy, values.number("retry", "first_delay_s", 0),
+                    values.number("retry", "max_delay_s", 0), values.integer("retry", "max_attempts", 1, 1000)),
+        images_retention_s=values.number("retention", "images_hours", 0) * 3600.0,
+        results_retention_s=values.number("retention", "results_days", 0) * 86400.0,
+        tls=_tls(values, base, where),
+        remotes=remotes,
+        outputs=outputs,
+        selection=dict(sections.get("selection", {})),
+    )
+    try:
+        config.pipeline_settings()
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}[outputs]/[selection]: {error}") from None
+    if config.model is not None and not config.model.is_file():
+        raise FileNotFoundError(f"{where}[inference] model {config.model} does not exist")
+    return config
+
+
+def default_config() -> NodeConfig:
+    """The built-in defaults (no remote AE), paths relative to the current folder."""
+    return config_from_parser(configparser.ConfigParser(), Path.cwd())
+
+
+class _Values:
+    """Typed access to section values with defaults from KNOWN and errors naming section and key."""
+
+    def __init__(self, sections: Mapping[str, Mapping[str, str]], where: str):
+        self.sections, self.where = sections, where
+
+    def text(self, section: str, key: str) -> str:
+        return self.sections.get(section, {}).get(key, KNOWN[section][key]).strip()
+
+    def _fail(self, section: str, key: str, expected: str):
+        return ValueError(f"{self.where}[{section}] {key} = {self.text(section, key)!r}: expected {expected}")
+
+    def number(self, section: str, key: str, minimum: float, maximum: float = float("inf")) -> float:
+        try:
+            value = float(self.text(section, key))
+        except ValueError:
+            raise self._fail(section, key, "a number") from None
+        if not minimum <= value <= maximum:
+            raise self._fail(section, key, f"a number from {minimum:g} to {maximum:g}")
+        return value
+
+    def integer(self, section: str, key: str, minimum: int, maximum: int) -> int:
+        try:
+            value = int(self.text(section, key))
+        except ValueError:
+            raise self._fail(section, key, "a whole number") from None
+        if not minimum <= value <= maximum:
+            raise self._fail(section, key, f"a whole number from {minimum} to {maximum}")
+        return value
+
+    def flag(self, section: str, key: str) -> bool:
+        return _parse_flag(self.text(section, key), lambda: self._fail(section, key, "yes or no"))
+
+
+def _parse_flag(text: str, error) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise error()
+
+
+def _remotes(sections: Mapping[str, Mapping[str, str]], where: str) -> dict[str, RemoteAE]:
+    remotes = {}
+    for name, items in sections.items():
+        if not name.startswith(REMOTE_PREFIX):
+            continue
+        title = name[len(REMOTE_PREFIX):].strip()
+        label = f"{where}[{name}]"
+        unknown = set(items) - set(REMOTE_KEYS)
+        if unknown:
+            raise ValueError(f"{label}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(REMOTE_KEYS)}")
+        missing = [k for k, default in REMOTE_KEYS.items() if default is None and not items.get(k, "").strip()]
+        if missing:
+            raise ValueError(f"{label}: missing {', '.join(missing)}")
+        try:
+            port = int(items["port"])
+        except ValueError:
+            raise ValueError(f"{label} port = {items['port']!r}: expected a whole number") from None
+
+        def flag(key: str) -> bool:
+            return _parse_flag(items.get(key, REMOTE_KEYS[key]),
+                               lambda: ValueError(f"{label} {key} = {items[key]!r}: expected yes or no"))
+
+        remotes[title] = _wrap(label + " ", RemoteAE, title, items["host"].strip(), port, flag("may_send"),
+                               flag("may_receive"), flag("check_host"))
+    return remotes
+
+
+def _tls(values: _Values, base: Path, where: str) -> TLSSettings:
+    def path(key: str) -> Path | None:
+        text = values.text("tls", key)
+        return _resolve(base, text) if text else None
+
+    return _wrap(where, TLSSettings, values.flag("tls", "enabled"), path("certificate"), path("private_key"),
+                 path("ca_certificates"), values.flag("tls", "require_client_certificate"))
+
+
+def _wrap(where: str, constructor, *args):
+    """Call a validating constructor, prefixing its error with the file name."""
+    try:
+        return constructor(*args)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text.strip()).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _check_ae_title(title: str, label: str) -> str:
+    if not AE_TITLE.match(title) or not title.strip():
+        raise ValueError(f"{label}: AE title {title!r} must be 1-16 characters, no backslash, not only spaces")
+    return title.strip()
+
+
+def _check_device(device: str, where: str) -> str:
+    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+        return device
+    raise ValueError(f"{where}[inference] device = {device!r}: expected auto, cpu, cuda or cuda:N")

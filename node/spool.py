@@ -1,0 +1,121 @@
+"""The spool: received instances on disk, written atomically, named by validated UIDs only.
+
+Layout under the spool folder:
+  incoming/<study uid>/<series uid>/<sop instance uid>.dcm   every instance received
+  jobs/<job id>/<series uid>/<sop instance uid>.dcm           a job's frozen input (hard links)
+
+A file is complete or absent: :meth:`Spool.write_instance` writes a temporary
+file, fsyncs it, renames it over the final name and fsyncs the folder, so a
+crash (even kill -9 or a power cut) never leaves half an instance under a final
+name. Paths are built from UIDs checked against the DICOM UID grammar (digits
+and dots), never from other attributes, so no received value can name a path.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+#: DICOM UID grammar (PS3.5 9.1): components of digits separated by dots, at most 64 characters.
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def check_uid(value: object, name: str) -> str:
+    """``value`` as a UID string; ValueError naming the attribute when it is not a valid UID."""
+    text = str(value or "").strip().rstrip("\0")
+    if not text:
+        raise ValueError(f"{name} is missing")
+    if len(text) > 64 or not UID_PATTERN.match(text):
+        raise ValueError(f"{name} {text[:70]!r} is not a valid UID (digits and dots, at most 64 characters)")
+    return text
+
+
+class Spool:
+    """Received instances and job inputs under one folder (created)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.jobs = self.root / "jobs"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.jobs.mkdir(parents=True, exist_ok=True)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives; every UID is validated first."""
+        return (self.incoming / check_uid(study_uid, "Study Instance UID")
+                / check_uid(series_uid, "Series Instance UID")
+                / f"{check_uid(sop_instance_uid, 'SOP Instance UID')}.dcm")
+
+    def write_instance(self, data: bytes, study_uid: str, series_uid: str, sop_instance_uid: str) -> tuple[Path, bool]:
+        """Write one instance (DICOM file bytes) atomically.
+
+        Returns:
+            (path, replaced): ``replaced`` is True when an earlier copy of the same
+            SOP instance was replaced (a duplicate keeps one file, the latest).
+        """
+        path = self.instance_path(study_uid, series_uid, sop_instance_uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replaced = path.exists()
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer thread
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+        _fsync_folder(path.parent)
+        return path, replaced
+
+    def study_folder(self, study_uid: str) -> Path:
+        return self.incoming / check_uid(study_uid, "Study Instance UID")
+
+    def freeze_job_input(self, job_id: int, paths: list[Path]) -> Path:
+        """Hard-link ``paths`` into the job's input folder (rebuilt from scratch) and return it.
+
+        Later arrivals or duplicates replace files in ``incoming`` by rename, which
+        leaves these links on the instances the job was created with: a running
+        job never sees a silent merge. Falls back to copying across file systems.
+        """
+        folder = self.job_input(job_id)
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted earlier freeze: start again
+        for source in paths:
+            target = folder / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copy2(source, target)
+        _fsync_folder(folder)
+        return folder
+
+    def job_input(self, job_id: int) -> Path:
+        return self.jobs / str(int(job_id))
+
+    def remove_job_input(self, job_id: int) -> None:
+        shutil.rmtree(self.job_input(job_id), ignore_errors=True)
+
+    def remove_study(self, study_uid: str) -> None:
+        shutil.rmtree(self.study_folder(study_uid), ignore_errors=True)
+
+    def disk_used_percent(self) -> float:
+        """How full the spool's file system is, in percent."""
+        usage = shutil.disk_usage(self.root)
+        return 100.0 * usage.used / usage.total if usage.total else 100.0
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: fsync the folder entry (POSIX)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
