@@ -1,0 +1,146 @@
+"""Real DICOM peers for the node tests: DCMTK storescu/storescp, Orthanc, and waiting helpers.
+
+A missing peer is a failure naming the package (CI installs them), never a skip.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pydicom
+
+
+def tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found on PATH: install {package} (apt-get install {package})")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, period_s: float = 0.2):
+    """Poll ``condition`` until it returns a true value (returned); AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(period_s)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def storescu(port: int, files: Sequence[Path], *, calling: str = "PACS", called: str = "LOBEVOL",
+             timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """DCMTK storescu sending ``files`` to 127.0.0.1:port."""
+    command = [tool("storescu", "dcmtk"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"storescu failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    return completed
+
+
+class StoreSCP:
+    """DCMTK storescp as the receiving PACS: every object received goes to its own file (+uf)."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+        self.folder, self.port, self.ae_title = Path(folder), port or free_port(), ae_title
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "StoreSCP":
+        self.process = subprocess.Popen(
+            [tool("storescp", "dcmtk"), "-aet", self.ae_title, "-od", str(self.folder), "+uf", "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(self._listening, 10, f"storescp on port {self.port}", 0.05)
+        return self
+
+    def _listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"storescp exited: {self.process.stderr.read().decode()[-1000:]}")
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def received(self) -> list[pydicom.Dataset]:
+        """Headers of every file received so far (duplicates included: one file per C-STORE)."""
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+    def __enter__(self) -> "StoreSCP":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Orthanc:
+    """An Orthanc server in a temporary folder, knowing the node as modality ``lobevol``."""
+
+    def __init__(self, folder: Path, node_port: int, ae_title: str = "PACS", node_ae: str = "LOBEVOL"):
+        self.folder = Path(folder)
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.config = {
+            "Name": "lobevol-test", "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"), "DicomAet": ae_title, "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {"lobevol": [node_ae, "127.0.0.1", node_port]},
+            "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Orthanc":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "orthanc.json"
+        config.write_text(json.dumps(self.config))
+        self.log = open(self.folder / "orthanc.log", "wb")
+        self.process = subprocess.Popen([tool("Orthanc", "orthanc"), str(config)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        wait_for(self._up, 30, "Orthanc's REST API", 0.2)
+        return self
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url(path), timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: bytes, content_type: str = "application/json"):
+        request = urllib.request.Request(self.url(path), data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read() or b"null")
+
+    def upload(self, path: Path) -> dict:
+        return self.post("/instances", Path(path).read_bytes(), "application/dicom")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+        self.process = None
+        self.log.close()

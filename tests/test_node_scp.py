@@ -1,0 +1,122 @@
+"""The node's Storage SCP against DCMTK storescu over loopback: spool, admission, limits, status codes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+from node.config import NodeConfig, RemoteAE
+from node.jobs import JobStore
+from node.scp import StorageSCP
+from node.spool import Spool
+from tests.node_peers import storescu
+from tests.output_fixtures import region_labels, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+REMOTES = {
+    "PACS": RemoteAE("PACS", "127.0.0.1", 4242, may_send=True, may_receive=True),
+    "VIEWER": RemoteAE("VIEWER", "127.0.0.1", 4243, may_send=False, may_receive=True),
+    "CT01": RemoteAE("CT01", "10.255.255.1", 104, may_send=True, check_host=True),
+}
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> list[Path]:
+    return write_ct_series(tmp_path_factory.mktemp("ct") / "s", region_labels((6, 24, 24)))
+
+
+@pytest.fixture
+def scp_factory(tmp_path):
+    started = []
+
+    def start(**overrides) -> StorageSCP:
+        config = NodeConfig(source=None, port=0, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                            database=tmp_path / "jobs.sqlite", remotes=REMOTES, **overrides)
+        scp = StorageSCP(config, Spool(config.spool_dir), JobStore(config.database))
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+def _spooled(scp: StorageSCP) -> list[Path]:
+    return sorted(scp.spool.incoming.rglob("*.dcm"))
+
+
+def test_series_is_spooled_by_uid_and_a_resend_replaces_it(scp_factory, series):
+    scp = scp_factory()
+    storescu(scp.port, series)
+    files = _spooled(scp)
+    assert len(files) == len(series)
+    source = pydicom.dcmread(series[0])
+    stored = scp.spool.instance_path(source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID)
+    assert stored in files
+    assert pydicom.dcmread(stored).PixelData == source.PixelData  # bit for bit, as sent
+    storescu(scp.port, series)  # the PACS sends the study again
+    assert _spooled(scp) == files
+    (job,) = scp.jobs.jobs()
+    assert (job.state, job.instances, job.origin_ae) == ("received", len(series), "PACS")
+    assert not list(scp.spool.incoming.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("calling, called, reason", [
+    ("STRANGER", "LOBEVOL", "Calling AE Title Not Recognized"),
+    ("VIEWER", "LOBEVOL", "Calling AE Title Not Recognized"),   # known, but may_send = no
+    ("CT01", "LOBEVOL", "Calling AE Title Not Recognized"),     # host checked: not from 10.255.255.1
+    ("PACS", "OTHERNODE", "Called AE Title Not Recognized"),
+])
+def test_association_is_rejected_unless_configured(scp_factory, series, calling, called, reason, caplog):
+    scp = scp_factory()
+    result = storescu(scp.port, series[:1], calling=calling, called=called, check=False)
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr and reason in result.stderr
+    assert _spooled(scp) == []
+    assert "rejected" in caplog.text
+
+
+def test_other_sop_classes_are_acknowledged_counted_and_not_kept(scp_factory, series, tmp_path):
+    scp = scp_factory()
+    capture = pydicom.dcmread(series[0])
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    capture.save_as(tmp_path / "capture.dcm")
+    result = storescu(scp.port, [tmp_path / "capture.dcm", *series[:2]])
+    assert "Failed" not in result.stderr
+    assert len(_spooled(scp)) == 2
+    (job,) = scp.jobs.jobs()
+    assert (job.instances, job.ignored) == (2, 1)
+
+
+def test_limits_answer_out_of_resources(scp_factory, series):
+    scp = scp_factory(max_instances_per_study=2)
+    result = storescu(scp.port, series[:4], check=False)
+    assert "Refused: OutOfResources" in result.stderr
+    assert len(_spooled(scp)) == 2
+    scp.stop()
+    scp = scp_factory(max_instance_bytes=1000)
+    result = storescu(scp.port, series[:1], check=False)
+    assert "Refused: OutOfResources" in result.stderr
+
+
+def test_disk_high_water_mark_refuses_new_data(scp_factory, series):
+    scp = scp_factory(disk_high_water_percent=0.0001)
+    result = storescu(scp.port, series[:1], check=False)
+    assert "Refused: OutOfResources" in result.stderr
+    assert _spooled(scp) == []
+
+
+def test_missing_uid_is_refused_as_not_matching_the_sop_class(scp_factory, series, tmp_path):
+    scp = scp_factory()
+    broken = pydicom.dcmread(series[0])
+    broken.SeriesInstanceUID = "1.2.abc"
+    broken.save_as(tmp_path / "broken.dcm")
+    result = storescu(scp.port, [tmp_path / "broken.dcm"], check=False)
+    assert "Error: DataSetDoesNotMatchSOPClass" in result.stderr
+    assert _spooled(scp) == []
