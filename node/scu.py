@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import RemoteAE, TLSSettings
@@ -140,7 +140,7 @@ def _store_batch(remote: RemoteAE, headers: list[FileHeader], calling_ae: str, t
     ae = _application_entity(calling_ae)
     for sop_class, syntaxes in _contexts_for(headers).items():
         for syntax in sorted(syntaxes):
-            ae.add_requested_context(build_context(sop_class, syntax))
+            ae.add_requested_context(sop_class, syntax)
     assoc = _associate(ae, remote, tls)
     accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
     accepted_classes = {sop for sop, _ in accepted}
