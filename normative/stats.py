@@ -209,10 +209,18 @@ def spearman_table(cohort: Cohort) -> Table:
     """Spearman's rank correlation of each region (and the total) with age."""
     known = ~np.isnan(cohort.age_years)
     rows = []
+    constant = []
     for key in VOLUME_KEYS:
-        result = stats.spearmanr(cohort.measure(key)[known], cohort.age_years[known])
+        values, ages = cohort.measure(key)[known], cohort.age_years[known]
+        if len(values) < 3 or np.ptp(values) == 0 or np.ptp(ages) == 0:
+            constant.append(key)  # rho is undefined: say so instead of a NaN
+            rows.append((key, int(known.sum()), None, None))
+            continue
+        result = stats.spearmanr(values, ages)
         rows.append((key, int(known.sum()), float(result.statistic), float(result.pvalue)))
     notes = []
+    if constant:
+        notes.append(f"no correlation for {', '.join(constant)}: fewer than 3 children, or constant values")
     if not known.all():
         notes.append(f"{int((~known).sum())} row(s) without age left out")
     return Table("spearman_age", "Spearman correlation of regional volume with age",
