@@ -144,3 +144,60 @@ class Orthanc:
             self.process.wait(20)
         self.process = None
         self.log.close()
+
+
+def write_node_config(folder: Path, *, port: int, pacs_port: int, stability_s: float = 1.0, model: Path | None = None,
+                      extra: str = "") -> Path:
+    """A node config in ``folder`` (spool, results and database inside it) knowing PACS at ``pacs_port``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f"""\
+[node]
+port = {port}
+shutdown_grace_s = 30
+[storage]
+spool = spool
+results = results
+database = jobs.sqlite
+[series]
+stability_s = {stability_s}
+[inference]
+device = cpu
+threads = 1
+model = {model or ''}
+[outputs]
+overlays = no
+[retry]
+first_delay_s = 0.5
+max_delay_s = 2
+max_attempts = 30
+[remote PACS]
+host = 127.0.0.1
+port = {pacs_port}
+may_send = yes
+may_receive = yes
+{extra}"""
+    path = folder / "node.ini"
+    path.write_text(text)
+    return path
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """An untrained, tiny ResU-Net checkpoint in the project's format (fast to load and run)."""
+    import torch
+
+    from inference.checkpoint import CheckpointMeta, save_checkpoint
+    from inference.labels import NUM_CLASSES, REGION_KEYS
+    from inference.models import build_model
+    from inference.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    channels = (4, 8)
+    model = build_model("resunet", (3, 3, 3), channels, NUM_CLASSES)
+    meta = CheckpointMeta(
+        format_version=1, architecture="resunet", kernel_size=(3, 3, 3), channels=channels, num_classes=NUM_CLASSES,
+        label_keys=tuple(REGION_KEYS), spacing_mm=PreprocessConfig().spacing_mm,
+        preprocessing=PreprocessConfig().to_dict(), trained_on="untrained (test)", metrics={},
+        code_version="test", weights_sha256="", created="2026-01-01T00:00:00",
+    )
+    save_checkpoint(path, model, meta)
+    return path

@@ -1,0 +1,80 @@
+"""config.ini: the shipped file, clear errors for unknown or invalid settings, `lobevol config check`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+from node.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "config.ini"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.ini"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_knows_the_pacs_and_resolves_paths_against_its_folder():
+    config = load_config(SHIPPED)
+    assert (config.ae_title, config.bind_address, config.port) == ("LOBEVOL", "127.0.0.1", 11112)
+    pacs = config.remote("PACS")
+    assert (pacs.host, pacs.port, pacs.may_send, pacs.may_receive) == ("127.0.0.1", 4242, True, True)
+    assert config.send_to_origin and config.result_destinations("PACS")[0] == [pacs]
+    assert config.spool_dir == REPO / "var" / "spool" and config.database.parent == REPO / "var"
+    assert config.stability_s == 15 and config.model is None and not config.tls.enabled
+    settings = config.pipeline_settings()
+    assert (settings.seg_type, settings.write_sr, settings.write_pdf) == ("binary", True, True)
+
+
+def test_every_key_of_the_shipped_file_is_documented_by_a_comment():
+    lines = SHIPPED.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            above = lines[max(0, index - 6):index]
+            assert any(l.startswith("#") for l in above), f"config.ini key without a comment nearby: {line}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[node]\nae_titel = X\n", r"unknown key\(s\) in \[node\]: ae_titel"),
+    ("[nodes]\nport = 1\n", r"unknown section \[nodes\]"),
+    ("[node]\nport = eleven\n", r"\[node\] port = 'eleven': expected a whole number"),
+    ("[node]\nport = 70000\n", r"\[node\] port = '70000': expected a whole number from 0 to 65535"),
+    ("[node]\nae_title = MUCH_TOO_LONG_AE_TITLE\n", "AE title .* 1-16 characters"),
+    ("[node]\nlog_patient_identifiers = maybe\n", "expected yes or no"),
+    ("[remote PACS]\nport = 104\n", r"\[remote PACS\]: missing host"),
+    ("[remote PACS]\nhost = h\nport = 104\nmay_sned = yes\n", r"unknown key\(s\) may_sned"),
+    ("[results]\nextra_destinations = ARCHIVE\n", r"ARCHIVE.*no \[remote ARCHIVE\] section"),
+    ("[retry]\nfirst_delay_s = 60\nmax_delay_s = 10\n", "first_delay_s <= max_delay_s"),
+    ("[inference]\ndevice = tpu\n", "expected auto, cpu, cuda or cuda:N"),
+    ("[outputs]\nseg = fancy\n", r"\[outputs\]/\[selection\]: seg type 'fancy'"),
+    ("[outputs]\ncolour = yes\n", r"unknown \[outputs\] settings: colour"),
+    ("[tls]\nenabled = yes\n", r"\[tls\] is enabled but certificate is not set"),
+    ("no section header\n", "File contains no section headers"),
+])
+def test_invalid_settings_are_refused_with_section_and_key(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_model_and_missing_file_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model .*missing.pt does not exist"):
+        load_config(_write(tmp_path, "[inference]\nmodel = missing.pt\n"))
+    with pytest.raises(FileNotFoundError, match="configuration file .* does not exist"):
+        load_config(tmp_path / "nope.ini")
+
+
+def test_config_check_prints_the_effective_settings(capsys):
+    assert main(["config", "check", str(SHIPPED)]) == 0
+    out = capsys.readouterr().out
+    assert "ae_title                  LOBEVOL" in out
+    assert "PACS             127.0.0.1:4242  may send, may receive" in out
+    assert "configuration is valid" in out
+
+
+def test_config_check_fails_with_the_reason(tmp_path, capsys):
+    assert main(["config", "check", str(_write(tmp_path, "[storage]\nmax_instance_mb = -1\n"))]) == 1
+    assert "[storage] max_instance_mb = '-1'" in capsys.readouterr().err

@@ -1,0 +1,215 @@
+"""The whole node over loopback: DCMTK storescu -> node -> DCMTK storescp (the originating PACS).
+
+The in-process tests use the model-free PartitionSegmenter (the worker is
+still a real spawned process); the kill -9 test runs ``lobevol serve`` as a
+subprocess with the real Segmenter (bundled model, else a tiny untrained one).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import EncapsulatedPDFStorage, SegmentationStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from node.cli import main
+from node.config import load_config
+from node.jobs import JobStore
+from node.server import Node
+from tests.dicom_validation import validate
+from tests.node_peers import StoreSCP, free_port, storescu, tiny_checkpoint, wait_for, write_node_config
+from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+# dciodvfy warnings we accept (same reasons as tests/test_pipeline.py): our private asymmetry code.
+EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> list[Path]:
+    """A small head CT series (14 slices of 40 x 40)."""
+    return write_ct_series(tmp_path_factory.mktemp("study") / "ct", region_labels((14, 40, 40)))
+
+
+def _results_by_class(datasets) -> Counter:
+    return Counter(str(ds.SOPClassUID) for ds in datasets)
+
+
+def _one_result_set(pacs: StoreSCP, study_uid: str) -> list[pydicom.Dataset]:
+    """The objects the PACS received: each SOP instance once, all in the source study, one SEG/SR/PDF."""
+    received = pacs.received()
+    uids = Counter(ds.SOPInstanceUID for ds in received)
+    assert max(uids.values()) == 1, f"duplicates delivered: {[u for u, n in uids.items() if n > 1]}"
+    assert {ds.StudyInstanceUID for ds in received} == {study_uid}
+    classes = _results_by_class(received)
+    assert (classes[SegmentationStorage], classes[COMPREHENSIVE_3D_SR], classes[EncapsulatedPDFStorage]) == (1, 1, 1)
+    return received
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    nodes = []
+
+    def start(config_path: Path) -> Node:
+        node = Node(load_config(config_path), PartitionSegmenter)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def test_storescu_to_node_to_storescp_valid_results_in_the_source_study(tmp_path, study, node_factory, capsys):
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        node = node_factory(config)
+        storescu(node.port, study)
+        jobs = JobStore(load_config(config).database)
+        job = wait_for(lambda: next((j for j in jobs.jobs() if j.state in ("done", "failed", "skipped")), None),
+                       60, "the job to end")
+        assert job.state == "done", job.reason
+        source_study = pydicom.dcmread(study[0]).StudyInstanceUID
+        received = _one_result_set(pacs, source_study)
+    finally:
+        pacs.stop()
+    for path in sorted((tmp_path / "pacs").iterdir()):
+        result = validate(path)
+        assert result.errors == [], result.output
+        assert result.unexplained_warnings(EXPLAINED_WARNINGS) == [], result.output
+    assert len(received) == 3  # SEG, SR, PDF (overlays off in this config)
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "done 1" in out and source_study in out and "3 of 3 result deliveries made" in out
+    assert main(["status", "--config", str(config), "--job", str(job.id)]) == 0
+    history = capsys.readouterr().out
+    for state in ("received", "selected", "processing", "sending", "done"):
+        assert state in history
+
+
+def test_echo_send_and_a_destination_that_comes_up_late(tmp_path, study, node_factory, capsys):
+    pacs_port = free_port()
+    config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs_port)
+    node = node_factory(config)
+    assert main(["echo", "LOBEVOL", "--config", str(config), "--as", "PACS"]) == 0
+    assert "answered C-ECHO" in capsys.readouterr().out
+    assert main(["echo", "PACS", "--config", str(config)]) == 1  # the PACS is down
+    assert "C-ECHO failed" in capsys.readouterr().err
+    assert main(["send", str(study[0].parent), "--to", "LOBEVOL", "--config", str(config)]) == 0
+    assert f"{len(study)} of {len(study)} file(s) stored" in capsys.readouterr().out
+    jobs = node.jobs
+    wait_for(lambda: any(i.attempts >= 1 for j in jobs.jobs() for i in jobs.outbox(j.id)), 60,
+             "a first failed delivery")
+    (job,) = jobs.jobs()
+    assert job.state == "sending"
+    with StoreSCP(tmp_path / "pacs", pacs_port) as pacs:
+        wait_for(lambda: jobs.get(job.id).state == "done", 30, "delivery after the PACS came up")
+        _one_result_set(pacs, pydicom.dcmread(study[0]).StudyInstanceUID)
+
+
+def test_second_sending_of_a_processed_study_starts_a_new_run(tmp_path, study, node_factory):
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        node = node_factory(config)
+        storescu(node.port, study[:10])
+        wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the first run")
+        storescu(node.port, study[10:])
+        wait_for(lambda: node.jobs.counts().get("done") == 2, 60, "the second run")
+        first, second = sorted(node.jobs.jobs(), key=lambda j: j.id)
+        assert first.study_uid == second.study_uid
+        assert (first.instances, second.instances) == (10, 4)
+        assert len(node.jobs.job_inputs(second.id)) == len(study)  # the new run sees the whole study
+        assert _results_by_class(pacs.received())[SegmentationStorage] == 2
+
+
+def _serve(config: Path, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    port = load_config(config).port
+    wait_for(lambda: process.poll() is None and _listening(port) or _died(process, log), 120,
+             "lobevol serve to listen")
+    return process
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _died(process: subprocess.Popen, log: Path) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"lobevol serve exited {process.returncode}: {log.read_text()[-3000:]}")
+    return False
+
+
+def _send_some_then_kill(port: int, files: list[Path], count: int, process: subprocess.Popen) -> None:
+    """Open an association, store ``count`` files, kill the node with -9 while the association is open."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LOBEVOL")
+    assert assoc.is_established
+    for path in files[:count]:
+        assert assoc.send_c_store(path).Status == 0
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    assoc.abort()
+
+
+@pytest.fixture(scope="module")
+def real_model(tmp_path_factory) -> Path:
+    from inference.checkpoint import BUNDLED_CHECKPOINT
+
+    if Path(BUNDLED_CHECKPOINT).exists():
+        return Path(BUNDLED_CHECKPOINT)
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_path, study, real_model):
+    log = tmp_path / "serve.log"
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=2,
+                                   model=real_model)
+        node_port = load_config(config).port
+        jobs = JobStore(load_config(config).database)
+        serve = _serve(config, log)
+        _send_some_then_kill(node_port, study, 5, serve)
+        assert [j.instances for j in jobs.jobs()] == [5]  # what was acknowledged is on disk
+
+        serve = _serve(config, log)
+        storescu(node_port, study)  # the PACS sends the study again after the failure
+        wait_for(lambda: jobs.counts().get("processing"), 120, "processing to start", 0.05)
+        os.kill(serve.pid, signal.SIGKILL)
+        serve.wait(10)
+        assert pacs.received() == []
+
+        serve = _serve(config, log)
+        try:
+            job = wait_for(lambda: next((j for j in jobs.jobs() if j.state in ("done", "failed")), None), 300,
+                           "the job to end after the restarts")
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(60) == 0, log.read_text()[-3000:]
+        assert job.state == "done", job.reason
+        assert len(jobs.jobs()) == 1 and job.instances == len(study) and job.attempts == 2
+        assert any("resumed after a restart" in message for _, _, message in jobs.events(job.id))
+        _one_result_set(pacs, pydicom.dcmread(study[0]).StudyInstanceUID)
+        time.sleep(2)  # nothing more arrives later (no orphan worker, no second delivery)
+        assert len(pacs.received()) == len(jobs.outbox(job.id))
+    text = log.read_text()
+    assert "Test^Child" not in text and "LV-TEST-0001" not in text  # no patient identifiers in the log
