@@ -106,15 +106,16 @@ def _section(title: str, table: PdfTable, notes: Sequence[str], styles) -> list:
     return [KeepTogether(parts), Spacer(1, 3 * mm)]
 
 
-def _grid(data: list[list], col_widths: Optional[list[float]] = None, header_rows: int = 1) -> PdfTable:
-    table = PdfTable(data, colWidths=col_widths, repeatRows=header_rows)
+def _grid(data: list[list], header_rows: int = 1, text_columns: int = 1) -> PdfTable:
+    """A table with bold shaded header rows; the first ``text_columns`` left-aligned, numbers right-aligned."""
+    table = PdfTable(data, repeatRows=header_rows)
     table.setStyle(TableStyle([
         ("FONT", (0, 0), (-1, -1), "Helvetica", 7.5),
         ("FONT", (0, 0), (-1, header_rows - 1), "Helvetica-Bold", 7.5),
         ("BACKGROUND", (0, 0), (-1, header_rows - 1), _HEADER_BG),
         ("LINEBELOW", (0, header_rows - 1), (-1, header_rows - 1), 0.6, colors.black),
         ("LINEBELOW", (0, -1), (-1, -1), 0.6, colors.black),
-        ("ALIGN", (1, 0), (-1, -1), "RIGHT"),
+        ("ALIGN", (text_columns, 0), (-1, -1), "RIGHT"),
         ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
         ("TOPPADDING", (0, 0), (-1, -1), 1.2),
         ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
@@ -149,7 +150,7 @@ def _tests_table(table: Table) -> PdfTable:
     data = [["Variable", "Test", "Statistic", "df", "p"]]
     for r in (dict(zip(table.columns, row)) for row in table.rows):
         data.append([r["variable"], r["test"], _fmt(r["statistic"], ".3f"), _fmt(r["df"], "g"), _p(r["p"])])
-    return _grid(data)
+    return _grid(data, text_columns=2)
 
 
 def _descriptive_table(table: Table) -> PdfTable:

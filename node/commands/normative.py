@@ -22,7 +22,8 @@ left out of fits and regressions, and the command says which lines.
 
 The bundled reference (Xi et al. 2025, n = 1487, ages 1.5-2.5 years) is whole-cohort:
 its z-scores are not adjusted for age or sex. A site-fitted reference is; point the
-node at it with 'reference = site_reference.json' in config.ini or --reference.
+node at it with 'reference = site_reference.json' in the [outputs] section of
+config.ini, or 'lobevol segment --reference site_reference.json'.
 """
 
 
