@@ -273,8 +273,15 @@ def _score_notes(reference: Reference, used_pooled: list[str], without_sd: list[
                      + ", ".join(_label(k) for k in needs_sex))
     if without_sd:
         notes.append("the reference gives no SD for " + ", ".join(_label(k) for k in without_sd) + ": no z-score")
-    if absent:
-        notes.append("the reference has no values for " + ", ".join(_label(k) for k in absent) + ": no z-score")
+    absent_asymmetry = [k for k in absent if k.startswith("asymmetry_")]
+    if absent_asymmetry:
+        notes.append("the reference has no asymmetry-index values"
+                     + ("" if len(absent_asymmetry) == len(LOBE_PAIRS)
+                        else " for " + ", ".join(_label(k) for k in absent_asymmetry))
+                     + ": asymmetry indices are given without z-scores")
+    others = [k for k in absent if not k.startswith("asymmetry_")]
+    if others:
+        notes.append("the reference has no values for " + ", ".join(_label(k) for k in others) + ": no z-score")
     return notes
 
 

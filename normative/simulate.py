@@ -101,11 +101,13 @@ def simulate_cohort(n: int, seed: int, truth: Optional[Reference] = None, *, spl
     age = rng.uniform(low, high, n)
     sex = np.where(rng.random(n) < p_boys, "M", "F")
     noise = _correlated_noise(rng, n)
+    code = np.where(sex == "M", float(truth.sex_coding["M"]), float(truth.sex_coding["F"]))
     volumes = np.empty((n, len(REGION_KEYS)))
     for j, key in enumerate(REGION_KEYS):
-        for i in range(n):
-            expected = truth.expected(key, float(age[i]), str(sex[i]))
-            volumes[i, j] = expected.mean + expected.sd * noise[i, j]
+        mean, sd = truth.measures[key].mean.coefficients, truth.measures[key].sd.coefficients
+        expected = mean.get("intercept", 0.0) + mean.get("age_years", 0.0) * age + mean.get("sex", 0.0) * code
+        spread = sd.get("intercept", 0.0) + sd.get("age_years", 0.0) * age
+        volumes[:, j] = expected + spread * noise[:, j]
     volumes = np.clip(volumes, 0.0, None)
     extra = {}
     if split:
