@@ -17,6 +17,7 @@ reference falls back to the reference's pooled model and says so.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -182,11 +183,11 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
             number >= 0, the age is negative, or the threshold is not positive.
     """
     checked = _check_volumes(volumes)
-    if not (isinstance(z_threshold, (int, float)) and math.isfinite(z_threshold) and z_threshold > 0):
+    if not (_is_number(z_threshold) and math.isfinite(z_threshold) and z_threshold > 0):
         raise ValueError(f"z threshold must be a positive number, got {z_threshold!r}")
-    if age_years is not None and not (isinstance(age_years, (int, float)) and math.isfinite(age_years)
-                                      and age_years >= 0):
+    if age_years is not None and not (_is_number(age_years) and math.isfinite(age_years) and age_years >= 0):
         raise ValueError(f"age must be a finite number of years >= 0, got {age_years!r}")
+    age_years = None if age_years is None else float(age_years)
     reference = load_reference() if reference is None else reference
     sex, sex_note = normalise_sex(sex)
     notes = [sex_note] if sex_note else []
@@ -240,10 +241,15 @@ def _check_volumes(volumes: Mapping[str, float]) -> dict[str, float]:
     checked = {}
     for key in REGION_KEYS:
         value = volumes[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"volume of {key} must be a finite number of cm3 >= 0, got {value!r}")
         checked[key] = float(value)
     return checked
+
+
+def _is_number(value) -> bool:
+    """Any real number (Python or numpy), but not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _applicability(reference: Reference, age_years: Optional[float], notes: list[str]) -> bool:
