@@ -164,6 +164,10 @@ def balance_tables(cohort: Cohort, split_column: str) -> tuple[Table, Table]:
 def regression_table(cohort: Cohort) -> Table:
     """Tables 3-4: each region (and the total) regressed on sex (M = 1, F = 2) and age."""
     complete, excluded = cohort.complete()
+    present = sorted(set(complete.sex))
+    if len(present) < 2:
+        raise ValueError(f"the regression on sex and age needs children of both sexes with a known age; "
+                         f"the cohort has {', '.join(present) or 'none'} only")
     design = np.column_stack([np.ones(len(complete)), complete.sex_codes(SEX_CODING), complete.age_years])
     rows = []
     for key in VOLUME_KEYS:

@@ -237,6 +237,12 @@ def test_the_pdf_renders_with_poppler(cohort, tmp_path):
     assert coloured > 0.003
 
 
+def test_regression_needs_both_sexes(cohort):
+    boys = cohort.subset(np.array([s == "M" for s in cohort.sex]))
+    with pytest.raises(ValueError, match="needs children of both sexes.*has M only"):
+        regression_table(boys)
+
+
 def test_stats_refuses_a_cohort_without_enough_complete_rows():
     tiny = _tiny_cohort({}, [None, None, "M", "F", None], [2.0, 2.1, 2.2, 2.3, 2.4])
     with pytest.raises(ValueError, match="2 row\\(s\\) with sex and age: too few"):
