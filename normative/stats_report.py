@@ -240,10 +240,12 @@ def _panel(cohort: Cohort, key: str, shown: np.ndarray, coefficients: dict, widt
         drawing.add(String(left - 1 * mm, to_y(tick) - 2, f"{tick:g}", fontSize=6, textAnchor="end"))
     drawing.add(String(left + plot_w / 2, 0.8 * mm, "age, years", fontSize=6, textAnchor="middle"))
     drawing.add(String(left + 1 * mm, bottom + plot_h - 3 * mm, "cm3", fontSize=6))
+    # fewer points can be bigger and more opaque and stay readable
+    radius = min(1.6, max(0.55, 1.6 * math.sqrt(300 / len(shown))))
+    opacity = 0.8 if len(shown) < 500 else 0.45
     for i in shown:
-        colour = SEX_COLOURS[cohort.sex[i]]
-        drawing.add(Circle(to_x(age[i]), to_y(volume[i]), 0.55, fillColor=colour, strokeColor=None,
-                           fillOpacity=0.45))
+        drawing.add(Circle(to_x(age[i]), to_y(volume[i]), radius, fillColor=SEX_COLOURS[cohort.sex[i]],
+                           strokeColor=None, fillOpacity=opacity))
     for sex, code in SEX_CODING.items():
         line = [coefficients[(key, "intercept")] + coefficients[(key, "sex")] * code
                 + coefficients[(key, "age_years")] * a for a in (age.min(), age.max())]
