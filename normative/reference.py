@@ -123,16 +123,16 @@ class MeasureModel:
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "MeasureModel":
         if not isinstance(data, Mapping) or "mean" not in data or "sd" not in data:
             raise ValueError(f"{where}: a measure needs 'mean' and 'sd' (sd may be null)")
-        try:
-            mean = LinearModel(dict(data["mean"]))
-            sd = None if data["sd"] is None else LinearModel(dict(data["sd"]))
-            pooled = None if data.get("pooled") is None else cls.from_dict(data["pooled"], f"{where}.pooled")
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from None
+        pooled = None if data.get("pooled") is None else cls.from_dict(data["pooled"], f"{where}.pooled")
         if pooled is not None and pooled.mean.uses_sex:
             raise ValueError(f"{where}.pooled: a pooled model may not depend on sex")
         extra = {k: v for k, v in data.items() if k not in ("mean", "sd", "pooled")}
-        return cls(mean, sd, pooled, extra)
+        try:
+            mean = LinearModel(dict(data["mean"]))
+            sd = None if data["sd"] is None else LinearModel(dict(data["sd"]))
+            return cls(mean, sd, pooled, extra)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"mean": self.mean.to_dict(), "sd": None if self.sd is None else self.sd.to_dict()}

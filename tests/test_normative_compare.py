@@ -209,6 +209,11 @@ def test_reference_file_round_trip_and_validation(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cerebellum.*unknown model term 'height'"):
         load_reference(tmp_path / "bad.json")
+    data = json.loads(path.read_text())
+    data["measures"]["brainstem"]["sd"]["sex"] = 1.0
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="measure 'brainstem': an SD model may not depend on sex"):
+        load_reference(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_reference(tmp_path / "bad.json")
