@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 EPILOG = """\
@@ -31,12 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "normative",
         help="normative reference: compare volumes, fit a site reference, cohort statistics",
-        description=(
+        description=textwrap.fill(
             "Turn regional volumes into z-scores, percentiles and flags against a normative reference "
             "(compare); fit a reference adjusted for age and sex to your own cohort (fit); reproduce "
             "the paper's cohort statistics as CSV tables and a PDF (stats); draw a synthetic cohort "
-            "from known coefficients (simulate)."
-        ),
+            "from known coefficients (simulate).", 79),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,7 +54,7 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def _subparser(actions, name: str, help_text: str, description: str, epilog: str) -> argparse.ArgumentParser:
-    return actions.add_parser(name, help=help_text, description=description, epilog=epilog,
+    return actions.add_parser(name, help=help_text, description=textwrap.fill(description, 79), epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -84,8 +84,10 @@ def _register_compare(actions) -> None:
     source.add_argument("--volumes", nargs="+", metavar="KEY=CM3", help="the 10 volumes on the command line")
     parser.add_argument("--sex", default=None, help="M or F (O or empty: unknown)")
     parser.add_argument("--age", type=float, default=None, metavar="YEARS", help="age at scan in years")
-    parser.add_argument("--reference", type=Path, default=None, help="reference file (default: bundled Xi et al. 2025)")
-    parser.add_argument("--z-threshold", type=float, default=2.0, help="flag values with |z| above this (default 2)")
+    parser.add_argument("--reference", type=Path, default=None, metavar="REF.json",
+                        help="reference file (default: bundled Xi et al. 2025)")
+    parser.add_argument("--z-threshold", type=float, default=2.0, metavar="Z",
+                        help="flag values with |z| above this (default 2)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
     parser.set_defaults(func=run_compare)
 
