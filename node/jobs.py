@@ -317,6 +317,16 @@ class JobStore:
                 self._set_state(db, row["id"], "selected", "resumed after a restart")
         return [int(r["id"]) for r in rows]
 
+    def restart_stability_clock(self) -> int:
+        """At start: studies still being received count their quiet time from now.
+
+        A sender cut off by our stop can only resend once we listen again; without
+        this, a study interrupted mid-receive would look complete at once.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET last_instance_at = ? WHERE state = 'received'", (now,)).rowcount
+
     def requeue(self, job_id: int, message: str) -> None:
         """Put a processing job back to selected (shutdown checkpoint)."""
         with self._transaction() as db:

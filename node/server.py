@@ -69,6 +69,7 @@ class Node:
         if resumed:
             log.info("resuming %d job(s) interrupted by the last stop: %s", len(resumed), resumed)
         self.worker.start()
+        self.jobs.restart_stability_clock()
         self.scp.start()
         for name, target in (("dispatcher", self._dispatch_loop), ("processor", self._process_loop),
                              ("sender", self._send_loop)):

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_orthanc_sends_a_study_and_receives_the_results_in_the_same_study(tmp_path):
-    files = write_ct_series(tmp_path / "ct", region_labels((14, 40, 40)))
+    files = write_ct_series(tmp_path / "ct", region_labels((20, 40, 40)))
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_port).start()
     node = None

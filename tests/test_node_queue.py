@@ -156,3 +156,28 @@ def test_result_destinations_follow_the_remote_table():
     assert [r.ae_title for r in config.result_destinations("PACS")[0]] == ["PACS", "ARCHIVE"]
     destinations, notes = config.result_destinations("CT")
     assert [r.ae_title for r in destinations] == ["ARCHIVE"] and "may_receive = no" in notes[0]
+
+
+def test_retention_removes_images_of_done_jobs_and_old_results(tmp_path):
+    from node.server import Node
+    from tests.output_fixtures import PartitionSegmenter
+
+    config = NodeConfig(source=None, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        database=tmp_path / "jobs.sqlite", images_retention_s=3600, results_retention_s=86400)
+    node = Node(config, PartitionSegmenter)  # not started: retention works on the database and the disk
+    done = _receive(node.jobs, node.spool, "1.1")
+    failed = _receive(node.jobs, node.spool, "2.1", study="1.2.3.5")
+    node.jobs.select_stable(0)
+    for job_id in (done, failed):
+        node.spool.freeze_job_input(job_id, node.jobs.job_inputs(job_id))
+        node.jobs.mark_input_ready(job_id)
+        node.jobs.claim_next()
+        (config.results_dir / str(job_id)).mkdir(parents=True)
+    node.jobs.finish_analysis(done, "done", "", "", None, [])
+    node.jobs.finish_analysis(failed, "failed", "bad series", "", None, [])
+    assert node.apply_retention() == (0, 0)  # nothing old enough yet
+    assert node.apply_retention(now=time.time() + 7200) == (1, 0)
+    assert not node.spool.job_input(done).exists() and not node.spool.study_folder(STUDY).exists()
+    assert node.spool.job_input(failed).exists()  # failed jobs keep their images for a retry
+    assert node.apply_retention(now=time.time() + 2 * 86400) == (0, 2)
+    assert not (config.results_dir / str(done)).exists() and node.jobs.get(done).results_removed

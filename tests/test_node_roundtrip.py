@@ -38,8 +38,8 @@ EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR")
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> list[Path]:
-    """A small head CT series (14 slices of 40 x 40)."""
-    return write_ct_series(tmp_path_factory.mktemp("study") / "ct", region_labels((14, 40, 40)))
+    """A small head CT series (20 slices of 40 x 40: 95 mm, enough to cover a head)."""
+    return write_ct_series(tmp_path_factory.mktemp("study") / "ct", region_labels((20, 40, 40)))
 
 
 def _results_by_class(datasets) -> Counter:
@@ -124,13 +124,13 @@ def test_second_sending_of_a_processed_study_starts_a_new_run(tmp_path, study, n
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         node = node_factory(config)
-        storescu(node.port, study[:10])
+        storescu(node.port, study)
         wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the first run")
-        storescu(node.port, study[10:])
+        storescu(node.port, study[:4])  # the scanner sends some images again
         wait_for(lambda: node.jobs.counts().get("done") == 2, 60, "the second run")
         first, second = sorted(node.jobs.jobs(), key=lambda j: j.id)
         assert first.study_uid == second.study_uid
-        assert (first.instances, second.instances) == (10, 4)
+        assert (first.instances, second.instances) == (len(study), 4)
         assert len(node.jobs.job_inputs(second.id)) == len(study)  # the new run sees the whole study
         assert _results_by_class(pacs.received())[SegmentationStorage] == 2
 
@@ -183,7 +183,7 @@ def real_model(tmp_path_factory) -> Path:
 def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_path, study, real_model):
     log = tmp_path / "serve.log"
     with StoreSCP(tmp_path / "pacs") as pacs:
-        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=2,
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=3,
                                    model=real_model)
         node_port = load_config(config).port
         jobs = JobStore(load_config(config).database)
