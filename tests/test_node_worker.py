@@ -1,0 +1,132 @@
+"""The worker process: one model load, crashes and timeouts fail one job, shutdown checkpoints a job."""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.config import load_config
+from node.pipeline import PipelineSettings
+from node.server import Node
+from node.worker import JobRequest, Worker, WorkerCrashed, WorkerStopped
+from tests.node_peers import StoreSCP, free_port, storescu, wait_for, write_node_config
+from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
+
+SETTINGS = PipelineSettings(write_overlays=False)
+
+
+class CountingSegmenter(PartitionSegmenter):
+    """PartitionSegmenter that records each model load (construction) in a file."""
+
+    def __init__(self, loads: str):
+        with open(loads, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+
+
+class SlowSegmenter(PartitionSegmenter):
+    def segment(self, image):
+        time.sleep(30)
+        return super().segment(image)
+
+
+class CrashingSegmenter(PartitionSegmenter):
+    """Dies like a segfault (no Python exception) while a marker file exists, removing it."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def segment(self, image):
+        if self.marker.exists():
+            self.marker.unlink()
+            os._exit(11)
+        return super().segment(image)
+
+
+@pytest.fixture(scope="module")
+def study_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("input")
+    write_ct_series(folder / "1.2.3", region_labels((20, 32, 32)))
+    return folder
+
+
+def test_one_model_load_for_several_jobs(tmp_path, study_folder):
+    loads = tmp_path / "loads.txt"
+    worker = Worker(functools.partial(CountingSegmenter, str(loads)), SETTINGS)
+    worker.start()
+    try:
+        for job_id in (1, 2):
+            outcome = worker.run(JobRequest(job_id, str(study_folder), str(tmp_path / str(job_id))), 60)
+            assert (outcome.job_id, outcome.status) == (job_id, "done"), outcome.reason
+            assert {Path(p).name for p in outcome.result_files} == {"seg.dcm", "sr.dcm", "report.dcm"}
+    finally:
+        worker.stop()
+    assert len(loads.read_text().split()) == 1
+
+
+def test_crash_timeout_and_shutdown(tmp_path, study_folder):
+    marker = tmp_path / "crash"
+    marker.touch()
+    worker = Worker(functools.partial(CrashingSegmenter, str(marker)), SETTINGS)
+    worker.start()
+    with pytest.raises(WorkerCrashed, match="exit code 11"):
+        worker.run(JobRequest(1, str(study_folder), str(tmp_path / "1")), 60)
+    assert not worker.alive
+    slow = Worker(SlowSegmenter, SETTINGS)
+    slow.start()
+    with pytest.raises(WorkerCrashed, match="longer than job_timeout_s"):
+        slow.run(JobRequest(2, str(study_folder), str(tmp_path / "2")), timeout_s=1.5)
+    slow.start()
+    started = time.monotonic()
+    with pytest.raises(WorkerStopped):
+        slow.run(JobRequest(3, str(study_folder), str(tmp_path / "3")), 60, stop_requested=lambda: True, grace_s=0.5)
+    assert time.monotonic() - started < 10 and not slow.alive
+
+
+def test_unloadable_model_is_reported_at_start():
+    worker = Worker(functools.partial(CountingSegmenter, "/nonexistent/dir/loads.txt"), SETTINGS)
+    with pytest.raises(RuntimeError, match="cannot load the model: FileNotFoundError"):
+        worker.start()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_crash_fails_one_job_and_the_node_goes_on(tmp_path):
+    marker = tmp_path / "crash"
+    marker.touch()
+    first = write_ct_series(tmp_path / "a", region_labels((20, 32, 32)))
+    second = write_ct_series(tmp_path / "b", region_labels((20, 32, 32)))
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        node = Node(load_config(config), functools.partial(CrashingSegmenter, str(marker)))
+        node.start()
+        try:
+            storescu(node.port, first)
+            crashed = wait_for(lambda: next(iter(node.jobs.jobs(states=["failed"])), None), 60, "the crashed job")
+            assert "worker process ended unexpectedly (exit code 11)" in crashed.reason
+            storescu(node.port, second)
+            wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the next job after the crash")
+        finally:
+            node.stop()
+        assert {ds.StudyInstanceUID for ds in pacs.received()} == {pydicom.dcmread(second[0]).StudyInstanceUID}
+
+
+@pytest.mark.integration
+def test_sigterm_checkpoints_the_running_job(tmp_path):
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        config.write_text(config.read_text().replace("shutdown_grace_s = 30", "shutdown_grace_s = 0.5"))
+        node = Node(load_config(config), SlowSegmenter)
+        node.start()
+        try:
+            storescu(node.port, write_ct_series(tmp_path / "a", region_labels((20, 32, 32))))
+            wait_for(lambda: node.jobs.counts().get("processing"), 30, "processing")
+        finally:
+            started = time.monotonic()
+            node.stop()
+        assert time.monotonic() - started < 15
+        (job,) = node.jobs.jobs()
+        assert job.state == "selected" and "checkpointed at shutdown" in job.reason
