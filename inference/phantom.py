@@ -212,13 +212,17 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels: float, factor: int) -> np.ndarray:
-    """Zero-mean, unit-SD smooth random field: white noise on a coarse lattice, smoothed, upsampled."""
-    coarse_shape = tuple(max(2, math.ceil(n / factor) + 1) for n in shape)
-    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), sigma_voxels / factor, mode="wrap")
-    zoomed = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1)
-    zoomed = zoomed[tuple(slice(0, n) for n in shape)]
-    zoomed -= zoomed.mean()
-    return zoomed / max(float(zoomed.std()), 1e-6)
+    """Zero-mean, unit-SD smooth random field: white noise on a lattice ``factor`` times coarser,
+    smoothed there, then interpolated (linear) up to ``shape``."""
+    coarse_shape = tuple(max(2, math.ceil(n / factor) + 2) for n in shape)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), sigma_voxels / factor,
+                                     mode="wrap")
+    coarse_image = sitk.GetImageFromArray(coarse)
+    coarse_image.SetSpacing((float(factor),) * 3)
+    reference = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
+    field = sitk.GetArrayFromImage(sitk.Resample(coarse_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0))
+    field -= field.mean()
+    return field / max(float(field.std()), 1e-6)
 
 
 def _ellipsoid(x, y, z, centre, axes) -> np.ndarray:
@@ -237,8 +241,9 @@ def _capsule(x, y, z, start, end, radius) -> np.ndarray:
                    + (z - start[2] - t * axis[2]) ** 2) - radius
 
 
-def _sigmoid(v):
-    return 1.0 / (1.0 + np.exp(-v))
+def _ramp(v):
+    """0 below -2, 1 above +2, linear between: a cheap smooth-enough step for blending surfaces."""
+    return np.clip(0.5 + 0.25 * v, 0.0, 1.0)
 
 
 def _tentorium(x, y, anatomy: _Anatomy) -> np.ndarray:
@@ -246,6 +251,8 @@ def _tentorium(x, y, anatomy: _Anatomy) -> np.ndarray:
     return -14.0 + anatomy.tentorium_height - 0.32 * np.maximum(y - 12.0, 0) - 0.1 * np.abs(x)
 
 
+BASE_EXTRA_BONE_MM = 5.0    # the skull base is thicker than the vault
+BASE_START_Z = -28.0
 BRAINSTEM_TOP = (0.0, 4.0, -14.0)
 BRAINSTEM_BOTTOM = (0.0, 15.0, -82.0)
 
@@ -268,6 +275,7 @@ class _Fields:
     texture: np.ndarray        # smooth unit noise for parenchyma texture
 
     height: np.ndarray         # head-frame height (mm): the brain ends at the foramen magnum
+    face: np.ndarray           # HU of orbits and nasal airway, NaN elsewhere
 
     REGION_FIELDS = ("intracranial", "ventricles", "brainstem", "infratentorial", "midline", "sylvian",
                      "parieto_occipital", "central", "sulci", "height")
@@ -285,44 +293,77 @@ def _canonical_coordinates(rng: np.random.Generator, anatomy: _Anatomy):
     return x + warp[0], y + warp[1], z + warp[2], shape
 
 
+def _box(x_mm: tuple[float, float], y_mm: tuple[float, float], z_mm: tuple[float, float]) -> tuple[slice, ...]:
+    """Index slices (z, y, x) of the canonical grid covering a head-frame box (mm)."""
+    def axis(bounds, a):
+        lo = int(max(0, math.floor((bounds[0] - CANONICAL_MIN_MM[a]) / CANONICAL_SPACING_MM)))
+        hi = int(min(CANONICAL_SIZE[a], math.ceil((bounds[1] - CANONICAL_MIN_MM[a]) / CANONICAL_SPACING_MM) + 1))
+        return slice(lo, hi)
+    return axis(z_mm, 2), axis(y_mm, 1), axis(x_mm, 0)
+
+
+def _in_box(shape, box, default: float, function, x, y, z) -> np.ndarray:
+    """A full-grid float32 field equal to ``function(x, y, z)`` inside ``box`` and ``default`` outside.
+
+    Small structures (ventricles, nuclei, face) are evaluated only where they can be.
+    """
+    field = np.full(shape, default, np.float32)
+    field[box] = function(x[box], y[box], z[box])
+    return field
+
+
 def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     x, y, z, shape = _canonical_coordinates(rng, anatomy)
     tent = _tentorium(x, y, anatomy)
     # Intracranial space: cerebrum (cut by the skull base floor) + posterior fossa + foramen magnum.
     floor_anterior = -22.0 + 0.08 * np.abs(x)
     floor_middle = -44.0 + 16.0 * np.exp(-(x / 16.0) ** 2)
-    w_ant = _sigmoid((-30.0 - y) / 4.0)
-    w_post = _sigmoid((y - 8.0) / 4.0)
+    w_ant = _ramp((-30.0 - y) / 4.0)
+    w_post = _ramp((y - 8.0) / 4.0)
     floor = w_ant * floor_anterior + w_post * tent + (1 - w_ant - w_post) * floor_middle
-    cerebrum = np.maximum(_ellipsoid(x, y, z, (0.0, 2.0, 8.0), anatomy.cerebrum_axes), floor - z)
-    fossa = np.maximum(_ellipsoid(x, y, z, (0.0, 34.0, -40.0), anatomy.fossa_axes), z - tent - 3.0)
-    canal = _capsule(x, y, z, (0.0, 6.0, -20.0), (0.0, 17.0, -92.0), 11.0)
-    implicit = np.minimum(np.minimum(cerebrum, fossa), canal)
+    del floor_anterior, floor_middle, w_ant, w_post
+    implicit = np.maximum(_ellipsoid(x, y, z, (0.0, 2.0, 8.0), anatomy.cerebrum_axes), floor - z)
+    del floor
+    lower = _box((-80, 80), (-20, 90), (-104, 0))
+    implicit[lower] = np.minimum(implicit[lower], np.maximum(
+        _ellipsoid(x[lower], y[lower], z[lower], (0.0, 34.0, -40.0), anatomy.fossa_axes), z[lower] - tent[lower] - 3.0))
+    implicit[lower] = np.minimum(implicit[lower], _capsule(x[lower], y[lower], z[lower], (0.0, 6.0, -20.0),
+                                                           (0.0, 17.0, -92.0), 11.0))
     intracranial = _signed_distance(implicit < 0)
-    # Head: skull + scalp around the intracranial space, thicker at the base, and the neck.
-    base_extra = 5.0 * _sigmoid((-28.0 - z) / 5.0)
-    neck = _capsule(x, y, z, (0.0, 10.0, -40.0), (0.0, 10.0, -140.0), 38.0)
-    face = _ellipsoid(x, y, z, (0.0, -55.0, -45.0), np.array([42.0, 32.0, 40.0]))
-    outer = intracranial - (anatomy.skull_thickness + anatomy.scalp_thickness + base_extra)
-    head = _signed_distance(np.minimum(np.minimum(outer, neck), face) < 0)
+    # Head: skull + scalp around the intracranial space (thicker at the base), face and neck.
+    outer = intracranial - (anatomy.skull_thickness + anatomy.scalp_thickness
+                            + BASE_EXTRA_BONE_MM * _ramp((BASE_START_Z - z) / 5.0))
+    below = _box((-84, 84), (-104, 104), (-104, -10))
+    outer[below] = np.minimum(outer[below], _capsule(x[below], y[below], z[below], (0.0, 2.0, -45.0),
+                                                     (0.0, 2.0, -160.0), 40.0))
+    front = _box((-84, 84), (-104, 0), (-104, -5))
+    outer[front] = np.minimum(outer[front], _ellipsoid(x[front], y[front], z[front], (0.0, -50.0, -58.0),
+                                                       np.array([44.0, 38.0, 36.0])))
+    head = _signed_distance(outer < 0)
+    del outer, implicit
 
     v = anatomy.ventricle_scale
-    ventricles = np.minimum.reduce([
+    ventricles = _in_box(shape, _box((-45, 45), (-45, 50), (-60, 35)), 100.0, lambda x, y, z: np.minimum.reduce([
         _ellipsoid(np.abs(x), y, z, (8.0, -4.0, 12.0), np.array([3.5, 24.0, 4.5]) * v),        # bodies
         _ellipsoid(np.abs(x), y, z, (15.0, 24.0, 6.0), np.array([4.5, 9.0, 6.0]) * v),        # atria
         _ellipsoid(np.abs(x), y, z, (25.0, 4.0, -18.0), np.array([2.0, 14.0, 2.5]) * v),      # temporal horns
         _ellipsoid(x, y, z, (0.0, 2.0, -6.0), np.array([1.3, 11.0, 8.0]) * v),                # third
         _ellipsoid(x, y, z, (0.0, 25.0, -44.0), np.array([5.0, 2.5, 6.0]) * v),               # fourth
-    ])
-    deep_grey = np.minimum(
+    ]), x, y, z)
+    deep_grey = _in_box(shape, _box((-40, 40), (-40, 30), (-25, 25)), 100.0, lambda x, y, z: np.minimum(
         _ellipsoid(np.abs(x), y, z, (12.0, 4.0, -2.0), np.array([8.0, 13.0, 8.0])),           # thalami
         _ellipsoid(np.abs(x), y, z, (20.0, -14.0, 2.0), np.array([7.0, 14.0, 9.0])),          # basal ganglia
-    )
-    brainstem = _capsule(x, y, z, BRAINSTEM_TOP, BRAINSTEM_BOTTOM, 0.0)
+    ), x, y, z)
+    brainstem = _in_box(shape, _box((-50, 50), (-40, 70), (-104, 20)), 100.0,
+                        lambda x, y, z: _capsule(x, y, z, BRAINSTEM_TOP, BRAINSTEM_BOTTOM, 0.0), x, y, z)
+    face = _in_box(shape, _box((-60, 60), (-104, -20), (-104, -5)), np.nan, _face_hu, x, y, z)
     # Posterior fossa only: anterior voxels get a high score so the cerebellum stays behind the brainstem.
-    infratentorial = z - tent + 80.0 * _sigmoid((2.0 - y) / 4.0)
-    midline = x.copy() if x.shape == shape else np.broadcast_to(x, shape).copy()
-    sylvian = z - (-14.0 + anatomy.sylvian_height + anatomy.sylvian_slope * (y + 20.0))
+    infratentorial = z - tent + 80.0 * _ramp((2.0 - y) / 4.0)
+    del tent
+    # Sylvian plane rising medially: the temporal lobe is lateral; only low medial tissue
+    # (uncus, hippocampus) falls below it.
+    sylvian = (z - (-14.0 + anatomy.sylvian_height + anatomy.sylvian_slope * (y + 20.0))
+               + 0.7 * np.maximum(26.0 - np.abs(x), 0.0))
     po_slope = anatomy.parieto_occipital_slope
     parieto_occipital = ((52.0 + anatomy.parieto_occipital_position + po_slope * (z - 20.0)) - y) / math.hypot(1, po_slope)
     cs_slope = anatomy.central_slope
@@ -330,11 +371,25 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     sulci = _smooth_noise(rng, shape, 3.0, 2)
     texture = _smooth_noise(rng, shape, 4.0, 2)
     return _Fields(
-        intracranial=intracranial, head=head, ventricles=_f32(ventricles, shape), brainstem=_f32(brainstem, shape),
-        infratentorial=_f32(infratentorial, shape), midline=_f32(midline, shape), sylvian=_f32(sylvian, shape),
+        intracranial=intracranial, head=head, ventricles=ventricles, brainstem=brainstem,
+        infratentorial=_f32(infratentorial, shape), midline=_f32(x, shape), sylvian=_f32(sylvian, shape),
         parieto_occipital=_f32(parieto_occipital, shape), central=_f32(central, shape), sulci=sulci,
-        deep_grey=_f32(deep_grey, shape), texture=texture, height=_f32(z, shape),
+        deep_grey=deep_grey, texture=texture, height=_f32(z, shape), face=face,
     )
+
+
+def _face_hu(x, y, z) -> np.ndarray:
+    """HU of the face's own structures (NaN elsewhere): orbits (fat, globe, lens) and nasal airway."""
+    hu = np.full(x.shape, np.nan, np.float32)
+    orbit = _ellipsoid(np.abs(x), y, z, (25.0, -62.0, -34.0), np.array([14.0, 18.0, 13.0]))
+    globe = _ellipsoid(np.abs(x), y, z, (25.0, -70.0, -34.0), np.array([9.5, 9.5, 9.5]))
+    lens = _ellipsoid(np.abs(x), y, z, (25.0, -78.5, -34.0), np.array([4.0, 1.8, 4.0]))
+    nasal = _ellipsoid(x, y, z, (0.0, -62.0, -56.0), np.array([9.0, 22.0, 16.0]))
+    hu[orbit < 0] = HU_FAT
+    hu[globe < 0] = 12.0
+    hu[lens < 0] = 90.0
+    hu[nasal < 0] = HU_AIR
+    return hu
 
 
 def _f32(array, shape) -> np.ndarray:
@@ -508,7 +563,7 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition) -> 
     hu[inside] = HU_CSF + 1.5 * fields.texture[inside]
     hu[parenchyma] = brain_hu[parenchyma]
     # Skull: outer and inner cortical tables around a diploe that appears where bone is thick.
-    base_extra = 5.0 * _sigmoid((-28.0 - fields.height) / 5.0)
+    base_extra = BASE_EXTRA_BONE_MM * _ramp((BASE_START_Z - fields.height) / 5.0)
     thickness = anatomy.skull_thickness + base_extra
     bone_depth = fields.intracranial                      # 0 at the inner table
     bone = (bone_depth >= 0) & (bone_depth < thickness)
@@ -521,6 +576,8 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition) -> 
     hu[soft] = HU_SOFT + 8.0 * fields.texture[soft]
     hu[scalp] = HU_FAT + 15.0 * fields.texture[scalp]
     hu[head & (fields.head > -1.5)] = HU_SKIN
+    face = head & ~inside & ~bone & np.isfinite(fields.face)
+    hu[face] = fields.face[face]
     hu[bone] = bone_hu[bone]
     return hu
 
