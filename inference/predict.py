@@ -1,0 +1,436 @@
+"""Prediction: a head CT (SimpleITK image, HU) in, 10-region labels on its own grid and volumes out.
+
+:class:`Segmenter` loads a checkpoint once and segments images:
+
+1. :func:`inference.preprocess.preprocess_image` with the checkpoint's own
+   preprocessing (working grid, skull stripping, crop, AHE).
+2. Class probabilities on the cropped working grid (:func:`predict_probabilities`):
+   one pass when the grid fits the patch size, otherwise sliding windows with
+   overlap and Gaussian blending; optional flip test-time augmentation (the
+   left-right mirror swaps the right and left channels; the working grid is
+   patient-aligned, so left-right is always the last axis).
+3. Post-processing on the working grid (:func:`postprocess_labels`): outside
+   the intracranial mask = 0; per region the largest connected component is
+   kept; background holes that one region encloses entirely become that region.
+   Holes open to the outside (a ventricle reaching a fissure) are left as they are.
+4. Back to the source grid (:func:`labels_on_source_grid`): a smooth per-class
+   score (0.6 x the post-processed one-hot + 0.4 x the probabilities, so that
+   the post-processed label wins at every working voxel and boundaries fall
+   between voxels where the probabilities put them) is interpolated trilinearly at every
+   source voxel inside the crop box, slice chunk by slice chunk, and the argmax
+   taken. Where all 8 surrounding working voxels agree the result is known
+   without interpolation (a convex combination of scores that all favour one
+   class favours it too), so only boundary voxels cost 11-channel work.
+   Outside the box = 0. The label image has exactly the input's size, spacing,
+   origin and direction.
+5. Volumes per region counted on the source grid (:func:`measure_volumes`).
+
+No DICOM here (see :mod:`node`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+from inference.labels import NUM_CLASSES, REGIONS
+from inference.models import MODEL_DIVISOR
+from inference.preprocess import PreprocessConfig, check_image, index_to_physical_matrix, preprocess_image
+
+log = logging.getLogger(__name__)
+
+#: A working grid with at most this many voxels is predicted in one pass when no patch size is given.
+WHOLE_VOLUME_MAX_VOXELS = 176 ** 3
+#: Sliding-window patch (z, y, x) used above that size when no patch size is given.
+DEFAULT_PATCH_SIZE = (128, 128, 128)
+#: Source slices mapped back per chunk (bounds the memory of the coordinate arrays).
+SOURCE_CHUNK_VOXELS = 4_000_000
+#: Weight of the post-processed one-hot in the scores mapped back (> 0.5: it wins at working voxels).
+POSTPROCESSED_WEIGHT = 0.6
+_MIXED = 255
+
+
+@dataclass
+class Segmentation:
+    """The result of segmenting one image.
+
+    Attributes:
+        labels: UInt8 label image (0 background, 1..10 regions) on exactly the input image's grid.
+        volumes_cm3: volume per region key in cm3, counted on ``labels``.
+        model: the checkpoint's metadata as a dict, plus "name" (the checkpoint file's stem).
+        timings_s: seconds per stage ("preprocess", "inference", "postprocess", "to_source", "total", ...).
+    """
+
+    labels: sitk.Image
+    volumes_cm3: dict[str, float]
+    model: dict
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+# --- volumes -----------------------------------------------------------------------------
+
+def voxel_volume_mm3(image: sitk.Image) -> float:
+    """Volume of one voxel in mm3 (|det| of direction x spacing, so sheared grids count right)."""
+    matrix, _ = index_to_physical_matrix(image)
+    return float(abs(np.linalg.det(matrix)))
+
+
+def measure_volumes(labels: sitk.Image) -> dict[str, float]:
+    """Volume of every region (cm3) in a label image: voxel count x voxel volume.
+
+    Raises:
+        ValueError: not a 3D integer label image, or values outside 0..10.
+    """
+    check_image(labels, "label image")
+    values = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"label image must have an integer pixel type, got {labels.GetPixelIDTypeAsString()}")
+    if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
+        raise ValueError(f"label values must lie within 0..{NUM_CLASSES - 1}, found {values.min()}..{values.max()}")
+    counts = np.bincount(values.ravel().astype(np.intp), minlength=NUM_CLASSES)
+    voxel_cm3 = voxel_volume_mm3(labels) / 1000.0
+    return {region.key: float(counts[region.value] * voxel_cm3) for region in REGIONS}
+
+
+# --- device and network passes ------------------------------------------------------------
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> the first CUDA device when there is one, else the CPU; "cuda[:N]" must exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu or cuda[:N]")
+    return resolved
+
+
+def left_right_channel_permutation() -> list[int]:
+    """Channel c of a mirrored prediction is channel perm[c] of the unmirrored one (an involution)."""
+    permutation = list(range(NUM_CLASSES))
+    by_side = {(r.structure, r.laterality): r.value for r in REGIONS}
+    for region in REGIONS:
+        if region.laterality in ("right", "left"):
+            other = "left" if region.laterality == "right" else "right"
+            permutation[region.value] = by_side[(region.structure, other)]
+    return permutation
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_fraction: float = 0.125) -> torch.Tensor:
+    """Blending weights (z, y, x) of a patch: a Gaussian of sigma = size/8 and peak 1.
+
+    Each axis's profile is floored at 1e-3 before the product, so that a voxel
+    on one patch's edge always weighs less there than in a patch where it lies
+    inside along that axis, even in a corner of the volume (a floor on the
+    product would make the edges of all patches there weigh the same).
+    """
+    axes = []
+    for n in patch_size:
+        centre, sigma = (n - 1) / 2, max(n * sigma_fraction, 1e-6)
+        profile = torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float32) - centre) / sigma) ** 2)
+        axes.append((profile / profile.max()).clamp_min(1e-3))
+    return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+
+
+def window_starts(length: int, patch: int, overlap: float) -> list[int]:
+    """Starts of patches along one axis: evenly spread, covering it, stepping <= patch x (1 - overlap)."""
+    if patch >= length:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((length - patch) / step) + 1
+    return sorted({int(round(i * (length - patch) / (count - 1))) for i in range(count)})
+
+
+def _resolve_patch(shape: Sequence[int], patch_size: Sequence[int] | None) -> tuple[int, int, int]:
+    if patch_size is None:
+        if math.prod(shape) <= WHOLE_VOLUME_MAX_VOXELS:
+            return tuple(int(n) for n in shape)
+        patch_size = DEFAULT_PATCH_SIZE
+    return tuple(min(int(p), int(n)) for p, n in zip(patch_size, shape))
+
+
+def _forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        logits = model(batch.to(device))
+    return torch.softmax(logits.float(), dim=1)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: torch.nn.Module, array: np.ndarray, *, device: torch.device,
+                          patch_size: Sequence[int] | None = None, overlap: float = 0.5,
+                          tta: bool = False, progress: bool = True) -> torch.Tensor:
+    """Class probabilities (C, z, y, x), float32 on the CPU, for a preprocessed array.
+
+    Args:
+        model: network in eval mode on ``device``.
+        array: float32 (z, y, x), each side a multiple of the model's divisor (16).
+        device: where the network runs.
+        patch_size: sliding-window patch (z, y, x), multiples of 16; None = one pass
+            when the array has at most :data:`WHOLE_VOLUME_MAX_VOXELS`, else
+            :data:`DEFAULT_PATCH_SIZE`. Patches larger than the array shrink to it.
+        overlap: fraction (0 <= overlap < 1) by which neighbouring patches overlap.
+        tta: also predict the left-right mirror (last axis) and average, with
+            right/left channels swapped back.
+        progress: show a progress bar over the windows.
+    """
+    if array.ndim != 3 or any(n % MODEL_DIVISOR for n in array.shape):
+        raise ValueError(f"array shape {array.shape} must be 3D with sides that are multiples of {MODEL_DIVISOR}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be within [0, 1), got {overlap}")
+    patch = _resolve_patch(array.shape, patch_size)
+    if any(p % MODEL_DIVISOR or p <= 0 for p in patch):
+        raise ValueError(f"patch size {tuple(patch)} must be positive multiples of {MODEL_DIVISOR}")
+    image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    variants = [False, True] if tta else [False]
+    starts = [window_starts(n, p, overlap) for n, p in zip(array.shape, patch)]
+    windows = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    whole = len(windows) == 1
+    importance = None if whole else gaussian_importance(patch)
+    total = torch.zeros((NUM_CLASSES,) + tuple(array.shape), dtype=torch.float32)
+    weight = None if whole else torch.zeros(tuple(array.shape), dtype=torch.float32)
+    permutation = left_right_channel_permutation()
+    bar = tqdm(total=len(windows) * len(variants), desc="network", unit="pass", leave=False,
+               disable=not progress or len(windows) * len(variants) == 1)
+    for z, y, x in windows:
+        region = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+        patch_input = image[region][None, None]
+        summed = torch.zeros((NUM_CLASSES,) + tuple(patch), dtype=torch.float32)
+        for mirrored in variants:
+            batch = patch_input.flip(-1) if mirrored else patch_input
+            probabilities = _forward_probabilities(model, batch, device)[0].cpu()
+            if mirrored:
+                probabilities = probabilities.flip(-1)[permutation]
+            summed += probabilities
+            bar.update(1)
+        summed /= len(variants)
+        if whole:
+            total = summed
+        else:
+            total[(slice(None),) + region] += summed * importance
+            weight[region] += importance
+    bar.close()
+    if not whole:
+        total /= weight
+    return total
+
+
+# --- post-processing -----------------------------------------------------------------------
+
+def postprocess_labels(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Clean a (z, y, x) label map: mask, largest component per region, enclosed holes filled.
+
+    - voxels outside ``mask`` (when given) become 0;
+    - for each region only its largest 26-connected component is kept; the
+      other pieces become 0;
+    - background (0) voxels in a hole that one region encloses entirely (a
+      hole of that region's mask, 6-connected) become that region. A hole that
+      reaches the outside of the region (a ventricle open to a fissure) is not
+      a hole and stays as it is; holes are filled in label order, so a hole
+      shared by nested regions goes to the region with the lower value.
+    """
+    cleaned = np.array(labels, dtype=np.uint8, copy=True)
+    if mask is not None:
+        if mask.shape != cleaned.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from labels {cleaned.shape}")
+        cleaned[~mask] = 0
+    full = ndimage.generate_binary_structure(3, 3)
+    for region in REGIONS:
+        box = ndimage.find_objects((cleaned == region.value).astype(np.uint8))
+        if not box or box[0] is None:
+            continue
+        window = cleaned[box[0]]
+        components, count = ndimage.label(window == region.value, structure=full)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            window[(components > 0) & (components != int(np.argmax(sizes)))] = 0
+    for region in REGIONS:
+        box = ndimage.find_objects((cleaned == region.value).astype(np.uint8))
+        if not box or box[0] is None:
+            continue
+        window = cleaned[box[0]]
+        inside = window == region.value
+        holes = ndimage.binary_fill_holes(inside) & ~inside & (window == 0)
+        window[holes] = region.value
+    return cleaned
+
+
+# --- back to the source grid ----------------------------------------------------------------
+
+def _uniform_cells(labels: np.ndarray) -> np.ndarray:
+    """(z-1, y-1, x-1): the label of each cell whose 8 corner voxels agree, else 255."""
+    corner = labels[:-1, :-1, :-1]
+    same = np.ones(corner.shape, dtype=bool)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                if dz or dy or dx:
+                    same &= labels[dz:labels.shape[0] - 1 + dz, dy:labels.shape[1] - 1 + dy,
+                                   dx:labels.shape[2] - 1 + dx] == corner
+    return np.where(same, corner, _MIXED).astype(np.uint8)
+
+
+def _source_box(source: sitk.Image, grid: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) source (i, j, k) index range (inclusive) whose voxels may fall on the grid."""
+    grid_matrix, grid_offset = index_to_physical_matrix(grid)
+    source_matrix, source_offset = index_to_physical_matrix(source)
+    size = np.asarray(grid.GetSize()) - 1
+    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], dtype=float)
+    points = corners @ grid_matrix.T + grid_offset
+    indices = np.linalg.solve(source_matrix, (points - source_offset).T).T
+    low = np.maximum(np.floor(indices.min(axis=0)).astype(int), 0)
+    high = np.minimum(np.ceil(indices.max(axis=0)).astype(int), np.asarray(source.GetSize()) - 1)
+    return None if np.any(low > high) else (low, high)
+
+
+def labels_on_source_grid(scores: torch.Tensor, grid_labels: np.ndarray, grid: sitk.Image,
+                          source: sitk.Image, progress: bool = True) -> np.ndarray:
+    """Labels (k, j, i) on ``source``'s grid from per-class scores on ``grid``.
+
+    Args:
+        scores: (C, z, y, x) float scores on ``grid``, whose argmax is ``grid_labels``.
+        grid_labels: uint8 (z, y, x) argmax of ``scores``.
+        grid: the working grid's geometry.
+        source: the image whose grid the labels are wanted on.
+        progress: show a progress bar over slice chunks.
+
+    Returns:
+        uint8 array shaped like ``source`` (k, j, i); 0 outside the working grid.
+    """
+    output = np.zeros(tuple(reversed(source.GetSize())), dtype=np.uint8)
+    box = _source_box(source, grid)
+    if box is None:
+        return output
+    low, high = box
+    grid_matrix, grid_offset = index_to_physical_matrix(grid)
+    source_matrix, source_offset = index_to_physical_matrix(source)
+    # grid continuous index (x, y, z) = M @ source index (i, j, k) + t
+    to_grid = np.linalg.solve(grid_matrix, source_matrix)
+    shift = np.linalg.solve(grid_matrix, source_offset - grid_offset)
+    grid_size = np.asarray(grid.GetSize(), dtype=np.float64)
+    cells = _uniform_cells(grid_labels)
+    volume = scores[None].float()
+    i = np.arange(low[0], high[0] + 1, dtype=np.float64)
+    j = np.arange(low[1], high[1] + 1, dtype=np.float64)
+    per_slice = len(i) * len(j)
+    chunk = max(1, SOURCE_CHUNK_VOXELS // per_slice)
+    ks = range(low[2], high[2] + 1, chunk)
+    for k0 in tqdm(ks, desc="to source grid", unit="chunk", leave=False, disable=not progress or len(ks) < 2):
+        k = np.arange(k0, min(k0 + chunk, high[2] + 1), dtype=np.float64)
+        # (3, nk, nj, ni) grid coordinates, built by broadcasting the affine map
+        coordinates = (shift[:, None, None, None]
+                       + to_grid[:, 0, None, None, None] * i[None, None, None, :]
+                       + to_grid[:, 1, None, None, None] * j[None, None, :, None]
+                       + to_grid[:, 2, None, None, None] * k[None, :, None, None]).astype(np.float32)
+        inside = np.all((coordinates >= -1e-4) & (coordinates <= (grid_size - 1 + 1e-4)[:, None, None, None]
+                                                   .astype(np.float32)), axis=0)
+        cell = np.clip(np.floor(coordinates).astype(np.int32), 0, (grid_size - 2).astype(np.int32)[:, None, None, None])
+        labels = cells[cell[2], cell[1], cell[0]]
+        labels[~inside] = 0
+        mixed = np.nonzero((labels == _MIXED) & inside)
+        if mixed[0].size:
+            points = coordinates[:, mixed[0], mixed[1], mixed[2]]  # (3, n) as (x, y, z)
+            normalised = 2.0 * points / (grid_size - 1).astype(np.float32)[:, None] - 1.0
+            sample_grid = torch.from_numpy(np.ascontiguousarray(normalised.T))[None, :, None, None, :]
+            sampled = F.grid_sample(volume, sample_grid, mode="bilinear", align_corners=True)
+            labels[mixed] = sampled[0, :, :, 0, 0].argmax(0).numpy().astype(np.uint8)
+        output[int(k[0]):int(k[-1]) + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] = labels
+    return output
+
+
+# --- the segmenter ---------------------------------------------------------------------------
+
+class Segmenter:
+    """A loaded model that segments head CT images.
+
+    Args:
+        checkpoint: checkpoint file; None = :data:`inference.checkpoint.BUNDLED_CHECKPOINT`.
+        device: "auto" (CUDA when present, with fp16 autocast; else CPU), "cpu" or "cuda[:N]".
+        threads: CPU threads for torch (``torch.set_num_threads``); None leaves torch's default.
+        tta: average with the left-right mirrored prediction (about twice the network time).
+        overlap: overlap of sliding windows (0 <= overlap < 1).
+        patch_size: sliding-window patch (z, y, x) in working voxels, multiples of 16;
+            None = one pass for grids up to :data:`WHOLE_VOLUME_MAX_VOXELS`.
+        progress: show progress bars.
+
+    Raises:
+        FileNotFoundError: no checkpoint file.
+        ValueError: a checkpoint that does not match this code, or bad arguments.
+        RuntimeError: CUDA requested but absent.
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", threads: int | None = None,
+                 tta: bool = False, overlap: float = 0.5, patch_size: tuple[int, int, int] | None = None,
+                 progress: bool = True):
+        if threads is not None:
+            if int(threads) < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(int(threads))
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be within [0, 1), got {overlap}")
+        if patch_size is not None and (len(patch_size) != 3 or any(
+                int(p) <= 0 or int(p) % MODEL_DIVISOR for p in patch_size)):
+            raise ValueError(f"patch size {patch_size} must be three positive multiples of {MODEL_DIVISOR} (z, y, x)")
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
+        self.device = resolve_device(device)
+        self.network, self.meta = load_checkpoint(self.checkpoint, device=self.device)
+        self.config = PreprocessConfig.from_dict(self.meta.preprocessing)
+        self.tta, self.overlap, self.progress = tta, overlap, progress
+        self.patch_size = tuple(int(p) for p in patch_size) if patch_size is not None else None
+
+    @property
+    def model(self) -> dict:
+        """The checkpoint's metadata and its name, as the SEG/SR/PDF writers record it."""
+        return {**self.meta.to_dict(), "name": self.checkpoint.stem}
+
+    @torch.inference_mode()
+    def segment(self, image: sitk.Image) -> Segmentation:
+        """Segment a head CT in HU; labels on exactly ``image``'s grid, volumes in cm3."""
+        check_image(image)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        prepared = preprocess_image(image, self.config)
+        timings["preprocess"] = time.perf_counter() - started
+        timings.update({f"preprocess_{k}": v for k, v in prepared.timings_s.items()})
+
+        mark = time.perf_counter()
+        probabilities = predict_probabilities(
+            self.network, prepared.array, device=self.device, patch_size=self.patch_size,
+            overlap=self.overlap, tta=self.tta, progress=self.progress)
+        timings["inference"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        mask = torch.from_numpy(prepared.mask)
+        probabilities[:, ~mask] = 0.0
+        probabilities[0, ~mask] = 1.0
+        grid_labels = postprocess_labels(probabilities.argmax(0).numpy().astype(np.uint8), prepared.mask)
+        # Scores whose argmax is the post-processed label at every working voxel.
+        scores = probabilities.mul_(1.0 - POSTPROCESSED_WEIGHT)
+        scores.scatter_add_(0, torch.from_numpy(grid_labels.astype(np.int64))[None],
+                            torch.full((1,) + grid_labels.shape, POSTPROCESSED_WEIGHT))
+        timings["postprocess"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=self.progress)
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        timings["to_source"] = time.perf_counter() - mark
+        volumes = measure_volumes(label_image)
+        timings["total"] = time.perf_counter() - started
+        log.info("segmented %s voxels on %s in %.1f s", image.GetSize(), self.device, timings["total"])
+        return Segmentation(labels=label_image, volumes_cm3=volumes, model=self.model, timings_s=timings)
