@@ -66,9 +66,8 @@ def write_phantom_series(folder: Path, matrix: int, slices: int, seed: int) -> l
     from inference.phantom import make_phantom
     from node.ct_series import write_ct_series
 
-    fov_mm = 230.0
-    thickness = 190.0 / slices  # the phantom's head fits in 190 mm of z
-    phantom = make_phantom(seed, matrix=matrix, pixel_spacing_mm=fov_mm / matrix, slice_thickness_mm=thickness)
+    thickness = 190.0 / slices  # 300 slices: 0.633 mm, the paper's protocol (0.625 mm) over a toddler's head
+    phantom = make_phantom(seed, matrix=matrix, n_slices=slices, slice_thickness_mm=round(thickness, 3))
     write_ct_series(phantom, folder)
     return sorted(p for p in folder.rglob("*") if p.is_file())
 

@@ -59,7 +59,7 @@ def load_segmenter(model: str | None, device: str, threads: int | None, tta: boo
     """The real segmenter (runs in the worker process: one model load per worker)."""
     from inference.predict import Segmenter
 
-    return Segmenter(model, device=device, threads=threads, tta=tta)
+    return Segmenter(model, device=device, threads=threads, tta=tta, progress=False)  # a server log, not a terminal
 
 
 def segmenter_factory(config) -> Callable[[], object]:
@@ -180,8 +180,7 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
     except Exception as error:  # the message goes to the node, which reports it
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
-    model = getattr(segmenter, "model", None) or getattr(segmenter, "meta", None)
-    connection.send(("ready", _describe(segmenter, model)))
+    connection.send(("ready", _describe(segmenter)))
     while True:
         try:
             request = connection.recv()
@@ -197,9 +196,12 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
         connection.send(outcome)
 
 
-def _describe(segmenter, model) -> str:
-    name = getattr(model, "name", None) or (model.get("name") if isinstance(model, dict) else None)
-    return f"{type(segmenter).__name__}" + (f" ({name})" if name else "")
+def _describe(segmenter) -> str:
+    """E.g. "Segmenter (resunet333_phantom.pt on cpu)"."""
+    details = [str(getattr(segmenter, name)) for name in ("checkpoint", "device") if hasattr(segmenter, name)]
+    if details and hasattr(segmenter, "checkpoint"):
+        details[0] = Path(details[0]).name
+    return type(segmenter).__name__ + (f" ({' on '.join(details)})" if details else "")
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
