@@ -42,6 +42,8 @@ age and sex (Xi et al. 2025, Front. Neurol. 16:1573060).
 
 EPILOG = """\
 examples:
+  lobevol serve --config config.ini             the DICOM node (what make run starts)
+  lobevol demo                                  node + PACS + phantom on loopback, in one command
   lobevol run                                   phantom -> segment -> volumes vs truth
   lobevol phantom --out phantoms --count 3 --seed 1 --montage
   lobevol segment phantoms/case_0000/dicom --out results
