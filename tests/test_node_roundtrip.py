@@ -135,6 +135,16 @@ def test_second_sending_of_a_processed_study_starts_a_new_run(tmp_path, study, n
         assert _results_by_class(pacs.received())[SegmentationStorage] == 2
 
 
+def test_study_without_an_eligible_series_is_skipped_with_the_reason(tmp_path, study, node_factory):
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        node = node_factory(config)
+        storescu(node.port, study[:6])  # 25 mm of head: too short to analyse
+        job = wait_for(lambda: next(iter(node.jobs.jobs(states=["skipped"])), None), 60, "the skipped job")
+        assert "no suitable head CT series" in job.reason and "too short" in job.reason
+        assert pacs.received() == [] and node.jobs.outbox(job.id) == []
+
+
 def _serve(config: Path, log: Path) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
                                stdout=open(log, "ab"), stderr=subprocess.STDOUT)

@@ -120,3 +120,20 @@ def test_missing_uid_is_refused_as_not_matching_the_sop_class(scp_factory, serie
     result = storescu(scp.port, [tmp_path / "broken.dcm"], check=False)
     assert "Error: DataSetDoesNotMatchSOPClass" in result.stderr
     assert _spooled(scp) == []
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(scp_factory, series):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    scp = scp_factory(max_associations=1)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", scp.port, ae_title="LOBEVOL")
+    try:
+        assert held.is_established
+        result = storescu(scp.port, series[:1], check=False)
+        assert "Association Rejected" in result.stderr and "Local Limit Exceeded" in result.stderr
+    finally:
+        held.release()
+    storescu(scp.port, series[:1])  # free again
