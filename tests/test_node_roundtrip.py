@@ -139,9 +139,9 @@ def test_study_without_an_eligible_series_is_skipped_with_the_reason(tmp_path, s
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         node = node_factory(config)
-        storescu(node.port, study[:6])  # 25 mm of head: too short to analyse
+        storescu(node.port, study[:6])  # 6 images, 25 mm: not enough to cover a head
         job = wait_for(lambda: next(iter(node.jobs.jobs(states=["skipped"])), None), 60, "the skipped job")
-        assert "no suitable head CT series" in job.reason and "too short" in job.reason
+        assert "no suitable head CT series" in job.reason and "not eligible" in job.reason
         assert pacs.received() == [] and node.jobs.outbox(job.id) == []
 
 
