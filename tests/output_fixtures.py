@@ -68,6 +68,10 @@ def write_ct_series(
     study_uid = study_uid or generate_uid()
     series_uid, frame_uid = generate_uid(), generate_uid()
     hu = np.where(labels > 0, 28 + labels.astype(np.int16), -1000).astype(np.int16)
+    # The skull: one voxel around the brain (the model's preprocessing finds the head by it).
+    from scipy import ndimage
+    brain = labels > 0
+    hu[ndimage.binary_dilation(brain) & ~brain] = 1000
     rng = np.random.default_rng(0)
     hu = (hu + rng.normal(0, 3, hu.shape)).astype(np.int16)
     paths = []

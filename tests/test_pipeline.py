@@ -1,0 +1,177 @@
+"""The study pipeline (analyse_study): selection, results, validation, real scanner samples."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from inference.labels import REGION_KEYS
+from node.dicom_files import find_dicom_files, group_by_study
+from node.pipeline import PipelineSettings, analyse_study
+from node.seg import region_volumes_from_seg
+from tests.dicom_validation import validate
+from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
+
+# dciodvfy warnings we accept, and why: our private code for the asymmetry index
+# (declared in CodingSchemeIdentificationSequence); DICOMDIR hints for study
+# attributes that the source itself leaves empty (GE sample); the GE sample's
+# de-identified one-component patient name, copied as it is.
+EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR", "Retired Person Name form")
+
+
+def _single_study(root: Path):
+    studies = group_by_study(find_dicom_files(root))
+    assert len(studies) == 1
+    ((study_uid, series),) = studies.items()
+    return study_uid, [h for headers in series.values() for h in headers]
+
+
+def _assert_valid(paths):
+    for path in paths:
+        if path.suffix == ".dcm":
+            result = validate(path)
+            assert result.errors == [], result.output
+            assert result.unexplained_warnings(EXPLAINED_WARNINGS) == [], result.output
+
+
+def _sr_volumes(path: Path) -> dict[str, float]:
+    report = hd.sr.MeasurementReport.from_sequence([pydicom.dcmread(path)])
+    volumes = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        (item,) = [m for m in group.get_measurements() if m.name.value == "118565006"]
+        volumes[group.tracking_identifier] = item.value
+    return volumes
+
+
+@pytest.fixture(scope="module")
+def synthetic_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incoming")
+    write_ct_series(root / "a" / "b", region_labels((20, 40, 40)))  # 100 mm: covers a head
+    (root / "notes.txt").write_text("not DICOM")
+    return root
+
+
+@pytest.mark.integration
+def test_study_results_are_complete_consistent_and_valid(synthetic_study, tmp_path):
+    study_uid, instances = _single_study(synthetic_study)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    names = sorted(p.name for p in outcome.result_files)
+    assert names == ["key_axial.dcm", "key_coronal.dcm", "key_sagittal.dcm", "report.dcm", "seg.dcm", "sr.dcm"]
+    assert sorted(p.name for p in outcome.plain_files) == ["labels.nii.gz", "report.pdf", "volumes.csv", "volumes.json"]
+    _assert_valid(outcome.result_files)
+    source_series = {h.series_uid for h in instances}
+    for path in outcome.result_files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == study_uid and ds.SeriesInstanceUID not in source_series
+        assert ds.SeriesDescription.startswith("lobevol")
+    # The SEG's frames and the SR's volumes agree within 0.5 %.
+    seg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
+    headers = sorted((h.dataset for h in instances), key=lambda d: float(d.ImagePositionPatient[2]))
+    from_seg = region_volumes_from_seg(seg, headers)
+    from_sr = _sr_volumes(tmp_path / "out" / "sr.dcm")
+    names_by_key = {item.TrackingID: item.SegmentLabel for item in seg.SegmentSequence}
+    for key, volume in from_seg.items():
+        assert from_sr[names_by_key[key]] == pytest.approx(volume, rel=0.005)
+    with open(tmp_path / "out" / "volumes.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "sex", "age_years", *REGION_KEYS] and rows[1][0] == study_uid
+    assert rows[1][1:3] == ["F", f"{920 / 365.25:.3f}"]  # PatientSex; birth 2022-03-10, study 2024-09-15
+    summary = json.loads((tmp_path / "out" / "volumes.json").read_text())
+    assert set(summary["volumes_cm3"]) == set(REGION_KEYS)
+    labels = sitk.ReadImage(str(tmp_path / "out" / "labels.nii.gz"))
+    assert labels.GetSize() == (40, 40, 20)
+    assert "Test" not in outcome.summary and "LV-TEST" not in outcome.summary  # no patient identifiers
+
+
+def test_outputs_follow_the_settings(synthetic_study, tmp_path):
+    _, instances = _single_study(synthetic_study)
+    settings = PipelineSettings(seg_type="labelmap", write_sr=False, write_pdf=False, write_overlays=False)
+    outcome = analyse_study(instances, tmp_path, PartitionSegmenter(), settings)
+    assert [p.name for p in outcome.result_files] == ["seg.dcm"]
+    assert pydicom.dcmread(outcome.result_files[0]).SegmentationType == "LABELMAP"
+
+
+def test_study_without_a_ct_series_is_skipped_with_reasons(synthetic_study, tmp_path):
+    # Our own key images are Secondary Captures of the same study: nothing to analyse.
+    _, instances = _single_study(synthetic_study)
+    first = analyse_study(instances, tmp_path / "first", PartitionSegmenter(),
+                          PipelineSettings(seg_type="none", write_sr=False, write_pdf=False))
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    for path in first.result_files:
+        (captures / path.name).write_bytes(path.read_bytes())
+    _, capture_instances = _single_study(captures)
+    outcome = analyse_study(capture_instances, tmp_path / "second", PartitionSegmenter())
+    assert outcome.status == "skipped" and not outcome.result_files
+    assert "no suitable head CT series" in outcome.reason and outcome.reason in outcome.summary
+
+
+def test_chosen_series_that_cannot_make_a_volume_fails_with_the_reason(tmp_path):
+    root = tmp_path / "incoming"
+    paths = write_ct_series(root, region_labels((24, 40, 40)))
+    for path in paths[10:13]:  # three slices lost in transfer: a 20 mm gap in 5 mm slices
+        path.unlink()
+    _, instances = _single_study(root)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "failed" and not outcome.result_files
+    assert "slices are missing" in outcome.reason and "gap of 20.00 mm" in outcome.summary
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"seg_type": "contour"}, "seg type"), ({"seg_type": "none"}, "SR references"), ({"z_threshold": 0}, "z threshold")],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineSettings(**kwargs)
+
+
+def test_settings_from_config_mapping():
+    settings = PipelineSettings.from_mapping({"seg": "labelmap", "overlays": "no", "z_threshold": "2.5"})
+    assert (settings.seg_type, settings.write_overlays, settings.z_threshold) == ("labelmap", False, 2.5)
+    with pytest.raises(ValueError, match="unknown"):
+        PipelineSettings.from_mapping({"segs": "binary"})
+    with pytest.raises(ValueError, match="yes or no"):
+        PipelineSettings.from_mapping({"pdf": "maybe"})
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_philips_study_picks_the_soft_tissue_series_and_writes_valid_objects(real_ct, tmp_path):
+    study_uid, instances = _single_study(real_ct / "Philips")
+    outcome = analyse_study(instances, tmp_path, PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    seg = pydicom.dcmread(tmp_path / "seg.dcm", stop_before_pixels=True)
+    chosen = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    descriptions = {h.series_uid: str(h.dataset.get("SeriesDescription", "")) for h in instances}
+    assert descriptions[chosen] == "STD BRAIN 1MM, iDose"  # S2020: 1 mm soft tissue, not bone, not 5 mm
+    chosen_instances = {h.sop_instance_uid for h in instances if h.series_uid == chosen}
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert len(chosen_instances) == 140 and referenced <= chosen_instances
+    _assert_valid(outcome.result_files)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tilted_ge_series_gives_valid_objects_referencing_its_own_images(real_ct, tmp_path):
+    _, instances = _single_study(real_ct / "GE")
+    outcome = analyse_study(instances, tmp_path, PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    _assert_valid(outcome.result_files)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    source = {h.sop_instance_uid: h.dataset for h in instances}
+    assert len(source) == 28
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert uid in source
+        position = np.array(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        assert np.allclose(position, np.array(source[uid].ImagePositionPatient, float), atol=1e-3)
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert np.allclose(np.array(orientation, float), np.array(next(iter(source.values())).ImageOrientationPatient, float))
