@@ -572,7 +572,7 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition) -> 
     # Scalp: fat under the skin; face and neck soft tissue.
     head = fields.head < 0
     soft = head & ~inside & ~bone
-    scalp = soft & (bone_depth < thickness + anatomy.scalp_thickness + 2.0)
+    scalp = soft & (fields.head > -anatomy.scalp_thickness)     # subcutaneous fat under the skin
     hu[soft] = HU_SOFT + 8.0 * fields.texture[soft]
     hu[scalp] = HU_FAT + 15.0 * fields.texture[scalp]
     hu[head & (fields.head > -1.5)] = HU_SKIN
