@@ -133,11 +133,13 @@ def check_label_slices(label_slices: np.ndarray, datasets: Sequence[pydicom.Data
     """
     if not datasets:
         raise ValueError("the series volume has no source images to reference")
-    expected = (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
+    # One label image per source image plane: per instance, or per frame of an Enhanced CT instance.
+    n_planes = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
+    expected = (n_planes, int(datasets[0].Rows), int(datasets[0].Columns))
     if label_slices.shape != expected:
         raise ValueError(
             f"label slices have shape {label_slices.shape}, expected {expected} "
-            "(one label image per source image: images x rows x columns)"
+            "(one label image per source image or frame: images x rows x columns)"
         )
     if not np.issubdtype(label_slices.dtype, np.integer):
         raise ValueError(f"label slices must hold integer labels, got dtype {label_slices.dtype}")

@@ -175,3 +175,31 @@ def test_tilted_ge_series_gives_valid_objects_referencing_its_own_images(real_ct
         assert np.allclose(position, np.array(source[uid].ImagePositionPatient, float), atol=1e-3)
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     assert np.allclose(np.array(orientation, float), np.array(next(iter(source.values())).ImageOrientationPatient, float))
+
+
+@pytest.mark.integration
+def test_enhanced_ct_study_gives_valid_objects_whose_frames_lie_on_the_source_frames(tmp_path):
+    paths = write_ct_series(tmp_path / "single", region_labels((20, 40, 40)))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths], series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    (tmp_path / "multi").mkdir()
+    enhanced.save_as(tmp_path / "multi" / "enhanced.dcm")
+    _, instances = _single_study(tmp_path / "multi")
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    _assert_valid(outcome.result_files)
+    seg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
+    frame_positions = [list(item.PlanePositionSequence[0].ImagePositionPatient)
+                       for item in enhanced.PerFrameFunctionalGroupsSequence]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        assert list(position) == pytest.approx(frame_positions[source.ReferencedFrameNumber - 1])
+    # Regular 4 x 4 x 5 mm grid: the SEG's pixel count gives each volume, which the SR repeats.
+    pixels = seg.get_volume(combine_segments=True).array
+    from_sr = _sr_volumes(tmp_path / "out" / "sr.dcm")
+    for item in seg.SegmentSequence:
+        volume = (pixels == item.SegmentNumber).sum() * 4 * 4 * 5 / 1000
+        assert from_sr[item.SegmentLabel] == pytest.approx(volume, rel=0.005)
