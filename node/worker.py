@@ -13,6 +13,7 @@ and exits, so a restarted node never races an orphan.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import multiprocessing
 import os
@@ -62,8 +63,19 @@ def load_segmenter(model: str | None, device: str, threads: int | None, tta: boo
     return Segmenter(model, device=device, threads=threads, tta=tta, progress=False)  # a server log, not a terminal
 
 
+#: Test-only hook: ``module:Class`` of a model-free segmenter for the node's subprocess tests
+#: (``lobevol serve`` killed with -9), which cannot inject one otherwise. Logged loudly when set.
+TEST_SEGMENTER_VARIABLE = "LOBEVOL_TEST_SEGMENTER"
+
+
 def segmenter_factory(config) -> Callable[[], object]:
     """A picklable factory of the configured model (``[inference]`` section)."""
+    test_segmenter = os.environ.get(TEST_SEGMENTER_VARIABLE, "").strip()
+    if test_segmenter:
+        module, _, name = test_segmenter.partition(":")
+        log.warning("%s=%s: results come from a test stand-in, not from a model", TEST_SEGMENTER_VARIABLE,
+                    test_segmenter)
+        return getattr(importlib.import_module(module), name)
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
                              config.threads, config.tta)
 

@@ -146,8 +146,10 @@ def test_study_without_an_eligible_series_is_skipped_with_the_reason(tmp_path, s
 
 
 def _serve(config: Path, log: Path) -> subprocess.Popen:
+    """``lobevol serve`` as a subprocess with the model-free PartitionSegmenter (test-only hook)."""
+    environment = dict(os.environ, LOBEVOL_TEST_SEGMENTER="tests.output_fixtures:PartitionSegmenter")
     process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
-                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environment)
     port = load_config(config).port
     wait_for(lambda: process.poll() is None and _listening(port) or _died(process, log), 120,
              "lobevol serve to listen")
@@ -181,6 +183,16 @@ def _send_some_then_kill(port: int, files: list[Path], count: int, process: subp
 
 
 @pytest.fixture(scope="module")
+def phantom_study(tmp_path_factory) -> list[Path]:
+    """A small synthetic head CT (64 x 64, 5 mm slices) with skull and brain, for the real model."""
+    from inference.phantom import make_phantom
+    from node.ct_series import write_ct_series
+
+    return write_ct_series(make_phantom(3, matrix=64, slice_thickness_mm=5.0),
+                           tmp_path_factory.mktemp("phantom") / "ct", patient_name="Kill^Test", patient_id="KILL-0003")
+
+
+@pytest.fixture(scope="module")
 def real_model(tmp_path_factory) -> Path:
     from inference.checkpoint import BUNDLED_CHECKPOINT
 
@@ -190,11 +202,10 @@ def real_model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_path, study, real_model):
+def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_path, study):
     log = tmp_path / "serve.log"
     with StoreSCP(tmp_path / "pacs") as pacs:
-        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=3,
-                                   model=real_model)
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=3)
         node_port = load_config(config).port
         jobs = JobStore(load_config(config).database)
         serve = _serve(config, log)
@@ -223,3 +234,29 @@ def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_pa
         assert len(pacs.received()) == len(jobs.outbox(job.id))
     text = log.read_text()
     assert "Test^Child" not in text and "LV-TEST-0001" not in text  # no patient identifiers in the log
+
+
+@pytest.mark.slow
+def test_real_segmenter_end_to_end(tmp_path, phantom_study, real_model):
+    """storescu -> node with the real Segmenter in its worker -> storescp, on a small phantom."""
+    from inference.checkpoint import BUNDLED_CHECKPOINT
+
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, model=real_model)
+        node = Node(load_config(config))  # the configured model, loaded once in the worker
+        node.start()
+        try:
+            assert "Segmenter" in node.worker.description and real_model.name in node.worker.description
+            storescu(node.port, phantom_study)
+            job = wait_for(lambda: next((j for j in node.jobs.jobs() if j.state in ("done", "failed", "skipped")),
+                                        None), 300, "the job to end")
+        finally:
+            node.stop()
+        if real_model == Path(BUNDLED_CHECKPOINT) or job.state == "done":
+            assert job.state == "done", job.reason
+            _one_result_set(pacs, pydicom.dcmread(phantom_study[0]).StudyInstanceUID)
+        else:
+            # The tiny untrained model can miss both sides of a lobe, which the normative
+            # comparison refuses: the job must then fail with the analysis's reason, not crash.
+            assert job.state == "failed" and job.reason.startswith("analysis failed:"), job.reason
+            assert pacs.received() == []
