@@ -438,7 +438,7 @@ def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
                      (first.columns, first.rows, len(positions)))
         return grid, False, tilt_deg, []
     typical = float(np.median(gaps))
-    n_slices = int(math.ceil(span / typical - 1e-6)) + 1
+    n_slices = int(math.ceil(span / typical - _RELATIVE_TOLERANCE)) + 1  # tolerance: rounding in the headers
     spacing = span / (n_slices - 1)
     low, high = in_plane.min(axis=0), in_plane.max(axis=0)
     columns = int(math.ceil((high[0] - low[0]) / column_mm - 1e-6)) + first.columns

@@ -24,3 +24,19 @@ def real_ct(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("real-ct")
     subprocess.run(["tar", "-xJf", str(REAL_CT_ARCHIVE), "-C", str(root)], check=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def tilted_phantom_study(tmp_path_factory):
+    """A synthetic head CT with true labels, gantry tilt 18.5 deg, written as a DICOM series.
+
+    Returns (phantom, folder): ``phantom.labels`` (k, j, i) is source slice k, row j, column i,
+    and ``phantom.meta["image_position_patient"][k]`` is that slice's position.
+    """
+    from inference.phantom import make_phantom
+    from node.ct_series import write_ct_series
+
+    phantom = make_phantom(3, slice_thickness_mm=4.0, pixel_spacing_mm=2.2, matrix=96, tilt_deg=18.5)
+    folder = tmp_path_factory.mktemp("tilted-phantom")
+    write_ct_series(phantom, folder)
+    return phantom, folder
