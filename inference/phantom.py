@@ -755,8 +755,11 @@ def _check_arguments(seed, slice_thickness_mm, pixel_spacing_mm, matrix, n_slice
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if slice_thickness_mm is not None and not 0.3 <= slice_thickness_mm <= 10.0:
         raise ValueError(f"slice thickness must be 0.3-10 mm, got {slice_thickness_mm}")
-    if pixel_spacing_mm is not None and not 0.2 <= pixel_spacing_mm <= 3.0:
-        raise ValueError(f"pixel spacing must be 0.2-3 mm, got {pixel_spacing_mm}")
+    if pixel_spacing_mm is not None and not 0.2 <= pixel_spacing_mm <= 5.0:
+        raise ValueError(f"pixel spacing must be 0.2-5 mm, got {pixel_spacing_mm}")
+    if pixel_spacing_mm is not None and isinstance(matrix, (int, np.integer)) and matrix * pixel_spacing_mm < 170.0:
+        raise ValueError(f"field of view {matrix} x {pixel_spacing_mm} mm = {matrix * pixel_spacing_mm:.0f} mm is too "
+                         "small for a toddler's head (needs >= 170 mm): raise the matrix or the pixel spacing")
     if not isinstance(matrix, (int, np.integer)) or not 32 <= matrix <= 1024:
         raise ValueError(f"matrix must be an integer 32-1024, got {matrix!r}")
     if n_slices is not None and (not isinstance(n_slices, (int, np.integer)) or not 1 <= n_slices <= 2000):
