@@ -1,5 +1,5 @@
 # lobevol: two commands on a fresh machine.
-#   make run   installs (into .venv) and runs lobevol on its embedded default
+#   make run   installs (into .venv) and runs the DICOM node on its embedded default (config.ini)
 #   make test  installs (into .venv, plus the DICOM peers via apt when root) and runs the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 APT_PACKAGES := dcmtk dicom3tools orthanc poppler-utils
 
-.PHONY: install install-peers run test test-fast bench clean
+.PHONY: install install-peers run demo demo-segment test test-fast bench bench-node clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ install-peers:
 	fi
 
 run: install
+	$(VENV)/bin/lobevol serve --config config.ini
+
+# The node's whole loop on loopback (node + DCMTK storescp as PACS + a phantom study).
+demo: install
+	$(VENV)/bin/lobevol demo --config config.ini
+
+# The engine alone: phantom -> segmentation -> volumes next to the truth.
+demo-segment: install
 	$(VENV)/bin/lobevol run
 
 test: install install-peers
@@ -43,6 +51,9 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/predict_speed.py
+
+bench-node: install install-peers
+	$(PY) benchmarks/node_roundtrip.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
