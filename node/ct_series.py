@@ -15,6 +15,7 @@ study, whatever the reconstruction).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 MANUFACTURER = "lobevol phantom"
 MODEL_NAME = "synthetic head CT"
@@ -36,8 +37,9 @@ REQUIRED_META = ("seed", "sex", "birth_date", "study_date", "slice_thickness_mm"
 
 
 def _uid(*parts) -> str:
-    """A deterministic UID from the given parts (pydicom's 2.25 root + hash)."""
-    return generate_uid(prefix=None, entropy_srcs=["lobevol phantom"] + [str(p) for p in parts])
+    """A deterministic UID from the given parts: the 2.25 (UUID-derived) root and a 128-bit hash."""
+    digest = hashlib.sha256("\x1f".join(["lobevol phantom"] + [str(p) for p in parts]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def _age_string(birth: dt.date, study: dt.date) -> str:
