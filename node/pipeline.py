@@ -11,10 +11,16 @@ Files written per study (in ``out_dir``):
   Capture): the DICOM results, all in the source study, each in a new series;
   labels.nii.gz (label map on the analysed volume's grid), volumes.json,
   volumes.csv (``id,sex,age_years,<10 region keys>``) and report.pdf.
+
+Volumes of DICOM studies are counted on the source images (the labels mapped
+back onto every source slice, each pixel standing for its slice's extent
+along the normal), the geometry the SEG references: a tilted or unevenly
+spaced series is resampled for the model, never for measuring.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -210,6 +216,12 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     started = time.monotonic()
     image = volume.image if volume is not None else image
     segmentation = segmenter.segment(image)
+    label_slices = None
+    if volume is not None:
+        # Volumes on the source CT geometry (the images the SEG references), not on a grid resampled
+        # for tilt or uneven spacing: SEG and SR then agree exactly.
+        label_slices = volume.labels_on_source_slices(segmentation.labels)
+        segmentation = dataclasses.replace(segmentation, volumes_cm3=volume.region_volumes_cm3(label_slices))
     if not any(segmentation.volumes_cm3.values()):
         raise RuntimeError("the model found no brain region in the image: nothing to measure")
     normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.reference_path),
@@ -226,7 +238,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
         (out_dir / "report.pdf").write_bytes(pdf)
         outcome.plain_files.append(out_dir / "report.pdf")
     if volume is not None:
-        outcome.result_files += _write_dicom_results(volume, segmentation, normative, views, pdf, settings, out_dir)
+        outcome.result_files += _write_dicom_results(volume, label_slices, segmentation, normative, views, pdf,
+                                                     settings, out_dir)
     outcome.volumes_row = csv_row(case_id, normative.sex, normative.age_years, segmentation.volumes_cm3)
     flagged = [r.key for r in normative.regions if r.flag in ("above", "below")]
     outcome.summary = (
@@ -238,9 +251,12 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     return outcome
 
 
-def _write_dicom_results(volume, segmentation, normative, views, pdf: bytes | None, settings,
+def _write_dicom_results(volume, label_slices, segmentation, normative, views, pdf: bytes | None, settings,
                          out_dir: Path) -> list[Path]:
-    """SEG, SR, Encapsulated PDF and key images, as the settings ask."""
+    """SEG, SR, Encapsulated PDF and key images, as the settings ask.
+
+    ``label_slices``: the labels on every source image (``volume.labels_on_source_slices``).
+    """
     from node.encapsulated_pdf import build_encapsulated_pdf
     from node.overlay_images import build_overlay_images
     from node.seg import build_seg
@@ -249,7 +265,6 @@ def _write_dicom_results(volume, segmentation, normative, views, pdf: bytes | No
     written = []
     source = volume.datasets[0]
     if settings.seg_type != "none":
-        label_slices = volume.labels_on_source_slices(segmentation.labels)
         seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.seg_type == "labelmap")
         written.append(_save(seg, out_dir / "seg.dcm"))
         if settings.write_sr:

@@ -264,15 +264,14 @@ def region_volumes_from_seg(seg: pydicom.Dataset, source: Sequence[pydicom.Datas
 def _slice_extents_mm(source: Sequence[pydicom.Dataset]) -> np.ndarray:
     """Thickness of space each source slice stands for, along the slice normal (mm).
 
-    Half the distance to each neighbour; a lone slice uses SliceThickness.
+    The rule of :func:`node.series_volume.slice_extents_mm` (half the
+    distance to each neighbour); a lone slice uses SliceThickness.
     """
+    from node.series_volume import slice_extents_mm
+
     orientation = np.asarray(source[0].ImageOrientationPatient, dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for ds in source])
     if len(positions) == 1:
         return np.array([float(source[0].SliceThickness)])
-    gaps = np.abs(np.diff(positions))
-    extents = np.empty(len(positions))
-    extents[0], extents[-1] = gaps[0], gaps[-1]
-    extents[1:-1] = (gaps[:-1] + gaps[1:]) / 2.0
-    return extents
+    return slice_extents_mm(positions)

@@ -11,12 +11,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGION_KEYS
+from inference.labels import REGION_KEYS, REGIONS
 from node.dicom_files import find_dicom_files, group_by_study
 from node.pipeline import PipelineSettings, analyse_study
 from node.seg import region_volumes_from_seg
 from tests.dicom_validation import validate
-from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
+from tests.output_fixtures import MODEL, PartitionSegmenter, region_labels, write_ct_series
 
 # dciodvfy warnings we accept, and why: our private code for the asymmetry index
 # (declared in CodingSchemeIdentificationSequence); DICOMDIR hints for study
@@ -175,6 +175,14 @@ def test_tilted_ge_series_gives_valid_objects_referencing_its_own_images(real_ct
         assert np.allclose(position, np.array(source[uid].ImagePositionPatient, float), atol=1e-3)
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     assert np.allclose(np.array(orientation, float), np.array(next(iter(source.values())).ImageOrientationPatient, float))
+    # Volumes are measured on the source images, so the SEG's frames and the SR agree despite the resampling.
+    headers = sorted(source.values(), key=lambda ds: float(ds.SliceLocation))
+    from_seg = region_volumes_from_seg(hd.seg.Segmentation.from_dataset(seg), headers)
+    from_sr = _sr_volumes(tmp_path / "sr.dcm")
+    names_by_key = {item.TrackingID: item.SegmentLabel for item in seg.SegmentSequence}
+    assert len(from_seg) >= 8
+    for key, volume in from_seg.items():
+        assert from_sr[names_by_key[key]] == pytest.approx(volume, rel=0.005)
 
 
 @pytest.mark.integration
@@ -203,3 +211,69 @@ def test_enhanced_ct_study_gives_valid_objects_whose_frames_lie_on_the_source_fr
     for item in seg.SegmentSequence:
         volume = (pixels == item.SegmentNumber).sum() * 4 * 4 * 5 / 1000
         assert from_sr[item.SegmentLabel] == pytest.approx(volume, rel=0.005)
+
+
+class TruthSegmenter:
+    """A stand-in Segmenter that returns given labels (a phantom's truth put on the volume grid)."""
+
+    def __init__(self, labels_on_grid: sitk.Image):
+        self.labels = labels_on_grid
+
+    def segment(self, image):
+        from inference.predict import Segmentation, measure_volumes
+
+        assert image.GetSize() == self.labels.GetSize()
+        assert np.allclose(image.GetOrigin(), self.labels.GetOrigin())
+        return Segmentation(labels=self.labels, volumes_cm3=measure_volumes(self.labels), model=dict(MODEL),
+                            timings_s={"total": 0.0})
+
+
+@pytest.mark.integration
+def test_tilted_phantom_seg_read_back_matches_the_truth_on_every_source_slice(tilted_phantom_study, tmp_path):
+    from node.series_volume import load_series_volume
+
+    phantom, folder = tilted_phantom_study
+    _, instances = _single_study(folder)
+    volume = load_series_volume(instances)
+    truth = _truth_by_instance(phantom, instances)
+    truth_in_order = np.stack([truth[ds.SOPInstanceUID] for ds in volume.datasets])
+    segmenter = TruthSegmenter(volume.source_slices_to_grid(truth_in_order, nearest=True))
+    outcome = analyse_study(instances, tmp_path, segmenter)
+    assert outcome.status == "done", outcome.reason
+    assert any("gantry tilt 18.5 deg corrected" in note for note in json.loads(
+        (tmp_path / "volumes.json").read_text())["quality_notes"])
+    _assert_valid(outcome.result_files)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    numbers = {int(item.SegmentNumber): item.TrackingID for item in seg.SegmentSequence}
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in volume.datasets],
+                                               combine_segments=True, assert_missing_frames_are_empty=True)
+    values = {region.key: region.value for region in REGIONS}
+    read_back = np.zeros_like(pixels, dtype=np.uint8)
+    for number, key in numbers.items():
+        read_back[pixels == number] = values[key]
+    for region in REGIONS:
+        a, b = read_back == region.value, truth_in_order == region.value
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice >= 0.97, (region.key, dice)
+    # The SR's volumes are the truth's (counted on the same source slices, within 1 %) and the CSV
+    # carries the phantom's sex and age, read from the DICOM header.
+    from_sr = _sr_volumes(tmp_path / "sr.dcm")
+    for region in REGIONS:
+        assert from_sr[region.name] == pytest.approx(phantom.meta["volumes_cm3"][region.key], rel=0.01)
+    with open(tmp_path / "volumes.csv") as handle:
+        row = list(csv.DictReader(handle))[0]
+    assert row["sex"] == phantom.meta["sex"]
+    assert float(row["age_years"]) == pytest.approx(phantom.meta["age_years"], abs=0.01)
+
+
+def _truth_by_instance(phantom, instances) -> dict[str, np.ndarray]:
+    """The phantom's true label slice of every written image, by SOP Instance UID (matched by position)."""
+    truth = sitk.GetArrayFromImage(phantom.labels)
+    positions = np.asarray(phantom.meta["image_position_patient"], float)
+    slice_of = {
+        header.sop_instance_uid: int(np.argmin(np.abs(positions - np.asarray(header.dataset.ImagePositionPatient,
+                                                                              float)).sum(axis=1)))
+        for header in instances
+    }
+    assert sorted(slice_of.values()) == list(range(len(positions)))  # one image per true slice
+    return {uid: truth[k] for uid, k in slice_of.items()}
