@@ -98,7 +98,9 @@ def measure_volumes(labels: sitk.Image) -> dict[str, float]:
         raise ValueError(f"label image must have an integer pixel type, got {labels.GetPixelIDTypeAsString()}")
     if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
         raise ValueError(f"label values must lie within 0..{NUM_CLASSES - 1}, found {values.min()}..{values.max()}")
-    counts = np.bincount(values.ravel().astype(np.intp), minlength=NUM_CLASSES)
+    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for start in range(0, values.shape[0], 16):  # slabs: bincount copies to intp (8 bytes a voxel)
+        counts += np.bincount(values[start:start + 16].ravel(), minlength=NUM_CLASSES)
     voxel_cm3 = voxel_volume_mm3(labels) / 1000.0
     return {region.key: float(counts[region.value] * voxel_cm3) for region in REGIONS}
 
@@ -319,38 +321,55 @@ def labels_on_source_grid(scores: torch.Tensor, grid_labels: np.ndarray, grid: s
     low, high = box
     grid_matrix, grid_offset = index_to_physical_matrix(grid)
     source_matrix, source_offset = index_to_physical_matrix(source)
-    # grid continuous index (x, y, z) = M @ source index (i, j, k) + t
+    # grid continuous index (x, y, z) = to_grid @ source index (i, j, k) + shift
     to_grid = np.linalg.solve(grid_matrix, source_matrix)
     shift = np.linalg.solve(grid_matrix, source_offset - grid_offset)
-    grid_size = np.asarray(grid.GetSize(), dtype=np.float64)
+    # Untilted, unrotated series: each grid coordinate depends on one source index only.
+    separable = bool(np.allclose(to_grid - np.diag(np.diag(to_grid)), 0.0, atol=1e-9))
+    last = np.asarray(grid.GetSize(), dtype=np.float64) - 1
     cells = _uniform_cells(grid_labels)
     volume = scores[None].float()
-    i = np.arange(low[0], high[0] + 1, dtype=np.float64)
-    j = np.arange(low[1], high[1] + 1, dtype=np.float64)
-    per_slice = len(i) * len(j)
-    chunk = max(1, SOURCE_CHUNK_VOXELS // per_slice)
-    ks = range(low[2], high[2] + 1, chunk)
-    for k0 in tqdm(ks, desc="to source grid", unit="chunk", leave=False, disable=not progress or len(ks) < 2):
-        k = np.arange(k0, min(k0 + chunk, high[2] + 1), dtype=np.float64)
-        # (3, nk, nj, ni) grid coordinates, built by broadcasting the affine map
-        coordinates = (shift[:, None, None, None]
-                       + to_grid[:, 0, None, None, None] * i[None, None, None, :]
-                       + to_grid[:, 1, None, None, None] * j[None, None, :, None]
-                       + to_grid[:, 2, None, None, None] * k[None, :, None, None]).astype(np.float32)
-        inside = np.all((coordinates >= -1e-4) & (coordinates <= (grid_size - 1 + 1e-4)[:, None, None, None]
-                                                   .astype(np.float32)), axis=0)
-        cell = np.clip(np.floor(coordinates).astype(np.int32), 0, (grid_size - 2).astype(np.int32)[:, None, None, None])
-        labels = cells[cell[2], cell[1], cell[0]]
-        labels[~inside] = 0
-        mixed = np.nonzero((labels == _MIXED) & inside)
+    axes = [np.arange(low[a], high[a] + 1, dtype=np.float64) for a in range(3)]
+    chunk = max(1, SOURCE_CHUNK_VOXELS // (len(axes[0]) * len(axes[1])))
+    starts = range(0, len(axes[2]), chunk)
+    for start in tqdm(starts, desc="to source grid", unit="chunk", leave=False, disable=not progress or len(starts) < 2):
+        i, j, k = axes[0], axes[1], axes[2][start:start + chunk]
+        if separable:
+            per_axis = [shift[a] + to_grid[a, a] * index for a, index in enumerate((i, j, k))]
+            cell = [_cell_index(c, last[a]) for a, c in enumerate(per_axis)]
+            labels = cells[np.ix_(cell[2], cell[1], cell[0])]
+            inside = [(c >= -1e-4) & (c <= last[a] + 1e-4) for a, c in enumerate(per_axis)]
+            labels[~inside[2]] = 0
+            labels[:, ~inside[1]] = 0
+            labels[:, :, ~inside[0]] = 0
+            mixed = np.nonzero(labels == _MIXED)
+            points = np.stack([per_axis[0][mixed[2]], per_axis[1][mixed[1]], per_axis[2][mixed[0]]], axis=1)
+        else:
+            coordinates = [(shift[a] + to_grid[a, 0] * i[None, None, :] + to_grid[a, 1] * j[None, :, None]
+                            + to_grid[a, 2] * k[:, None, None]).astype(np.float32) for a in range(3)]
+            labels = cells[_cell_index(coordinates[2], last[2]), _cell_index(coordinates[1], last[1]),
+                           _cell_index(coordinates[0], last[0])]
+            for a, c in enumerate(coordinates):
+                labels[(c < -1e-4) | (c > last[a] + 1e-4)] = 0
+            mixed = np.nonzero(labels == _MIXED)
+            points = np.stack([c[mixed] for c in coordinates], axis=1)
         if mixed[0].size:
-            points = coordinates[:, mixed[0], mixed[1], mixed[2]]  # (3, n) as (x, y, z)
-            normalised = 2.0 * points / (grid_size - 1).astype(np.float32)[:, None] - 1.0
-            sample_grid = torch.from_numpy(np.ascontiguousarray(normalised.T))[None, :, None, None, :]
-            sampled = F.grid_sample(volume, sample_grid, mode="bilinear", align_corners=True)
-            labels[mixed] = sampled[0, :, :, 0, 0].argmax(0).numpy().astype(np.uint8)
-        output[int(k[0]):int(k[-1]) + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] = labels
+            labels[mixed] = _interpolated_argmax(volume, points, last)
+        output[low[2] + start:low[2] + start + len(k), low[1]:high[1] + 1, low[0]:high[0] + 1] = labels
     return output
+
+
+def _cell_index(coordinate: np.ndarray, last: float) -> np.ndarray:
+    """Index of the grid cell (lower corner) holding each continuous coordinate, clipped to the grid."""
+    return np.clip(np.floor(coordinate), 0, last - 1).astype(np.intp)
+
+
+def _interpolated_argmax(volume: torch.Tensor, points_xyz: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Argmax over classes of trilinearly interpolated scores at continuous grid points (n, 3)."""
+    normalised = (2.0 * points_xyz / last - 1.0).astype(np.float32)
+    sample_grid = torch.from_numpy(normalised)[None, :, None, None, :]
+    sampled = F.grid_sample(volume, sample_grid, mode="bilinear", align_corners=True)[0, :, :, 0, 0]
+    return np.argmax(sampled.numpy(), axis=0).astype(np.uint8)
 
 
 # --- the segmenter ---------------------------------------------------------------------------
@@ -430,7 +449,9 @@ class Segmenter:
         label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
         timings["to_source"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         volumes = measure_volumes(label_image)
+        timings["volumes"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
         log.info("segmented %s voxels on %s in %.1f s", image.GetSize(), self.device, timings["total"])
         return Segmentation(labels=label_image, volumes_cm3=volumes, model=self.model, timings_s=timings)

@@ -189,3 +189,27 @@ def test_real_ge_head_mask_is_plausible(ge_head):
     # one piece, as an intracranial space is.
     rows = np.nonzero(prepared.mask.any(axis=(1, 2)))[0]
     assert (rows[-1] - rows[0] + 1) * config.spacing_mm[2] > 110.0
+
+
+def test_ahe_on_the_mask_box_equals_ahe_on_the_whole_crop():
+    """equalise() runs AHE on the mask's box only; inside the mask that must change nothing."""
+    from inference.preprocess import equalise
+
+    config = PreprocessConfig()
+    rng = np.random.default_rng(2)
+    hu = rng.normal(30, 15, (48, 48, 48)).astype(np.float32)
+    mask = np.zeros(hu.shape, bool)
+    mask[12:30, 10:36, 14:33] = True
+    spacing = np.array([1.5, 1.5, 1.5])
+    boxed = equalise(hu, mask, spacing, config)
+    low, high = config.window_hu
+    windowed = np.round(np.clip(hu, low, high))
+    windowed[~mask] = low
+    ahe = sitk.AdaptiveHistogramEqualizationImageFilter()
+    ahe.SetAlpha(config.ahe_alpha)
+    ahe.SetBeta(config.ahe_beta)
+    ahe.SetRadius([4, 4, 4])
+    whole = np.clip((sitk.GetArrayFromImage(ahe.Execute(sitk.GetImageFromArray(windowed))) - low) / (high - low), 0, 1)
+    assert np.allclose(boxed[mask], whole[mask], atol=1e-5)
+    assert np.all(boxed[~mask] == 0)
+    assert boxed[mask].std() > 0.05
