@@ -10,6 +10,7 @@ Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -204,18 +205,21 @@ class NodeConfig:
             value = getattr(self, name)
             if name == "model" and value is None:
                 value = "(bundled model)"
-            lines.append(f"  {name:<26}{value}")
-        lines.append(f"  {'retry':<26}first {self.retry.first_delay_s:g} s, doubling up to "
+            lines.append(f"  {name:<36}{value}")
+        lines.append(f"  {'retry':<36}first {self.retry.first_delay_s:g} s, doubling up to "
                      f"{self.retry.max_delay_s:g} s, {self.retry.max_attempts} attempts")
-        lines.append(f"  {'tls':<26}" + (f"on (certificate {self.tls.certificate}, client certificate "
+        lines.append(f"  {'tls':<36}" + (f"on (certificate {self.tls.certificate}, client certificate "
                                              f"{'required' if self.tls.require_client_certificate else 'optional'})"
                                              if self.tls.enabled else "off"))
         settings = self.pipeline_settings()
-        lines.append(f"  {'outputs':<26}seg {settings.seg_type}, sr {_yes(settings.write_sr)}, "
+        lines.append(f"  {'outputs':<36}seg {settings.seg_type}, sr {_yes(settings.write_sr)}, "
                      f"pdf {_yes(settings.write_pdf)}, overlays {_yes(settings.write_overlays)}, "
                      f"z threshold {settings.z_threshold:g}, reference "
                      f"{settings.reference_path or '(bundled)'}")
-        lines.append(f"  {'selection':<26}{settings.selection}")
+        for rule in dataclasses.fields(settings.selection):
+            value = getattr(settings.selection, rule.name)
+            shown = ", ".join(str(v) for v in value) if isinstance(value, tuple) else value
+            lines.append(f"  {'selection.' + rule.name:<36}{shown}")
         lines.append("remote AEs:")
         for remote in self.remotes.values():
             rights = [r for r, ok in (("may send", remote.may_send), ("may receive", remote.may_receive),

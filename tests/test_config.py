@@ -1,6 +1,7 @@
 """config.ini: the shipped file, clear errors for unknown or invalid settings, `lobevol config check`."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def test_missing_model_and_missing_file_are_named(tmp_path):
 def test_config_check_prints_the_effective_settings(capsys):
     assert main(["config", "check", str(SHIPPED)]) == 0
     out = capsys.readouterr().out
-    assert "ae_title                  LOBEVOL" in out
+    assert re.search(r"^  ae_title +LOBEVOL$", out, re.MULTILINE)
+    assert re.search(r"^  selection.min_coverage_mm +90.0$", out, re.MULTILINE)
     assert "PACS             127.0.0.1:4242  may send, may receive" in out
     assert "configuration is valid" in out
 
