@@ -60,8 +60,8 @@ DEFAULT_BONE_KERNELS = (
 )
 DEFAULT_HEAD_KEYWORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREBR", "KOPF", "SCHAEDEL", "SCHADEL",
                          "CRANE", "TETE", "CABEZA", "TESTA", "STROKE")
-DEFAULT_SOFT_DESCRIPTIONS = ("BRAIN", "SOFT", "STD", "STANDARD", "CEREBRUM", "WEICHTEIL", "PARENCHYMA", "H30", "H31")
-DEFAULT_BONE_DESCRIPTIONS = ("BONE", "KNOCHEN", "OSSEOUS", "OS ", "SHARP", "LUNG", "INNER EAR", "FELSENBEIN")
+DEFAULT_SOFT_DESCRIPTIONS = ("BRAIN", "SOFT", "STD", "STANDARD", "CEREBRUM", "WEICHTEIL", "PARENCHYM")
+DEFAULT_BONE_DESCRIPTIONS = ("BONE", "KNOCHEN", "OS", "SHARP", "LUNG", "INNER EAR", "FELSENBEIN")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class SelectionRules:
             (whole name, case-insensitive).
         bone_kernels: regular expressions matching bone/sharp kernel names.
         soft_descriptions: series-description keywords of a soft-tissue
-            reconstruction (used when kernel and window say nothing).
+            reconstruction (used when kernel and window say nothing); a
+            keyword matches at the start of a word ("WEICHTEIL" matches
+            "WEICHTEILFENSTER", "OS" matches "OSSEOUS" but not "POST").
         bone_descriptions: series-description keywords of a bone reconstruction.
         soft_window_center_hu: (low, high) window centres of a brain /
             soft-tissue window (HU).
@@ -182,12 +184,17 @@ class SelectionRules:
 
     def description_tissue(self, description: str) -> str | None:
         """SOFT, BONE or None from a series description (bone words win: 'BONE BRAIN' is bone)."""
-        text = f" {description.upper()} "
-        if any(word in text for word in self.bone_descriptions):
+        text = description.upper()
+        if any(_starts_a_word(word, text) for word in self.bone_descriptions):
             return BONE
-        if any(word in text for word in self.soft_descriptions):
+        if any(_starts_a_word(word, text) for word in self.soft_descriptions):
             return SOFT
         return None
+
+
+def _starts_a_word(keyword: str, text: str) -> bool:
+    """Whether ``keyword`` occurs in ``text`` at the start of a word."""
+    return re.search(r"(?<![A-Z0-9])" + re.escape(keyword), text) is not None
 
 
 def _kind(default: object) -> str:

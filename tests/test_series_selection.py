@@ -88,6 +88,14 @@ def test_window_centre_decides_when_the_kernel_is_unknown():
     assert "window centre 700 HU" in selection.reasons[bone]
 
 
+@pytest.mark.parametrize("description, tissue", [
+    ("HEAD BONE 1MM", BONE), ("Kopf Knochen", BONE), ("OS 0.6", BONE), ("HEAD POST CONTRAST", None),
+    ("WEICHTEILFENSTER", SOFT), ("STD+ 2MM", SOFT), ("BONE BRAIN 1MM", BONE), ("NEURO", None),
+])
+def test_description_keywords_match_at_word_starts(description, tissue):
+    assert SelectionRules().description_tissue(description) == tissue
+
+
 def test_description_decides_when_kernel_and_window_say_nothing():
     selection, (bone, soft) = choose(series(kernel="", window=None, description="HEAD BONE 1MM", thickness=1.0, n=120),
                                      series(kernel="", window=None, description="HEAD BRAIN 2MM", thickness=2.0, n=60))
