@@ -322,3 +322,22 @@ def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume.image), expected)
     labels = volume.labels_on_source_slices(phantom.labels)
     np.testing.assert_array_equal(labels, _truth_in_dataset_order(phantom, volume))
+
+
+def test_slice_extents_and_source_volumes_follow_uneven_spacing(tmp_path):
+    from node.series_volume import slice_extents_mm
+
+    np.testing.assert_allclose(slice_extents_mm([0.0, 2.0, 4.0, 10.0]), [2.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(slice_extents_mm([10.0, 0.0, 4.0, 2.0]), [6.0, 2.0, 4.0, 2.0])  # any order
+    gaps = [2.0] * 10 + [0.5] + [3.5] * 10
+    write_series(tmp_path, [(-47.0, -47.0, -40.0 + v) for v in np.cumsum([0.0, *gaps])])
+    volume = load_series_volume(find_dicom_files(tmp_path))
+    label_slices = np.zeros((len(volume.planes), 48, 48), np.uint8)
+    label_slices[:, 10:20, 10:20] = 1   # 100 pixels of 2 x 2 mm on every slice
+    label_slices[-1, 0, 0] = 10         # one pixel on the last slice
+    volumes = volume.region_volumes_cm3(label_slices)
+    assert volumes["right_frontal_lobe"] == pytest.approx(100 * 4 * (sum(gaps) + 2.0 / 2 + 3.5 / 2) / 1000)
+    assert volumes["brainstem"] == pytest.approx(4 * 3.5 / 1000)
+    assert volumes["cerebellum"] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        volume.region_volumes_cm3(label_slices[:-1])
