@@ -157,3 +157,24 @@ def test_segment_names_each_study_when_none_can_be_analysed(tmp_path, capsys, mo
     assert main(["segment", str(captures), "--out", str(tmp_path / "second")]) == 1
     error = capsys.readouterr().err
     assert "no study could be analysed" in error and "no suitable head CT series" in error
+
+
+def test_segment_takes_selection_rules_from_a_config_file(two_studies, model_free, tmp_path, capsys):
+    config = tmp_path / "config.ini"
+    config.write_text("[selection]\nmax_slice_thickness_mm = 4\n\n[outputs]\noverlays = no\n")
+    assert main(["segment", str(two_studies / "one"), "--out", str(tmp_path / "strict"), "--config", str(config)]) == 1
+    assert "slices too thick (5 mm > 4 mm)" in capsys.readouterr().err
+    config.write_text("[selection]\nmax_slice_thickness_mm = 6\n\n[outputs]\noverlays = no\n")
+    assert main(["segment", str(two_studies / "one"), "--out", str(tmp_path / "ok"), "--config", str(config),
+                 "--no-pdf"]) == 0
+    (folder,) = (tmp_path / "ok").iterdir()
+    assert {p.name for p in folder.iterdir()} == {"seg.dcm", "sr.dcm", "labels.nii.gz", "volumes.json", "volumes.csv"}
+
+
+def test_segment_max_gap_factor_option(model_free, tmp_path, capsys):
+    paths = write_ct_series(tmp_path / "ct", region_labels((24, 40, 40)))
+    for path in paths[10:12]:  # a 15 mm gap in 5 mm slices: 3 x the spacing
+        path.unlink()
+    assert main(["segment", str(tmp_path / "ct"), "--out", str(tmp_path / "a")]) == 1
+    assert "gap of 15.00 mm" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "ct"), "--out", str(tmp_path / "b"), "--max-gap-factor", "3.5"]) == 0

@@ -15,6 +15,13 @@ examples:
   lobevol segment scan.nii.gz --out results --sex F --age 2.1
       a NIfTI image in HU: only the plain files and the PDF (no DICOM study to write into)
   lobevol segment incoming/ --out results --seg labelmap --no-overlays --z-threshold 2.5
+  lobevol segment incoming/ --out results --config config.ini
+      the node's [selection] rules and [outputs] settings (options given here win)
+
+Series selection: per study, the thinnest soft-tissue head CT series (ORIGINAL axial,
+slices <= 5 mm, covering a head) is analysed; the summary says why others were skipped.
+A tilted or unevenly spaced series is resampled for the model; volumes are counted on
+the source images, which the SEG references.
 
 Each study gets one summary line. The exit status is 1 when no study could be
 analysed; the message gives each study's reason (e.g. why no series was chosen).
@@ -42,25 +49,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: torch's choice)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips): slower, a little smoother")
-    parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default="binary",
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="take the [selection] and [outputs] settings of a node config file (config.ini); "
+                             "the options below override them")
+    parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default=None,
                         help="DICOM SEG type (default binary: what most viewers display)")
     parser.add_argument("--no-sr", action="store_true", help="do not write the TID 1500 SR")
     parser.add_argument("--no-pdf", action="store_true", help="do not write the PDF report")
     parser.add_argument("--no-overlays", action="store_true", help="do not write the Secondary Capture key images")
     parser.add_argument("--reference", type=Path, default=None, help="normative reference file (default: bundled)")
-    parser.add_argument("--z-threshold", type=float, default=2.0, help="flag volumes with |z| above this (default 2)")
+    parser.add_argument("--z-threshold", type=float, default=None, help="flag volumes with |z| above this (default 2)")
+    parser.add_argument("--max-gap-factor", type=float, default=None, metavar="F",
+                        help="refuse a series whose largest slice gap exceeds F x its median spacing (default 2)")
     parser.add_argument("--sex", choices=("M", "F"), default=None, help="patient sex, for image input")
     parser.add_argument("--age", type=float, default=None, metavar="YEARS", help="age at scan in years, for image input")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.pipeline import PipelineSettings
-
-    settings = PipelineSettings(
-        seg_type=args.seg, write_sr=not args.no_sr and args.seg != "none", write_pdf=not args.no_pdf,
-        write_overlays=not args.no_overlays, reference_path=args.reference, z_threshold=args.z_threshold,
-    )
+    settings = _settings(args)
     if not args.input.exists():
         raise FileNotFoundError(f"input {args.input} does not exist")
     if args.input.is_file():
@@ -73,6 +80,34 @@ def run(args: argparse.Namespace) -> int:
     if args.sex or args.age is not None:
         raise ValueError("--sex and --age apply to image input; DICOM studies carry their own")
     return _segment_dicom(args, settings)
+
+
+def _settings(args: argparse.Namespace):
+    """PipelineSettings: the config file's (or the defaults), with the options given on the command line."""
+    import dataclasses
+
+    from node.pipeline import PipelineSettings
+
+    if args.config is not None:
+        from node.config import load_config
+
+        settings = load_config(args.config).pipeline_settings()
+    else:
+        settings = PipelineSettings()
+    changes = {}
+    if args.seg is not None:
+        changes["seg_type"] = args.seg
+    if args.no_sr or args.seg == "none":
+        changes["write_sr"] = False
+    if args.no_pdf:
+        changes["write_pdf"] = False
+    if args.no_overlays:
+        changes["write_overlays"] = False
+    for option, field_name in (("reference", "reference_path"), ("z_threshold", "z_threshold"),
+                               ("max_gap_factor", "max_gap_factor")):
+        if getattr(args, option) is not None:
+            changes[field_name] = getattr(args, option)
+    return dataclasses.replace(settings, **changes)
 
 
 def _segmenter(args):
