@@ -164,17 +164,25 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
     if selection.chosen is None:
         reason = f"no suitable head CT series: {selection.summary()}"
         return StudyOutcome(study_uid, "skipped", reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
-    try:
-        volume = load_series_volume(series[selection.chosen], max_gap_factor=settings.max_gap_factor)
-    except ValueError as error:
-        reason = f"chosen series {_short(selection.chosen)} cannot be analysed: {error}"
+    # The best series first; one that cannot make a volume (missing slices...) gives way to the next.
+    volume, refused = None, []
+    for series_uid in selection.ranked:
+        try:
+            volume = load_series_volume(series[series_uid], max_gap_factor=settings.max_gap_factor)
+            break
+        except ValueError as error:
+            refused.append(f"{selection.labels[series_uid]} cannot be analysed: {error}")
+    if volume is None:
+        reason = "; ".join(refused)
         return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+    if refused:
+        log.info("study %s: %d better series could not be analysed", _short(study_uid), len(refused))
     demographics = demographics_from(volume.datasets[0])
     try:
         return _analyse_volume(
             volume, study_uid, Path(out_dir), segmenter, settings,
             sex=demographics.sex, age_years=demographics.age_years,
-            extra_notes=[*volume.notes, *demographics.notes], case_id=study_uid,
+            extra_notes=[*refused, *volume.notes, *demographics.notes], case_id=study_uid,
         )
     except (ValueError, RuntimeError) as error:
         # Our own checks (empty segmentation, labels off the source planes...) name the problem.

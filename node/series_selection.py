@@ -254,11 +254,14 @@ class SeriesSelection:
         chosen: SeriesInstanceUID of the series to analyse, or None.
         reasons: for every series UID, why it was chosen or not (plain language).
         labels: for every series UID, "series N (description)" for summaries.
+        ranked: the eligible series, best first (``chosen`` is the first): the
+            ones to fall back on when the chosen series cannot make a volume.
     """
 
     chosen: str | None
     reasons: dict[str, str]
     labels: dict[str, str] = field(default_factory=dict)
+    ranked: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: every series with its reason, the chosen one first."""
@@ -313,7 +316,7 @@ def select_series(series: Mapping[str, Sequence], rules: SelectionRules = Select
             why = f"same kind and slice thickness as the chosen series, which covers {best.coverage_mm:.0f} mm " \
                   f"(this one {facts.coverage_mm:.0f} mm) or comes first"
         reasons[facts.series_uid] = f"eligible, not preferred: {why}"
-    return SeriesSelection(best.series_uid, reasons, labels)
+    return SeriesSelection(best.series_uid, reasons, labels, [facts.series_uid for facts, _, _ in eligible])
 
 
 def ineligibility(facts: SeriesFacts, rules: SelectionRules) -> str:

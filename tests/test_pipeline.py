@@ -124,6 +124,22 @@ def test_chosen_series_that_cannot_make_a_volume_fails_with_the_reason(tmp_path)
     assert "slices are missing" in outcome.reason and "gap of 20.00 mm" in outcome.summary
 
 
+def test_next_best_series_is_analysed_when_the_chosen_one_cannot_make_a_volume(tmp_path):
+    root = tmp_path / "incoming"
+    study_uid = pydicom.uid.generate_uid()
+    thin = write_ct_series(root / "thin", region_labels((40, 40, 40)), slice_spacing_mm=2.5, study_uid=study_uid)
+    write_ct_series(root / "thick", region_labels((20, 40, 40)), study_uid=study_uid, series_number=3)
+    for path in thin[10:15]:
+        path.unlink()
+    _, instances = _single_study(root)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter(),
+                            PipelineSettings(seg_type="none", write_sr=False, write_overlays=False))
+    assert outcome.status == "done", outcome.reason
+    notes = json.loads((tmp_path / "out" / "volumes.json").read_text())["quality_notes"]
+    assert any(note.startswith("series 2 (HEAD 5MM STD) cannot be analysed: gap of 15.00 mm") for note in notes)
+    assert sitk.ReadImage(str(tmp_path / "out" / "labels.nii.gz")).GetSize() == (40, 40, 20)  # the 5 mm series
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"seg_type": "contour"}, "seg type"), ({"seg_type": "none"}, "SR references"), ({"z_threshold": 0}, "z threshold")],
