@@ -1,0 +1,21 @@
+"""`lobevol demo`: node + DCMTK storescp + a phantom over loopback, in one command."""
+from __future__ import annotations
+
+import pytest
+
+from node.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, monkeypatch, capsys):
+    # The model-free stand-in keeps this test fast; the real model runs in test_node_roundtrip.
+    monkeypatch.setenv("LOBEVOL_TEST_SEGMENTER", "tests.output_fixtures:PartitionSegmenter")
+    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "job 1: done" in out
+    assert "right frontal lobe" in out.lower() and "brainstem" in out.lower() and "measured" in out and "true" in out
+    received = sorted((tmp_path / "pacs").iterdir())
+    assert len(received) >= 3 and all(str(path) in out for path in received)
+    assert (tmp_path / "results" / "1" / "report.pdf").is_file()
