@@ -75,7 +75,10 @@ def segmenter_factory(config) -> Callable[[], object]:
         module, _, name = test_segmenter.partition(":")
         log.warning("%s=%s: results come from a test stand-in, not from a model", TEST_SEGMENTER_VARIABLE,
                     test_segmenter)
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as error:
+            raise RuntimeError(f"{TEST_SEGMENTER_VARIABLE}={test_segmenter}: {error}") from None
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
                              config.threads, config.tta)
 
