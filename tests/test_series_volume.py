@@ -124,8 +124,8 @@ def _recompress(paths: list[Path], syntax: str) -> None:
     (RLELossless, "RLE Lossless"),
     (JPEG2000Lossless, "JPEG 2000"),
     (JPEGLSLossless, "JPEG-LS"),
-    ("dcmcjpeg", "JPEG Lossless"),
-    ("dcmcjpls", "JPEG-LS"),
+    pytest.param("dcmcjpeg", "JPEG Lossless", marks=pytest.mark.integration),  # DCMTK's encoders
+    pytest.param("dcmcjpls", "JPEG-LS", marks=pytest.mark.integration),
     (DeflatedExplicitVRLittleEndian, "Deflate"),
 ])
 def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path, syntax, name):
@@ -308,6 +308,7 @@ def test_tilted_phantom_truth_survives_the_grid_and_back_onto_its_source_slices(
     assert 15 < np.median(hu_on_grid[brain]) < 50
 
 
+@pytest.mark.slow
 def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
     from inference.phantom import make_phantom
     from node.ct_series import write_ct_series
