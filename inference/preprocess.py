@@ -10,13 +10,16 @@ adaptive histogram equalisation (AHE) and strip the skull by thresholding.
    axis always left-right, whatever the acquisition (gantry tilt, rotated
    reconstructions), which is what the left-right flips of training and of
    test-time augmentation assume.
-2. **Intracranial mask** by thresholds (:func:`intracranial_mask`): the skull is
-   bone (HU > ``bone_hu``) closed morphologically to seal sutures and foramina;
-   the inside is what the closed skull encloses (holes filled per axial slice,
-   which copes with the skull open at the foramen magnum, and in 3D) within the
-   soft-tissue HU range; a small opening cuts thin bridges (optic canals,
-   orbits), the largest component is kept and its inner holes (calcified
-   choroid plexus, vessels) are filled.
+2. **Intracranial mask** by thresholds (:func:`intracranial_mask`), sought in
+   the head's box (HU > -500): the skull is bone (HU > ``bone_hu``), closed
+   morphologically (``skull_closing_mm``) to seal sutures, thin bone and small
+   foramina; the inside is what the closed skull encloses (holes filled per
+   axial slice, which copes with the skull open at the foramen magnum; those
+   filled slices plug the bottom for a 3D filling that reaches the levels where
+   axial slices are open) within the soft-tissue HU range; an erosion cuts thin
+   bridges, the largest component is kept, grown back, and its inner holes
+   (calcified choroid plexus, vessels) are filled. Morphology uses distance
+   transforms (exact balls in mm, cost independent of the radius).
 3. **Crop** to the mask's box plus ``margin_mm``, padded so that every side is a
    multiple of :data:`inference.models.MODEL_DIVISOR`.
 4. **Window** to the brain window (``window_hu``), set everything outside the
@@ -49,6 +52,10 @@ log = logging.getLogger(__name__)
 GRID_DIVISOR = 16
 #: HU given to places outside the source image when resampling (air).
 AIR_HU = -1024.0
+#: Radius (mm) of the erosion that separates the brain from what touches it through narrow openings.
+BRIDGE_MM = 2.0
+#: Anything above this is the head (or its support), not air: the box the mask is sought in.
+HEAD_HU = -500.0
 
 
 @dataclass(frozen=True)
@@ -250,25 +257,32 @@ def intracranial_mask(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
     # slices then plug the open bottom, so that a 3D filling also reaches the levels where an
     # axial slice is open (the anterior skull base at the orbits, the sella).
     container = erode_mm(dilate_mm(skull, config.skull_closing_mm, spacing), config.skull_closing_mm, spacing)
-    enclosed = ndimage.binary_fill_holes(_fill_holes_per_slice(container) | container) & ~skull
+    enclosed = ndimage.binary_fill_holes(_fill_holes_per_slice(container) | container)
     soft = (hu >= config.soft_tissue_hu[0]) & (hu <= config.soft_tissue_hu[1])
-    inside = enclosed & soft
-    # An opening cuts thin bridges (optic canals, scalp met through a sealed gap) before
-    # choosing the largest component; the dilation afterwards gives its surface back.
-    bridge_mm = max(float(spacing.max()), 2.0)
-    brain = _largest_component(erode_mm(inside, bridge_mm, spacing))
-    if not brain.any():
+    inside = enclosed & soft & ~skull
+    # An erosion cuts thin bridges (optic canals, scalp met through a sealed gap) before the
+    # largest component is chosen; growing it back within the inside returns its surface.
+    # (Excluding the sealed gaps from the core would also keep the nasal cavity out on thick
+    # adult slices, but it cuts a toddler's foramen magnum and upper canal, which the closing
+    # seals: the target population comes first.)
+    bridge_mm = max(float(spacing.max()), BRIDGE_MM)
+    core = _largest_component(erode_mm(inside, bridge_mm, spacing))
+    if not core.any():
         raise ValueError("no intracranial space found: the skull encloses no soft tissue "
                          f"within {config.soft_tissue_hu} HU")
-    brain = dilate_mm(brain, bridge_mm, spacing) & inside
+    brain = dilate_mm(core, bridge_mm, spacing) & inside
     # Inner holes (calcified choroid plexus, vessels above the range) belong to the inside.
     return ndimage.binary_fill_holes(brain)
 
 
 # --- the pipeline -------------------------------------------------------------------------
 
-def _crop_box(mask: np.ndarray, spacing_zyx: np.ndarray, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """(start, size) in array indices of the mask's box plus margin, sides padded to GRID_DIVISOR."""
+def _box(mask: np.ndarray, spacing_zyx: np.ndarray, margin_mm: float,
+         divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(start, size) in array indices of the mask's box plus margin, sides padded to ``divisor``."""
+    if not mask.any():
+        raise ValueError("nothing to crop to: the image holds no head (no voxel above "
+                         f"{HEAD_HU:.0f} HU)")
     nonzero = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], \
         np.nonzero(mask.any(axis=(0, 1)))[0]
     low = np.array([a[0] for a in nonzero])
@@ -276,7 +290,7 @@ def _crop_box(mask: np.ndarray, spacing_zyx: np.ndarray, margin_mm: float) -> tu
     margin = np.ceil(margin_mm / spacing_zyx).astype(int)
     low, high = low - margin, high + margin
     size = high - low
-    padded = -(-size // GRID_DIVISOR) * GRID_DIVISOR
+    padded = -(-size // divisor) * divisor
     start = low - (padded - size) // 2
     return start, padded
 
@@ -340,8 +354,13 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
 
     started = time.perf_counter()
     spacing_zyx = np.asarray(config.spacing_mm, dtype=float)[::-1]
+    # Work on the head's box only (the field of view is often much wider than the head); the
+    # margin keeps the closing of the skull clear of the box's faces.
+    head_start, head_size = _box(hu > HEAD_HU, spacing_zyx, config.skull_closing_mm + config.margin_mm + 3.0)
+    hu = _extract(hu, head_start, head_size, AIR_HU)
+    full_grid = crop_grid(full_grid, head_start, head_size)
     mask = intracranial_mask(hu, tuple(spacing_zyx), config)
-    start, size = _crop_box(mask, spacing_zyx, config.margin_mm)
+    start, size = _box(mask, spacing_zyx, config.margin_mm, GRID_DIVISOR)
     hu = _extract(hu, start, size, AIR_HU)
     mask = _extract(mask, start, size, False)
     grid = crop_grid(full_grid, start, size)

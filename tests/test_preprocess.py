@@ -213,3 +213,18 @@ def test_ahe_on_the_mask_box_equals_ahe_on_the_whole_crop():
     assert np.allclose(boxed[mask], whole[mask], atol=1e-5)
     assert np.all(boxed[~mask] == 0)
     assert boxed[mask].std() > 0.05
+
+
+@pytest.mark.slow
+def test_phantom_labels_lie_inside_the_mask():
+    """On a tilted toddler phantom every labelled region lies in the intracranial mask."""
+    from inference.phantom import make_phantom
+
+    phantom = make_phantom(3, slice_thickness_mm=2.5, pixel_spacing_mm=0.9, matrix=256, tilt_deg=15.0)
+    config = PreprocessConfig()
+    prepared = preprocess_image(phantom.image, config)
+    labels = labels_to_grid(phantom.labels, prepared.grid)
+    voxel_cm3 = np.prod(config.spacing_mm) / 1000
+    brain_cm3 = sum(phantom.meta["volumes_cm3"].values())
+    assert ((labels > 0) & ~prepared.mask).sum() * voxel_cm3 < 0.01 * brain_cm3
+    assert brain_cm3 < mask_cm3(prepared, config) < 1.35 * brain_cm3
