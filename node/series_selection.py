@@ -233,7 +233,8 @@ class SeriesFacts:
             sop_class=str(headers[0].sop_class_uid),
             image_type=tuple(str(v).upper() for v in _values(first.get("ImageType"))),
             head_text=_head_text(first),
-            kernel=" ".join(str(v) for v in _values(_first_of(first, "ConvolutionKernel"))).strip(),
+            # Siemens writes the kernel and the iterative strength ("Hr38f\\3"): the first value is the kernel.
+            kernel=str((_values(_first_of(first, "ConvolutionKernel")) or [""])[0]).strip(),
             window_center_hu=_first_number(_first_of(first, "WindowCenter", "FrameVOILUTSequence")),
             thickness_mm=thickness,
             n_images=n_images,

@@ -81,6 +81,14 @@ def test_thinner_slices_win_among_soft_tissue_series():
     assert selection.chosen == thin and "thicker slices (5 mm)" in selection.reasons[thick]
 
 
+def test_multi_valued_kernel_uses_its_first_value():
+    uid, headers = series(kernel="Hr38f", n=40)
+    for header in headers:
+        header.dataset.ConvolutionKernel = ["Hr38f", "3"]  # Siemens: kernel, iterative strength
+    selection, _ = choose((uid, headers))
+    assert selection.chosen == uid and "kernel Hr38f" in selection.reasons[uid]
+
+
 def test_window_centre_decides_when_the_kernel_is_unknown():
     selection, (bone, soft) = choose(series(kernel="XYZ9", window=700, thickness=1.0, n=120),
                                      series(kernel="XYZ1", window=35, thickness=2.0, n=60))
