@@ -23,9 +23,12 @@ instance) into a :class:`SeriesVolume`:
 Typical spacing = the median spacing between neighbouring slices along the
 normal. The GE sample in ``shared/data/real-ct`` (gantry tilt 18.5 deg,
 13 gaps of 4.0 mm, one of 1.08 mm, 13 of 7.0 mm) has a median of 4.0 mm
-and a largest gap of 1.75 x that, so the default factor 2.0 accepts it while
-a single missing slice in an evenly spaced series (a 2 x gap) is still
-accepted only at the limit and two missing slices are refused.
+and a largest gap of 1.75 x that, so the default factor 2.0 accepts it. In
+an evenly spaced series, one missing slice (a gap of 2 x the spacing) is
+accepted, at the limit (interpolated across, like the GE sample's 7 mm
+gaps), and two missing slices (3 x) are refused. The median, not the
+smallest or the mean, is the typical spacing: one odd gap (the GE's 1.08 mm)
+does not move it.
 
 Values below -1024 HU (scanners' padding outside the reconstruction circle,
 e.g. -3024 HU) are set to -1024 HU (air), so that interpolation does not
@@ -250,27 +253,8 @@ def load_series_volume(instances: Sequence, max_gap_factor: float = 2.0) -> Seri
     series_uids = {str(h.series_uid) for h in instances}
     if len(series_uids) != 1:
         raise ValueError(f"instances of {len(series_uids)} series given; a volume is built from one series")
-    headers = list(instances)
-    multi_frame = [h for h in headers if _is_multi_frame(h.dataset)]
-    if multi_frame and len(headers) > 1:
-        raise ValueError(
-            f"the series mixes {len(multi_frame)} multi-frame instance(s) with {len(headers) - len(multi_frame)} "
-            "other instance(s); a multi-frame series must be one Enhanced CT instance"
-        )
-    if multi_frame:
-        planes = _frame_planes(headers[0].dataset)
-    else:
-        planes = [_single_frame_plane(i, h.dataset) for i, h in enumerate(headers)]
-    _check_consistent(planes)
-    if len(planes) < 2:
-        raise ValueError(f"the series has {len(planes)} image plane(s): a volume needs at least 2 slices")
+    headers, planes = _source_planes(list(instances))
     positions = _normal_positions(planes)
-    if not multi_frame:
-        # Single-frame: datasets (and planes) in order along the normal, as SEG and SR reference them.
-        order = np.argsort(positions, kind="stable")
-        headers = [headers[i] for i in order]
-        planes = [_reindexed(planes[i], new_index) for new_index, i in enumerate(order)]
-        positions = positions[order]
     order = _sorted_order(planes)
     sorted_planes = [planes[i] for i in order]
     gaps = _check_spacing(sorted_planes, positions[order], max_gap_factor)
@@ -287,6 +271,33 @@ def load_series_volume(instances: Sequence, max_gap_factor: float = 2.0) -> Seri
 
 
 # ---------------------------------------------------------------- planes from headers
+
+def _source_planes(headers: list) -> tuple[list, list[SourcePlane]]:
+    """The headers (single-frame: sorted along the normal) and their image planes, checked for consistency.
+
+    Single-frame series: one plane per instance, both in order along the
+    normal (the order SEG and SR reference them in). One multi-frame
+    instance: one plane per frame, in frame order.
+    """
+    multi_frame = [h for h in headers if _is_multi_frame(h.dataset)]
+    if multi_frame and len(headers) > 1:
+        raise ValueError(
+            f"the series mixes {len(multi_frame)} multi-frame instance(s) with {len(headers) - len(multi_frame)} "
+            "other instance(s); a multi-frame series must be one Enhanced CT instance"
+        )
+    if multi_frame:
+        planes = _frame_planes(headers[0].dataset)
+    else:
+        planes = [_single_frame_plane(i, h.dataset) for i, h in enumerate(headers)]
+    _check_consistent(planes)
+    if len(planes) < 2:
+        raise ValueError(f"the series has {len(planes)} image plane(s): a volume needs at least 2 slices")
+    if not multi_frame:
+        order = _sorted_order(planes)
+        headers = [headers[i] for i in order]
+        planes = [dataclasses.replace(planes[i], dataset_index=new_index) for new_index, i in enumerate(order)]
+    return headers, planes
+
 
 def _is_multi_frame(ds: pydicom.Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
@@ -378,10 +389,6 @@ def _frame_planes(ds: pydicom.Dataset) -> list[SourcePlane]:
     return planes
 
 
-def _reindexed(plane: SourcePlane, index: int) -> SourcePlane:
-    return dataclasses.replace(plane, dataset_index=index)
-
-
 # ---------------------------------------------------------------- checks
 
 def _check_consistent(planes: Sequence[SourcePlane]) -> None:
@@ -452,7 +459,7 @@ def _check_spacing(sorted_planes: Sequence[SourcePlane], positions: np.ndarray, 
             f"duplicated slice positions: {a.label()} and {b.label()} lie {gaps[k]:.3f} mm apart along the slice "
             f"normal (at {positions[k]:.2f} mm); the series holds the same slice twice or overlapping acquisitions"
         )
-    for k in np.flatnonzero(gaps > max_gap_factor * typical):
+    for k in np.flatnonzero(gaps > max_gap_factor * typical * (1 + _RELATIVE_TOLERANCE)):  # header rounding
         a, b = sorted_planes[k], sorted_planes[k + 1]
         raise ValueError(
             f"gap of {gaps[k]:.2f} mm between {a.label()} and {b.label()} is more than {max_gap_factor:g} x the "
