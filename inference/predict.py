@@ -380,7 +380,7 @@ class Segmenter:
     Args:
         checkpoint: checkpoint file; None = :data:`inference.checkpoint.BUNDLED_CHECKPOINT`.
         device: "auto" (CUDA when present, with fp16 autocast; else CPU), "cpu" or "cuda[:N]".
-        threads: CPU threads for torch (``torch.set_num_threads``); None leaves torch's default.
+        threads: CPU threads for torch and SimpleITK (process-wide settings); None leaves their defaults.
         tta: average with the left-right mirrored prediction (about twice the network time).
         overlap: overlap of sliding windows (0 <= overlap < 1).
         patch_size: sliding-window patch (z, y, x) in working voxels, multiples of 16;
@@ -400,6 +400,7 @@ class Segmenter:
             if int(threads) < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be within [0, 1), got {overlap}")
         if patch_size is not None and (len(patch_size) != 3 or any(
