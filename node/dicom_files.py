@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -88,16 +87,13 @@ def read_header(path: Path | str) -> InstanceHeader | None:
         return None
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as error:
-        log.debug("skipping %s, not a readable DICOM file: %s", path, error)
-        return None
-    sop_class = str(dataset.get("SOPClassUID", "") or getattr(dataset.get("file_meta"), "MediaStorageSOPClassUID", ""))
-    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in dataset:
-        return None
-    try:
+        meta_class = getattr(dataset.get("file_meta"), "MediaStorageSOPClassUID", "")
+        if str(dataset.get("SOPClassUID", "") or meta_class) == MEDIA_STORAGE_DIRECTORY \
+                or "DirectoryRecordSequence" in dataset:
+            return None
         return InstanceHeader.from_dataset(path, dataset)
-    except ValueError as error:
-        log.debug("skipping %s", error)
+    except Exception as error:  # values are parsed lazily: whatever fails to parse, the file is no instance
+        log.debug("skipping %s, not a usable DICOM instance: %s", path, error)
         return None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
@@ -70,6 +71,11 @@ def test_directory_files_and_datasets_without_uids_are_ignored(tmp_path, real_ct
     ds.save_as(tmp_path / "no_series_uid.dcm")
     assert read_header(tmp_path / "no_series_uid.dcm") is None
     assert read_header(tmp_path / "missing.dcm") is None
+    rng = np.random.default_rng(0)
+    for n, start in enumerate((b"\x08\x00", b"\x02\x00", b"\x00" * 128 + b"DICM")):  # look like DICOM, are not
+        garbage = tmp_path / f"garbage{n}"
+        garbage.write_bytes(start + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+        assert read_header(garbage) is None
 
 
 def test_real_philips_study(real_ct):
