@@ -185,14 +185,19 @@ class _Anatomy:
     sulcus_depth: float
 
 
-def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
+def _draw_anatomy(rng: np.random.Generator, targets: dict[str, float]) -> _Anatomy:
+    """Random shape parameters; the posterior fossa is sized for the child's cerebellum share."""
     u = rng.uniform
+    share = targets["cerebellum"] / sum(targets.values())
+    mean_share = COHORT_VOLUMES_CM3["cerebellum"][0] / sum(m for m, _ in COHORT_VOLUMES_CM3.values())
+    cerebrum_factors = u(0.95, 1.05, 3)
+    fossa_factor = (float(np.prod(cerebrum_factors)) * share / mean_share) ** (1 / 3)
     return _Anatomy(
-        cerebrum_axes=np.array([61.0, 77.0, 57.0]) * u(0.95, 1.05, 3),
-        fossa_axes=np.array([49.0, 33.0, 26.0]) * u(0.93, 1.07, 3),
+        cerebrum_axes=np.array([64.0, 80.0, 66.0]) * cerebrum_factors,
+        fossa_axes=np.array([56.0, 39.0, 31.0]) * fossa_factor * u(0.97, 1.03, 3),
         ventricle_scale=u(0.8, 1.3),
         csf_width=u(1.5, 3.0),
-        skull_thickness=u(3.0, 4.5),
+        skull_thickness=u(2.5, 4.0),
         scalp_thickness=u(4.0, 7.0),
         tentorium_height=u(-3.0, 3.0),
         sylvian_height=u(-3.0, 3.0),
@@ -253,6 +258,26 @@ def _tentorium(x, y, anatomy: _Anatomy) -> np.ndarray:
 
 BASE_EXTRA_BONE_MM = 5.0    # the skull base is thicker than the vault
 BASE_START_Z = -28.0
+PETROUS_APEX_X = 12.0        # |x| of the petrous apex, beside the clivus
+PETROUS_SLOPE = 0.66         # the ridge runs back 0.66 mm per mm laterally
+PETROUS_TOP_Z = -30.0
+
+
+def _petrous_line(x) -> np.ndarray:
+    """y (mm) of the front of the posterior fossa: the petrous ridges laterally, the brainstem medially."""
+    lateral = np.abs(x) - PETROUS_APEX_X
+    ridge = 4.0 + PETROUS_SLOPE * np.where(lateral > 0, lateral, 0.0)
+    # Medially the posterior fossa's front is the brainstem: the cerebellum starts behind it.
+    return np.maximum(ridge, 14.0 - 0.5 * np.abs(x))
+
+
+def _petrous_ridges(x, y, z) -> np.ndarray:
+    """Signed distance-like field (< 0 inside) of the two petrous bone wedges."""
+    across = np.abs(y - _petrous_line(x)) / math.hypot(1.0, PETROUS_SLOPE)
+    half_width = 3.0 + 0.35 * np.maximum(PETROUS_TOP_Z - z, 0.0)      # a wedge, wider downwards
+    return np.maximum.reduce([across - half_width, z - PETROUS_TOP_Z, PETROUS_APEX_X - np.abs(x)])
+
+
 BRAINSTEM_TOP = (0.0, 4.0, -14.0)
 BRAINSTEM_BOTTOM = (0.0, 15.0, -82.0)
 
@@ -322,13 +347,15 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     w_post = _ramp((y - 8.0) / 4.0)
     floor = w_ant * floor_anterior + w_post * tent + (1 - w_ant - w_post) * floor_middle
     del floor_anterior, floor_middle, w_ant, w_post
-    implicit = np.maximum(_ellipsoid(x, y, z, (0.0, 2.0, 8.0), anatomy.cerebrum_axes), floor - z)
+    implicit = np.maximum(_ellipsoid(x, y, z, (0.0, 2.0, -2.0), anatomy.cerebrum_axes), floor - z)
     del floor
     lower = _box((-80, 80), (-20, 90), (-104, 0))
     implicit[lower] = np.minimum(implicit[lower], np.maximum(
-        _ellipsoid(x[lower], y[lower], z[lower], (0.0, 34.0, -40.0), anatomy.fossa_axes), z[lower] - tent[lower] - 3.0))
+        _ellipsoid(x[lower], y[lower], z[lower], (0.0, 36.0, -42.0), anatomy.fossa_axes), z[lower] - tent[lower] - 3.0))
     implicit[lower] = np.minimum(implicit[lower], _capsule(x[lower], y[lower], z[lower], (0.0, 6.0, -20.0),
                                                            (0.0, 17.0, -92.0), 11.0))
+    # Petrous ridges: bone walls between the middle and the posterior fossa.
+    implicit[lower] = np.maximum(implicit[lower], -_petrous_ridges(x[lower], y[lower], z[lower]))
     intracranial = _signed_distance(implicit < 0)
     # Head: skull + scalp around the intracranial space (thicker at the base), face and neck.
     outer = intracranial - (anatomy.skull_thickness + anatomy.scalp_thickness
@@ -344,7 +371,8 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
 
     v = anatomy.ventricle_scale
     ventricles = _in_box(shape, _box((-45, 45), (-45, 50), (-60, 35)), 100.0, lambda x, y, z: np.minimum.reduce([
-        _ellipsoid(np.abs(x), y, z, (8.0, -4.0, 12.0), np.array([3.5, 24.0, 4.5]) * v),        # bodies
+        _ellipsoid(np.abs(x), y, z, (8.0, -2.0, 14.0), np.array([3.8, 24.0, 5.5]) * v),        # bodies
+        _ellipsoid(np.abs(x), y, z, (10.0, -22.0, 8.0), np.array([4.0, 8.0, 6.0]) * v),        # frontal horns
         _ellipsoid(np.abs(x), y, z, (15.0, 24.0, 6.0), np.array([4.5, 9.0, 6.0]) * v),        # atria
         _ellipsoid(np.abs(x), y, z, (25.0, 4.0, -18.0), np.array([2.0, 14.0, 2.5]) * v),      # temporal horns
         _ellipsoid(x, y, z, (0.0, 2.0, -6.0), np.array([1.3, 11.0, 8.0]) * v),                # third
@@ -357,8 +385,9 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     brainstem = _in_box(shape, _box((-50, 50), (-40, 70), (-104, 20)), 100.0,
                         lambda x, y, z: _capsule(x, y, z, BRAINSTEM_TOP, BRAINSTEM_BOTTOM, 0.0), x, y, z)
     face = _in_box(shape, _box((-60, 60), (-104, -20), (-104, -5)), np.nan, _face_hu, x, y, z)
-    # Posterior fossa only: anterior voxels get a high score so the cerebellum stays behind the brainstem.
-    infratentorial = z - tent + 80.0 * _ramp((2.0 - y) / 4.0)
+    # Below the tentorium and behind the petrous ridges; distance-like (unit gradient) on
+    # both parts, so the CSF sheet around the cerebellum has the same width everywhere.
+    infratentorial = np.maximum(z - tent, (_petrous_line(x) - y) / math.hypot(1.0, PETROUS_SLOPE))
     del tent
     # Sylvian plane rising medially: the temporal lobe is lateral; only low medial tissue
     # (uncus, hippocampus) falls below it.
@@ -423,7 +452,7 @@ class _Partition:
     frontal: tuple[float, float] = (0.0, 0.0)
 
 
-SULCUS_HALF_WIDTH = 0.09    # in units of the sulci field's SD (~1 mm)
+SULCUS_HALF_WIDTH = 0.13    # in units of the sulci field's SD (~1.5 mm)
 FORAMEN_MAGNUM_Z = -78.0    # head frame: below it the brainstem becomes the (unlabelled) spinal cord
 
 
@@ -469,7 +498,8 @@ def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
         surface_depth = np.minimum(depth, medial_depth)
         fissures = (
             (np.abs(po) < FISSURE_HALF_WIDTH) & (surface_depth < 22.0) & (syl > 0)
-            | (np.abs(syl) < FISSURE_HALF_WIDTH) & (depth < 26.0) & (po > 18.0) & (f["central"] < 12.0)
+            | (np.abs(syl) < FISSURE_HALF_WIDTH) & ((medial_depth > 26.0) | (depth < 15.0)) & (po > 18.0)
+            & (f["central"] < 12.0)
             | (np.abs(cs) < FISSURE_HALF_WIDTH) & (surface_depth < 18.0) & (syl > 3.0) & (po > 0)
         )
         for lobe, mask in (("frontal", frontal), ("parietal", parietal), ("occipital", occipital),
@@ -808,7 +838,7 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     study_date = dt.date(2018, 1, 1) + dt.timedelta(days=int(child_rng.integers(0, 2900)))
     birth_date = study_date - dt.timedelta(days=int(round(age_years * 365.25)))
 
-    anatomy = _draw_anatomy(anatomy_rng)
+    anatomy = _draw_anatomy(anatomy_rng, targets)
     fields = _compute_fields(anatomy_rng, anatomy)
     partition, scale = _calibrate(fields, anatomy, targets)
     hu = _canonical_hu(fields, anatomy, partition)

@@ -137,14 +137,17 @@ def _touching(labels: np.ndarray, a: set[int], b: set[int]) -> int:
     return int((np.isin(labels, list(a)) & ndimage.binary_dilation(np.isin(labels, list(b)), ball)).sum())
 
 
-@pytest.mark.parametrize("name, a, b", [
-    ("interhemispheric", {1, 3, 5}, {2, 4, 6}),
-    ("sylvian", {1, 2}, {7, 8}),
-    ("central", {1, 2}, {3, 4}),
-    ("parieto-occipital", {3, 4}, {5, 6}),
-    ("tentorium", {5, 6, 7, 8}, {9}),
+#: Direct contact allowed, as a multiple of the fissure's voxels: the interhemispheric
+#: fissure stops at the corpus callosum, and the Sylvian fissure is lateral (deep to the
+#: insula the temporal stem joins frontal and temporal white matter without CSF).
+@pytest.mark.parametrize("name, a, b, contact_factor", [
+    ("interhemispheric", {1, 3, 5}, {2, 4, 6}, 1.0),
+    ("sylvian", {1, 2}, {7, 8}, 3.0),
+    ("central", {1, 2}, {3, 4}, 1.0),
+    ("parieto-occipital", {3, 4}, {5, 6}, 1.0),
+    ("tentorium", {5, 6, 7, 8}, {9}, 0.2),
 ])
-def test_fissures_are_csf_sheets_between_lobes(boy, name, a, b):
+def test_fissures_are_csf_sheets_between_lobes(boy, name, a, b, contact_factor):
     image, labels = arrays(boy)
     fissure = _fissure_voxels(labels, a, b)
     assert fissure.sum() > 100, f"{name}: no fissure between the regions"
@@ -152,9 +155,7 @@ def test_fissures_are_csf_sheets_between_lobes(boy, name, a, b):
     # Fissures are ~2 mm CSF sheets; at 1.5 mm voxels they are partial-volume darker than brain.
     assert image[fissure].mean() < parenchyma.mean() - 8.0, name
     assert image[fissure].mean() < 22.0, name
-    # Most of the boundary is a fissure, not direct contact (the interhemispheric fissure
-    # stops at the corpus callosum and the Sylvian fissure ends behind, so some contact is anatomy).
-    assert _touching(labels, a, b) < fissure.sum(), name
+    assert _touching(labels, a, b) < contact_factor * fissure.sum(), name
 
 
 def test_lobes_share_one_parenchyma_intensity(boy):
