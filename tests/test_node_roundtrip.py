@@ -100,7 +100,7 @@ def test_storescu_to_node_to_storescp_valid_results_in_the_source_study(tmp_path
         assert state in history
 
 
-def test_echo_send_and_a_destination_that_comes_up_late(tmp_path, study, node_factory, capsys):
+def test_echo_send_and_a_destination_that_comes_up_late_even_after_a_restart(tmp_path, study, node_factory, capsys):
     pacs_port = free_port()
     config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs_port)
     node = node_factory(config)
@@ -115,6 +115,8 @@ def test_echo_send_and_a_destination_that_comes_up_late(tmp_path, study, node_fa
              "a first failed delivery")
     (job,) = jobs.jobs()
     assert job.state == "sending"
+    node.stop()  # the outbox is persisted: a restarted node goes on retrying
+    jobs = node_factory(config).jobs
     with StoreSCP(tmp_path / "pacs", pacs_port) as pacs:
         wait_for(lambda: jobs.get(job.id).state == "done", 30, "delivery after the PACS came up")
         _one_result_set(pacs, pydicom.dcmread(study[0]).StudyInstanceUID)

@@ -112,6 +112,7 @@ def test_disk_high_water_mark_refuses_new_data(scp_factory, series):
     assert _spooled(scp) == []
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_missing_uid_is_refused_as_not_matching_the_sop_class(scp_factory, series, tmp_path):
     scp = scp_factory()
     broken = pydicom.dcmread(series[0])
