@@ -74,11 +74,9 @@ def _associate(ae: AE, remote: RemoteAE, tls: TLSSettings | None):
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
-        reason = "association rejected"
-    elif assoc.is_aborted:
-        reason = "association aborted"
-    else:
-        reason = "no answer (down or unreachable)"
+        reason = f"association rejected (is our AE title {ae.ae_title} in its table, and its title {remote.ae_title}?)"
+    else:  # pynetdicom reports a refused or timed-out connection as an abort
+        reason = "no association: connection refused, timed out or aborted (is it running?)"
     raise PeerUnavailable(f"{remote.ae_title} at {remote.host}:{remote.port}: {reason}")
 
 

@@ -13,7 +13,7 @@ examples:
       send a job's results again to the PACS
   lobevol send scan/ --to LOBEVOL --as CT01 --config config.ini
 
-Non-DICOM files under PATH are skipped. Exit status 1 when a file was not stored.
+Non-DICOM files (and DICOMDIR) under PATH are skipped; an instance found twice is sent once. Exit status 1 when a file was not stored.
 """
 
 
@@ -34,31 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def dicom_files(path: Path) -> list[Path]:
-    """DICOM files at PATH (a file, or every file under a folder that has the DICM prefix)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    found = []
-    for candidate in candidates:
-        with open(candidate, "rb") as handle:
-            if handle.read(132)[128:] == b"DICM":
-                found.append(candidate)
-    if not found:
-        raise ValueError(f"no DICOM file (with the DICM file prefix) under {path}")
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from node.commands.echo import peer
     from node.config import load_config
+    from node.dicom_files import find_dicom_files
     from node.scu import PeerUnavailable, store_files
 
     config = load_config(args.config)
     remote, calling = peer(config, args.to, args.calling_ae)
-    files = dicom_files(args.path)
+    files = [header.path for header in find_dicom_files(args.path)]
+    if not files:
+        raise ValueError(f"no DICOM instance under {args.path}")
     with tqdm(total=len(files), unit="file", desc=f"to {remote.ae_title}", disable=len(files) < 10) as bar:
         try:
             results = store_files(remote, files, calling, config.tls, progress=lambda result: bar.update())
