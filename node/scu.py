@@ -74,7 +74,7 @@ def _associate(ae: AE, remote: RemoteAE, tls: TLSSettings | None):
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
-        reason = f"association rejected (is our AE title {ae.ae_title} in its table, and its title {remote.ae_title}?)"
+        reason = f"association rejected (does it know our AE title {ae.ae_title} and answer to {remote.ae_title}?)"
     else:  # pynetdicom reports a refused or timed-out connection as an abort
         reason = "no association: connection refused, timed out or aborted (is it running?)"
     raise PeerUnavailable(f"{remote.ae_title} at {remote.host}:{remote.port}: {reason}")
