@@ -115,7 +115,7 @@ def test_a_worker_crash_fails_one_job_and_the_node_goes_on(tmp_path):
 
 
 @pytest.mark.integration
-def test_sigterm_checkpoints_the_running_job(tmp_path):
+def test_node_receives_while_computing_and_sigterm_checkpoints_the_running_job(tmp_path):
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         config.write_text(config.read_text().replace("shutdown_grace_s = 30", "shutdown_grace_s = 0.5"))
@@ -124,9 +124,13 @@ def test_sigterm_checkpoints_the_running_job(tmp_path):
         try:
             storescu(node.port, write_ct_series(tmp_path / "a", region_labels((20, 32, 32))))
             wait_for(lambda: node.jobs.counts().get("processing"), 30, "processing")
+            # the network process keeps receiving while the worker computes
+            started = time.monotonic()
+            storescu(node.port, write_ct_series(tmp_path / "b", region_labels((20, 32, 32))))
+            assert time.monotonic() - started < 10 and node.jobs.counts().get("received") == 1
         finally:
             started = time.monotonic()
             node.stop()
         assert time.monotonic() - started < 15
-        (job,) = node.jobs.jobs()
-        assert job.state == "selected" and "checkpointed at shutdown" in job.reason
+        first = node.jobs.get(1)
+        assert first.state == "selected" and "checkpointed at shutdown" in first.reason
