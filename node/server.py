@@ -138,7 +138,12 @@ class Node:
                 self._wake_processor.wait(1.0)
                 self._wake_processor.clear()
                 continue
-            self._process(job)
+            try:
+                self._process(job)
+            except Exception as error:  # a bug must fail one job, not stop the processing loop
+                log.exception("job %d: unexpected error", job.id)
+                self.jobs.finish_analysis(job.id, "failed", f"internal error: {type(error).__name__}: {error}",
+                                          "", None, [])
 
     def _restart_worker(self) -> bool:
         try:
