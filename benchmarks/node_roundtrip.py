@@ -61,6 +61,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def _role(pid: int, serve_pid: int) -> str:
+    """network (the serve process), worker, or the multiprocessing helper it is."""
+    if pid == serve_pid:
+        return "network"
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        command = ""
+    return "resource tracker" if "resource_tracker" in command else f"worker (pid {pid})"
+
+
 def write_phantom_series(folder: Path, matrix: int, slices: int, seed: int) -> list[Path]:
     """A phantom head CT of ``matrix`` x ``matrix`` x ``slices`` written as a CT series."""
     from inference.phantom import make_phantom
@@ -156,7 +167,7 @@ may_receive = yes
         print(f"  {job.summary}")
         received = sorted(p.name for p in (work / "pacs").iterdir())
         print(f"  the PACS received {len(received)} object(s): {', '.join(n.split('.')[0] for n in received)}")
-        memory = {("network" if pid == serve.pid else f"worker {pid}"): peak for pid, peak in peaks.items() if peak}
+        memory = {_role(pid, serve.pid): peak for pid, peak in peaks.items() if peak}
         print("peak memory: " + ", ".join(f"{name} {peak / 2**30:.2f} GiB" for name, peak in memory.items())
               + f"; together {sum(memory.values()) / 2**30:.2f} GiB")
     finally:
