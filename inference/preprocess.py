@@ -18,7 +18,9 @@ adaptive histogram equalisation (AHE) and strip the skull by thresholding.
    filled slices plug the bottom for a 3D filling that reaches the levels where
    axial slices are open) within the soft-tissue HU range; an erosion cuts thin
    bridges, the largest component is kept, grown back, and its inner holes
-   (calcified choroid plexus, vessels) are filled. Morphology uses distance
+   (calcified choroid plexus, vessels) are filled. In preprocess_image the mask
+   is then dilated by half the source's largest spacing, the band where thick
+   slices mix brain and bone (the network decides there). Morphology uses distance
    transforms (exact balls in mm, cost independent of the radius).
 3. **Crop** to the mask's box plus ``margin_mm``, padded so that every side is a
    multiple of :data:`inference.models.MODEL_DIVISOR`.
@@ -79,9 +81,9 @@ class PreprocessConfig:
     ahe_alpha: float = 0.3
     ahe_beta: float = 0.3
     ahe_radius_mm: float = 6.0
-    bone_hu: float = 200.0
+    bone_hu: float = 150.0
     soft_tissue_hu: tuple[float, float] = (-15.0, 120.0)
-    skull_closing_mm: float = 10.0
+    skull_closing_mm: float = 12.0
     margin_mm: float = 6.0
 
     def __post_init__(self) -> None:
@@ -360,6 +362,11 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
     hu = _extract(hu, head_start, head_size, AIR_HU)
     full_grid = crop_grid(full_grid, head_start, head_size)
     mask = intracranial_mask(hu, tuple(spacing_zyx), config)
+    # Thick source slices blur the brain's edge into the skull (at the vertex a 5 mm slice
+    # reads as bone while half of it is brain): give the network that band to decide on.
+    partial_volume_mm = 0.5 * max(image.GetSpacing())
+    if partial_volume_mm > 0.5 * float(spacing_zyx.min()):
+        mask = dilate_mm(mask, partial_volume_mm, spacing_zyx)
     start, size = _box(mask, spacing_zyx, config.margin_mm, GRID_DIVISOR)
     hu = _extract(hu, start, size, AIR_HU)
     mask = _extract(mask, start, size, False)

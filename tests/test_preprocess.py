@@ -1,8 +1,6 @@
 """Preprocessing: working grid, skull stripping, crop, AHE normalisation, labels on the grid."""
 from __future__ import annotations
 
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from inference.preprocess import (
     preprocess_image,
 )
 
-REAL_CT = Path("/work/shared/data/real-ct/dcm_qa_ct.tar.xz")
 BRAIN_RADIUS_MM = 60.0
 
 
@@ -166,16 +163,12 @@ def test_labels_to_grid_refuses_bad_labels():
 
 
 @pytest.fixture(scope="module")
-def ge_head(tmp_path_factory) -> sitk.Image:
-    """The real GE head CT (adult, 18.5 degree gantry tilt, uneven slice spacing)."""
-    folder = tmp_path_factory.mktemp("real-ct")
-    with tarfile.open(REAL_CT) as archive:
-        archive.extractall(folder, members=[m for m in archive.getmembers() if m.name.startswith("GE/")],
-                           filter="data")
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(str(folder / "GE"))
-    reader.SetFileNames(files)
-    return reader.Execute()
+def ge_head(real_ct) -> sitk.Image:
+    """The real GE head CT (adult, 18.5 degree gantry tilt, uneven slice spacing), as the node loads it."""
+    from node.dicom_files import find_dicom_files
+    from node.series_volume import load_series_volume
+
+    return load_series_volume(find_dicom_files(real_ct / "GE")).image
 
 
 @pytest.mark.slow
