@@ -1,9 +1,10 @@
 """Synthetic pediatric head-CT phantoms with known brain-region labels and volumes.
 
 A phantom is a 2-year-old's head: scalp (skin and fat), skull (cortical tables and
-diploe, thicker at the base), extra-axial CSF, lateral / third / fourth ventricles,
-brain parenchyma with a grey-matter ribbon, deep grey nuclei and random cortical
-sulci, and the 10 labelled regions of :mod:`inference.labels`. The regions are told
+diploe, thicker at the base, petrous ridges between the middle and posterior fossae),
+face (orbits, nasal airway) and neck, extra-axial CSF, lateral / third / fourth
+ventricles, brain parenchyma with a grey-matter ribbon, deep grey nuclei and random
+cortical sulci, and the 10 labelled regions of :mod:`inference.labels`. The regions are told
 apart by anatomy the image shows, never by an intensity code: every lobe has the same
 parenchyma HU distribution; the interhemispheric, Sylvian, central and
 parieto-occipital fissures and the tentorium are thin CSF sheets at the region
@@ -78,7 +79,7 @@ REGION_CORRELATION = 0.8
 #: Drawn geometry ranges.
 SLICE_THICKNESS_CHOICES_MM = (0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0)
 PIXEL_SPACING_RANGE_MM = (0.35, 0.6)
-MIN_FIELD_OF_VIEW_MM = 195.0
+MIN_FIELD_OF_VIEW_MM = 215.0   # drawn pixel sizes keep a rotated, scaled head inside the field of view
 MAX_ROTATION_DEG = 20.0
 NOISE_RANGE_HU = (3.0, 12.0)
 
@@ -814,7 +815,7 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
         slice_thickness_mm: slice thickness = spacing (contiguous slices, mm); None draws
             one of 0.625-5 mm.
         pixel_spacing_mm: in-plane pixel size (mm); None draws 0.35-0.6 mm, at least
-            195 mm / matrix so the field of view holds the head.
+            215 mm / matrix so the field of view holds the head (0.42-0.6 mm at 512).
         matrix: rows = columns of every slice.
         n_slices: number of slices; None covers the head from below the foramen magnum to
             above the vertex.

@@ -195,7 +195,7 @@ def test_tilted_phantom_geometry(tilted):
 def test_drawn_scan_parameters_are_in_range():
     thin = make_phantom(3, n_slices=2)   # 512 matrix, drawn pixel size and thickness; two slices are cheap
     assert thin.meta["slice_thickness_mm"] in SLICE_THICKNESS_CHOICES_MM
-    assert 0.38 <= thin.meta["pixel_spacing_mm"] <= 0.6       # >= 195 mm field of view at 512
+    assert 0.42 <= thin.meta["pixel_spacing_mm"] <= 0.6       # >= 215 mm field of view at 512
     assert thin.image.GetSize() == (512, 512, 2)
     assert thin.meta["sex"] in ("M", "F") and 1.5 <= thin.meta["age_years"] <= 2.5
 
