@@ -50,8 +50,10 @@ from inference.preprocess import PreprocessConfig, check_image, index_to_physica
 
 log = logging.getLogger(__name__)
 
-#: A working grid with at most this many voxels is predicted in one pass when no patch size is given.
-WHOLE_VOLUME_MAX_VOXELS = 176 ** 3
+#: Memory the network's activations may take in one pass (bytes); sets the largest one-pass grid.
+NETWORK_MEMORY_BUDGET = 2 * 1024 ** 3
+#: Peak activation bytes per input voxel per first-level channel (measured on CPU, float32: ~35).
+ACTIVATION_BYTES_PER_VOXEL_CHANNEL = 40
 #: Sliding-window patch (z, y, x) used above that size when no patch size is given.
 DEFAULT_PATCH_SIZE = (128, 128, 128)
 #: Source slices mapped back per chunk (bounds the memory of the coordinate arrays).
@@ -158,9 +160,15 @@ def window_starts(length: int, patch: int, overlap: float) -> list[int]:
     return sorted({int(round(i * (length - patch) / (count - 1))) for i in range(count)})
 
 
-def _resolve_patch(shape: Sequence[int], patch_size: Sequence[int] | None) -> tuple[int, int, int]:
+def whole_volume_limit(first_width: int) -> int:
+    """Largest grid (voxels) one network pass may take within :data:`NETWORK_MEMORY_BUDGET`."""
+    return NETWORK_MEMORY_BUDGET // (ACTIVATION_BYTES_PER_VOXEL_CHANNEL * max(1, int(first_width)))
+
+
+def _resolve_patch(shape: Sequence[int], patch_size: Sequence[int] | None,
+                   max_whole_voxels: int) -> tuple[int, int, int]:
     if patch_size is None:
-        if math.prod(shape) <= WHOLE_VOLUME_MAX_VOXELS:
+        if math.prod(shape) <= max_whole_voxels:
             return tuple(int(n) for n in shape)
         patch_size = DEFAULT_PATCH_SIZE
     return tuple(min(int(p), int(n)) for p, n in zip(patch_size, shape))
@@ -175,7 +183,8 @@ def _forward_probabilities(model: torch.nn.Module, batch: torch.Tensor, device: 
 @torch.inference_mode()
 def predict_probabilities(model: torch.nn.Module, array: np.ndarray, *, device: torch.device,
                           patch_size: Sequence[int] | None = None, overlap: float = 0.5,
-                          tta: bool = False, progress: bool = True) -> torch.Tensor:
+                          tta: bool = False, max_whole_voxels: int = whole_volume_limit(16),
+                          progress: bool = True) -> torch.Tensor:
     """Class probabilities (C, z, y, x), float32 on the CPU, for a preprocessed array.
 
     Args:
@@ -183,18 +192,20 @@ def predict_probabilities(model: torch.nn.Module, array: np.ndarray, *, device: 
         array: float32 (z, y, x), each side a multiple of the model's divisor (16).
         device: where the network runs.
         patch_size: sliding-window patch (z, y, x), multiples of 16; None = one pass
-            when the array has at most :data:`WHOLE_VOLUME_MAX_VOXELS`, else
+            when the array has at most ``max_whole_voxels``, else
             :data:`DEFAULT_PATCH_SIZE`. Patches larger than the array shrink to it.
         overlap: fraction (0 <= overlap < 1) by which neighbouring patches overlap.
         tta: also predict the left-right mirror (last axis) and average, with
             right/left channels swapped back.
+        max_whole_voxels: the largest array predicted in one pass when no patch
+            size is given (see :func:`whole_volume_limit`).
         progress: show a progress bar over the windows.
     """
     if array.ndim != 3 or any(n % MODEL_DIVISOR for n in array.shape):
         raise ValueError(f"array shape {array.shape} must be 3D with sides that are multiples of {MODEL_DIVISOR}")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be within [0, 1), got {overlap}")
-    patch = _resolve_patch(array.shape, patch_size)
+    patch = _resolve_patch(array.shape, patch_size, max_whole_voxels)
     if any(p % MODEL_DIVISOR or p <= 0 for p in patch):
         raise ValueError(f"patch size {tuple(patch)} must be positive multiples of {MODEL_DIVISOR}")
     image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -384,7 +395,8 @@ class Segmenter:
         tta: average with the left-right mirrored prediction (about twice the network time).
         overlap: overlap of sliding windows (0 <= overlap < 1).
         patch_size: sliding-window patch (z, y, x) in working voxels, multiples of 16;
-            None = one pass for grids up to :data:`WHOLE_VOLUME_MAX_VOXELS`.
+            None = one pass when the activations fit :data:`NETWORK_MEMORY_BUDGET`
+            (about 3.3 M voxels for 16 first-level channels), else 128^3 windows.
         progress: show progress bars.
 
     Raises:
@@ -431,7 +443,8 @@ class Segmenter:
         mark = time.perf_counter()
         probabilities = predict_probabilities(
             self.network, prepared.array, device=self.device, patch_size=self.patch_size,
-            overlap=self.overlap, tta=self.tta, progress=self.progress)
+            overlap=self.overlap, tta=self.tta, max_whole_voxels=whole_volume_limit(self.meta.channels[0]),
+            progress=self.progress)
         timings["inference"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
