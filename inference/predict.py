@@ -46,7 +46,13 @@ from tqdm import tqdm
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from inference.labels import NUM_CLASSES, REGIONS
 from inference.models import MODEL_DIVISOR
-from inference.preprocess import PreprocessConfig, check_image, index_to_physical_matrix, preprocess_image
+from inference.preprocess import (
+    PreprocessConfig,
+    check_image,
+    index_box_covering,
+    index_to_physical_matrix,
+    preprocess_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -298,19 +304,6 @@ def _uniform_cells(labels: np.ndarray) -> np.ndarray:
     return np.where(same, corner, _MIXED).astype(np.uint8)
 
 
-def _source_box(source: sitk.Image, grid: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
-    """(low, high) source (i, j, k) index range (inclusive) whose voxels may fall on the grid."""
-    grid_matrix, grid_offset = index_to_physical_matrix(grid)
-    source_matrix, source_offset = index_to_physical_matrix(source)
-    size = np.asarray(grid.GetSize()) - 1
-    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], dtype=float)
-    points = corners @ grid_matrix.T + grid_offset
-    indices = np.linalg.solve(source_matrix, (points - source_offset).T).T
-    low = np.maximum(np.floor(indices.min(axis=0)).astype(int), 0)
-    high = np.minimum(np.ceil(indices.max(axis=0)).astype(int), np.asarray(source.GetSize()) - 1)
-    return None if np.any(low > high) else (low, high)
-
-
 def labels_on_source_grid(scores: torch.Tensor, grid_labels: np.ndarray, grid: sitk.Image,
                           source: sitk.Image, progress: bool = True) -> np.ndarray:
     """Labels (k, j, i) on ``source``'s grid from per-class scores on ``grid``.
@@ -326,7 +319,7 @@ def labels_on_source_grid(scores: torch.Tensor, grid_labels: np.ndarray, grid: s
         uint8 array shaped like ``source`` (k, j, i); 0 outside the working grid.
     """
     output = np.zeros(tuple(reversed(source.GetSize())), dtype=np.uint8)
-    box = _source_box(source, grid)
+    box = index_box_covering(source, grid)
     if box is None:
         return output
     low, high = box

@@ -170,6 +170,21 @@ def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return points.min(axis=0), points.max(axis=0)
 
 
+def index_box_covering(image: sitk.Image, grid: sitk.Image, margin: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high): the inclusive (i, j, k) index range of ``image`` that covers ``grid``'s extent.
+
+    ``margin`` voxels are added on each side (for interpolation), clipped to the
+    image; None when the two do not overlap.
+    """
+    image_matrix, image_offset = index_to_physical_matrix(image)
+    low, high = physical_bounds(grid)
+    corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    indices = np.linalg.solve(image_matrix, (corners - image_offset).T).T
+    first = np.maximum(np.floor(indices.min(axis=0)).astype(int) - margin, 0)
+    last = np.minimum(np.ceil(indices.max(axis=0)).astype(int) + margin, np.asarray(image.GetSize()) - 1)
+    return None if np.any(first > last) else (first, last)
+
+
 def working_grid(image: sitk.Image, spacing_mm: tuple[float, float, float]) -> sitk.Image:
     """An empty patient-aligned grid at ``spacing_mm`` covering all of ``image``."""
     low, high = physical_bounds(image)
@@ -400,6 +415,13 @@ def labels_to_grid(labels: sitk.Image, grid: sitk.Image) -> np.ndarray:
     reference.CopyInformation(grid)
     best = np.zeros(tuple(reversed(grid.GetSize())), dtype=np.float32)
     result = np.zeros(best.shape, dtype=np.uint8)
+    box = index_box_covering(labels, grid, margin=1)
+    if box is None:
+        return result
+    # Only the part of the labels under the grid is resampled (the grid is the brain's box).
+    labels = labels[int(box[0][0]):int(box[1][0]) + 1, int(box[0][1]):int(box[1][1]) + 1,
+                    int(box[0][2]):int(box[1][2]) + 1]
+    present = np.unique(sitk.GetArrayViewFromImage(labels))
     for value in present:
         indicator = sitk.Cast(labels == int(value), sitk.sitkFloat32)
         score = sitk.GetArrayFromImage(resample_to(indicator, reference, default=1.0 if value == 0 else 0.0))
