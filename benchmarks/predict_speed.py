@@ -1,6 +1,6 @@
 """Prediction speed and memory on a full-size head CT (prints figures; not a test).
 
-The target (DESIGN: a node answers while the radiologist still reads) is one
+The target (set by the project's issue for the engine) is one
 512 x 512 x 300 series at 0.625 mm segmented in under 20 s and 4 GB on 2 CPU
 cores. The series is a synthetic phantom (``inference.phantom.make_phantom``,
 cached as .mha so that repeated runs time prediction only). Prediction runs in
@@ -126,7 +126,8 @@ def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, repeat:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("examples:")[1],
+    description, examples = __doc__.split("examples:")
+    parser = argparse.ArgumentParser(description=description.strip(), epilog="examples:" + examples.rstrip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and SimpleITK (default 2)")
     parser.add_argument("--tta", action="store_true", help="with left-right flip test-time augmentation")
