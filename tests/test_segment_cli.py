@@ -178,3 +178,14 @@ def test_segment_max_gap_factor_option(model_free, tmp_path, capsys):
     assert main(["segment", str(tmp_path / "ct"), "--out", str(tmp_path / "a")]) == 1
     assert "gap of 15.00 mm" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "ct"), "--out", str(tmp_path / "b"), "--max-gap-factor", "3.5"]) == 0
+
+
+def test_segment_dry_run_lists_the_series_and_the_choice(real_ct, tmp_path, capsys):
+    assert main(["segment", str(real_ct / "Philips"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("would analyse series 202 (STD BRAIN 1MM, iDose)") and len(out) == 6
+    assert any("series 203 (BONE BRAIN 1MM), 140 instance(s): eligible, not preferred: bone" in line for line in out)
+    assert main(["segment", str(real_ct / "Philips" / "S21570" / "S4010"), "--dry-run"]) == 1
+    assert "none of the 1 study(ies) has a series to analyse" in capsys.readouterr().err
+    assert main(["segment", str(real_ct / "GE")]) == 1
+    assert "--out DIR is required" in capsys.readouterr().err

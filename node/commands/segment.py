@@ -15,6 +15,8 @@ examples:
   lobevol segment scan.nii.gz --out results --sex F --age 2.1
       a NIfTI image in HU: only the plain files and the PDF (no DICOM study to write into)
   lobevol segment incoming/ --out results --seg labelmap --no-overlays --z-threshold 2.5
+  lobevol segment /media/cd/DICOM --dry-run
+      which series of each study would be analysed, and why the others would not
   lobevol segment incoming/ --out results --config config.ini
       the node's [selection] rules and [outputs] settings (options given here win)
 
@@ -44,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", metavar="INPUT", type=Path,
                         help="folder of DICOM files (one or several studies), or an image file (.nii, .nii.gz, .mha, .nrrd)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (created; required unless --dry-run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only list each study's series and which one would be analysed, with the reasons "
+                             "(no model, nothing written)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: torch's choice)")
@@ -70,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.input.exists():
         raise FileNotFoundError(f"input {args.input} does not exist")
+    if args.dry_run:
+        if args.input.is_file():
+            raise ValueError("--dry-run lists the series of DICOM studies: give a folder")
+        return _list_selection(args, settings)
+    if args.out is None:
+        raise ValueError("--out DIR is required (the folder for the results)")
     if args.input.is_file():
         if not args.input.name.lower().endswith(IMAGE_SUFFIXES):
             raise ValueError(
@@ -126,6 +137,27 @@ def _segment_image(args, settings) -> int:
     outcome = analyse_image(image, args.out / case_id, _segmenter(args), settings, case_id=case_id,
                             sex=args.sex, age_years=args.age)
     print(outcome.summary)
+    return 0
+
+
+def _list_selection(args, settings) -> int:
+    """Print every study's series with the selection's verdict on each."""
+    from node.dicom_files import find_dicom_files, group_by_study
+    from node.series_selection import select_series
+
+    studies = group_by_study(find_dicom_files(args.input))
+    if not studies:
+        raise ValueError(f"no DICOM files found under {args.input}")
+    chosen = 0
+    for study_uid, series in studies.items():
+        selection = select_series(series, settings.selection)
+        verdict = f"would analyse {selection.labels[selection.chosen]}" if selection.chosen else "nothing to analyse"
+        print(f"study {study_uid}: {verdict}")
+        for uid in sorted(selection.reasons, key=lambda uid: uid != selection.chosen):
+            print(f"  {selection.labels[uid]}, {len(series[uid])} instance(s): {selection.reasons[uid]}")
+        chosen += selection.chosen is not None
+    if not chosen:
+        raise RuntimeError(f"none of the {len(studies)} study(ies) has a series to analyse")
     return 0
 
 
