@@ -234,7 +234,7 @@ class SeriesFacts:
             image_type=tuple(str(v).upper() for v in _values(first.get("ImageType"))),
             head_text=_head_text(first),
             # Siemens writes the kernel and the iterative strength ("Hr38f\\3"): the first value is the kernel.
-            kernel=str((_values(_first_of(first, "ConvolutionKernel")) or [""])[0]).strip(),
+            kernel=str((_values(_first_of(first, "ConvolutionKernel", "CTReconstructionSequence")) or [""])[0]).strip(),
             window_center_hu=_first_number(_first_of(first, "WindowCenter", "FrameVOILUTSequence")),
             thickness_mm=thickness,
             n_images=n_images,
@@ -387,20 +387,15 @@ def _values(value) -> list:
     return [value]
 
 
-def _first_of(ds: pydicom.Dataset, keyword: str, functional_group: str | None = None):
-    """A top-level attribute, else its value in the shared or first per-frame functional group."""
+def _first_of(ds: pydicom.Dataset, keyword: str, functional_group: str):
+    """A top-level attribute, else its value in the functional group (shared, else first frame's): Enhanced CT."""
     if keyword in ds and ds[keyword].value not in (None, ""):
         return ds[keyword].value
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for item in ds.get(groups, [])[:1]:
-            for sequence in [functional_group] if functional_group else []:
-                for inner in item.get(sequence, [])[:1]:
-                    if keyword in inner:
-                        return inner[keyword].value
-            if keyword == "ConvolutionKernel":
-                for inner in item.get("CTReconstructionSequence", [])[:1]:
-                    if "ConvolutionKernel" in inner:
-                        return inner.ConvolutionKernel
+            for inner in item.get(functional_group, [])[:1]:
+                if keyword in inner:
+                    return inner[keyword].value
     return None
 
 
