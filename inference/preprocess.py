@@ -56,6 +56,8 @@ GRID_DIVISOR = 16
 AIR_HU = -1024.0
 #: Radius (mm) of the erosion that separates the brain from what touches it through narrow openings.
 BRIDGE_MM = 2.0
+#: Smaller intracranial spaces are refused (a neonate's brain is about 350 cm3).
+MIN_INTRACRANIAL_CM3 = 100.0
 #: Anything above this is the head (or its support), not air: the box the mask is sought in.
 HEAD_HU = -500.0
 
@@ -260,8 +262,9 @@ def intracranial_mask(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
         config: thresholds and the closing radius.
 
     Raises:
-        ValueError: no skull (bone above ``bone_hu``) or nothing enclosed by it,
-            e.g. an image that is not a head CT or not in HU.
+        ValueError: no skull (bone above ``bone_hu``), or less than
+            :data:`MIN_INTRACRANIAL_CM3` of soft tissue enclosed by it, e.g. an
+            image that is not a head CT, not in HU, or covers little of the head.
     """
     spacing = np.asarray(spacing_zyx, dtype=float)
     skull = hu > config.bone_hu
@@ -289,7 +292,12 @@ def intracranial_mask(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
                          f"within {config.soft_tissue_hu} HU")
     brain = dilate_mm(core, bridge_mm, spacing) & inside
     # Inner holes (calcified choroid plexus, vessels above the range) belong to the inside.
-    return ndimage.binary_fill_holes(brain)
+    brain = ndimage.binary_fill_holes(brain)
+    volume_cm3 = brain.sum() * spacing.prod() / 1000.0
+    if volume_cm3 < MIN_INTRACRANIAL_CM3:
+        raise ValueError(f"the skull encloses only {volume_cm3:.0f} cm3 of soft tissue (< {MIN_INTRACRANIAL_CM3:.0f}): "
+                         "no brain to segment (a test object, or a series that covers only part of the head?)")
+    return brain
 
 
 # --- the pipeline -------------------------------------------------------------------------

@@ -124,6 +124,14 @@ def test_image_without_skull_or_not_3d_is_refused():
         preprocess_image(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), PreprocessConfig())
 
 
+def test_real_philips_head_phantom_without_brain_is_refused(real_ct):
+    """The Philips QA head phantom has a skull but no brain-like material inside: a clear error."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(real_ct / "Philips" / "S21570" / "S2010")))
+    with pytest.raises(ValueError, match="no brain to segment"):
+        preprocess_image(reader.Execute(), PreprocessConfig())
+
+
 def test_labels_to_grid_is_label_aware_and_keeps_volumes():
     config = PreprocessConfig()
     image, _ = synthetic_head()
