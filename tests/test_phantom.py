@@ -90,6 +90,7 @@ def test_meta_is_complete_and_json(boy):
     assert (study - birth).days / 365.25 == pytest.approx(2.0, abs=1 / 365)
 
 
+@pytest.mark.slow
 def test_girl_and_older_child_change_every_region_in_the_right_direction(boy):
     girl = make_phantom(SEED, sex="F", age_years=2.0, **GRID)
     older = make_phantom(SEED, sex="M", age_years=2.45, **GRID)
@@ -231,6 +232,7 @@ def test_montage_shows_three_planes_with_overlay(boy, tmp_path):
         save_montage(boy.image, sitk.Image(4, 4, 4, sitk.sitkUInt8), tmp_path / "bad.png")
 
 
+@pytest.mark.slow
 def test_phantom_command_writes_cases(tmp_path, capsys):
     out = tmp_path / "phantoms"
     args = ["phantom", "--out", str(out), "--count", "2", "--seed", "40", "--montage", "--nifti",

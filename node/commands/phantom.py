@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "phantom",
         help="write synthetic head-CT phantoms (DICOM series + labels + true volumes)",
         description=(
-            "Generate synthetic head CTs of 1.5-2.5-year-old children: scalp, skull, CSF, "
-            "ventricles, fissures and the 10 labelled brain regions, with volumes drawn from the "
-            "published cohort, random pose, field of view, slice thickness, noise and anatomy. "
+            "Generate synthetic head CTs of 1.5-2.5-year-old children: scalp, skull, CSF,\n"
+            "ventricles, fissures and the 10 labelled brain regions, with volumes drawn from the\n"
+            "published cohort, random pose, field of view, slice thickness, noise and anatomy.\n"
             "Each case is written as a CT Image Storage series with its label map and truth."
         ),
         epilog=EPILOG,
@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slice-thickness", type=float, default=None, metavar="MM",
                         help="slice thickness = spacing in mm (default: drawn per case, 0.625-5)")
     parser.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
-                        help="in-plane pixel size in mm (default: drawn per case, 0.35-0.6, the head always fits)")
+                        help="in-plane pixel size in mm (default: drawn per case, 0.35-0.6 and a field of view "
+                             ">= 215 mm so the head fits: 0.42-0.6 at 512)")
     parser.add_argument("--matrix", type=int, default=512, metavar="N", help="rows = columns per slice (default 512)")
     parser.add_argument("--slices", type=int, default=None, metavar="N",
                         help="number of slices (default: enough to cover the head)")
