@@ -5,10 +5,13 @@
 1. :func:`inference.preprocess.preprocess_image` with the checkpoint's own
    preprocessing (working grid, skull stripping, crop, AHE).
 2. Class probabilities on the cropped working grid (:func:`predict_probabilities`):
-   one pass when the grid fits the patch size, otherwise sliding windows with
-   overlap and Gaussian blending; optional flip test-time augmentation (the
-   left-right mirror swaps the right and left channels; the working grid is
-   patient-aligned, so left-right is always the last axis).
+   one pass when the activations fit a memory budget (or the given patch size
+   covers the grid), otherwise sliding windows with overlap and Gaussian
+   blending; optional flip test-time augmentation: the left-right mirror only,
+   with the right and left channels swapped back (the working grid is
+   patient-aligned, so left-right is always the last axis). Mirrors along the
+   other axes would show the network upside-down or back-to-front heads, which
+   training (left-right flips, rotations up to a few degrees) never shows it.
 3. Post-processing on the working grid (:func:`postprocess_labels`): outside
    the intracranial mask = 0; per region the largest connected component is
    kept; background holes that one region encloses entirely become that region.
@@ -219,9 +222,10 @@ def predict_probabilities(model: torch.nn.Module, array: np.ndarray, *, device: 
     starts = [window_starts(n, p, overlap) for n, p in zip(array.shape, patch)]
     windows = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
     whole = len(windows) == 1
-    importance = None if whole else gaussian_importance(patch)
-    total = torch.zeros((NUM_CLASSES,) + tuple(array.shape), dtype=torch.float32)
-    weight = None if whole else torch.zeros(tuple(array.shape), dtype=torch.float32)
+    if not whole:
+        importance = gaussian_importance(patch)
+        total = torch.zeros((NUM_CLASSES,) + tuple(array.shape), dtype=torch.float32)
+        weight = torch.zeros(tuple(array.shape), dtype=torch.float32)
     permutation = left_right_channel_permutation()
     bar = tqdm(total=len(windows) * len(variants), desc="network", unit="pass", leave=False,
                disable=not progress or len(windows) * len(variants) == 1)
