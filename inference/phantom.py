@@ -758,8 +758,11 @@ def _labels_on_grid(fields: _Fields, partition: _Partition, geometry: _SeriesGeo
     """Labels (uint8, k, j, i) on the slice centres, computed only inside the brain's index box."""
     index = geometry.index_of(intracranial_points)
     size = np.array([geometry.matrix, geometry.matrix, geometry.n_slices])
-    start = np.clip(np.floor(index.min(axis=0)).astype(int) - 4, 0, size)
-    stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + 5, 0, size)
+    # The points sample the intracranial space every 3 canonical voxels: keep a 6 mm margin.
+    spacing = np.array([geometry.pixel_spacing, geometry.pixel_spacing, geometry.thickness])
+    margin = np.ceil(6.0 / spacing).astype(int) + 1
+    start = np.clip(np.floor(index.min(axis=0)).astype(int) - margin, 0, size)
+    stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + margin + 1, 0, size)
     labels = np.zeros(size[::-1], np.uint8)
     if np.any(stop <= start):
         return labels
