@@ -32,7 +32,8 @@ def test_orthanc_sends_a_study_and_receives_the_results_in_the_same_study(tmp_pa
                           "the results in Orthanc's study")
         modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
         assert modalities == ["CT", "DOC", "SEG", "SR"]
-        (job,) = node.jobs.jobs()
+        # Orthanc stores each object as it comes; the job is done once the association is released
+        job = wait_for(lambda: next(iter(node.jobs.jobs(states=["done", "failed"])), None), 30, "the job to end")
         assert job.state == "done" and job.origin_ae == "PACS", job.reason
         instances = orthanc.get(f"/studies/{study_id}/instances")
         assert len(instances) == len(files) + 3
