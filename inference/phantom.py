@@ -668,18 +668,23 @@ class _SeriesGeometry:
         return [[float(v) for v in self.origin + k * self.table_increment * np.array([0.0, 0.0, 1.0])]
                 for k in range(self.n_slices)]
 
-    def shear(self) -> tuple[np.ndarray, np.ndarray]:
-        """(matrix, offset) mapping a point of the orthogonal grid to its true patient position."""
+    def shear(self, normal_offset_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(matrix, offset) mapping a point of the orthogonal grid to its true patient position.
+
+        ``normal_offset_mm``: for the grid shifted that far along the normal (a sub-slice
+        of the slice profile), which keeps each slice's own table position.
+        """
         tan = math.tan(math.radians(self.tilt_deg))
         matrix = np.eye(3) - tan * np.outer(self.col, self.normal)
-        offset = tan * float(self.normal @ self.origin) * self.col
+        offset = tan * (float(self.normal @ self.origin) + normal_offset_mm) * self.col
         return matrix, offset
 
-    def reference(self, sub_slices: int = 1, index_box: tuple[np.ndarray, np.ndarray] | None = None) -> sitk.Image:
-        """An empty image on this grid (optionally ``sub_slices`` per slice, optionally cropped)."""
-        size = np.array([self.matrix, self.matrix, self.n_slices * sub_slices])
-        spacing = np.array([self.pixel_spacing, self.pixel_spacing, self.thickness / sub_slices])
-        origin = self.origin - (sub_slices - 1) / 2.0 * spacing[2] * self.normal
+    def reference(self, normal_offset_mm: float = 0.0,
+                  index_box: tuple[np.ndarray, np.ndarray] | None = None) -> sitk.Image:
+        """An empty image on this grid (optionally shifted along the normal, optionally cropped)."""
+        size = np.array([self.matrix, self.matrix, self.n_slices])
+        spacing = np.array([self.pixel_spacing, self.pixel_spacing, self.thickness])
+        origin = self.origin + normal_offset_mm * self.normal
         if index_box is not None:
             start, stop = index_box
             origin = origin + self.direction @ (start * spacing)
@@ -699,9 +704,10 @@ class _SeriesGeometry:
 
 
 def _pose_transform(geometry: _SeriesGeometry, rotation: np.ndarray, translation: np.ndarray,
-                    scale: float) -> sitk.AffineTransform:
-    """sitk transform from a point of the series' sitk grid to the canonical head frame."""
-    shear, shear_offset = geometry.shear()
+                    scale: float, normal_offset_mm: float = 0.0) -> sitk.AffineTransform:
+    """sitk transform from a point of the series' sitk grid (shifted by ``normal_offset_mm``
+    along the normal) to the canonical head frame."""
+    shear, shear_offset = geometry.shear(normal_offset_mm)
     inverse_pose = rotation.T / scale
     transform = sitk.AffineTransform(3)
     transform.SetMatrix([float(v) for v in (inverse_pose @ shear).ravel()])
@@ -771,6 +777,24 @@ def _labels_on_grid(fields: _Fields, partition: _Partition, geometry: _SeriesGeo
                for name in _Fields.REGION_FIELDS}
     labels[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] = _label_fields(on_grid, partition)
     return labels
+
+
+def _slice_profile_image(hu: sitk.Image, geometry: _SeriesGeometry, rotation: np.ndarray,
+                         translation: np.ndarray, scale: float) -> np.ndarray:
+    """HU of every slice averaged over its thickness (float32, k, j, i).
+
+    Sub-slices (<= ~1 mm apart, centred on the slice) are resampled one offset at a time,
+    each with its slice's own table position (for a tilted series too).
+    """
+    sub = _sub_slices(geometry.thickness)
+    image = None
+    for m in range(sub):
+        offset = (m - (sub - 1) / 2.0) * geometry.thickness / sub
+        transform = _pose_transform(geometry, rotation, translation, scale, offset)
+        plane = _resample(hu, geometry.reference(offset), transform, HU_AIR)
+        image = plane if image is None else image + plane
+    image /= sub
+    return image
 
 
 def _sub_slices(thickness: float) -> int:
@@ -875,11 +899,8 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     transform = _pose_transform(geometry, rotation, translation, scale)
 
     labels = _labels_on_grid(fields, partition, geometry, transform, intracranial_points)
-    sub = _sub_slices(thickness)
-    fine = _resample(_canonical_image(hu), geometry.reference(sub_slices=sub), transform, HU_AIR)
+    image = _slice_profile_image(_canonical_image(hu), geometry, rotation, translation, scale)
     del hu
-    image = fine.reshape(geometry.n_slices, sub, matrix, matrix).mean(axis=1)
-    del fine
     image += _ct_noise(scan_rng, image.shape, noise_hu, pixel_spacing)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
