@@ -772,10 +772,16 @@ def _labels_on_grid(fields: _Fields, partition: _Partition, geometry: _SeriesGeo
     labels = np.zeros(size[::-1], np.uint8)
     if np.any(stop <= start):
         return labels
-    reference = geometry.reference(index_box=(start, stop))
-    on_grid = {name: _resample(_canonical_image(getattr(fields, name)), reference, transform, _FIELD_DEFAULTS[name])
-               for name in _Fields.REGION_FIELDS}
-    labels[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] = _label_fields(on_grid, partition)
+    canonical = {name: _canonical_image(getattr(fields, name)) for name in _Fields.REGION_FIELDS}
+    # Slabs of ~8 M voxels bound the memory of the resampled fields on fine grids.
+    slab = max(1, int(8e6 // ((stop[0] - start[0]) * (stop[1] - start[1]))))
+    for k0 in range(int(start[2]), int(stop[2]), slab):
+        k1 = min(int(stop[2]), k0 + slab)
+        box = (np.array([start[0], start[1], k0]), np.array([stop[0], stop[1], k1]))
+        reference = geometry.reference(index_box=box)
+        on_grid = {name: _resample(image, reference, transform, _FIELD_DEFAULTS[name])
+                   for name, image in canonical.items()}
+        labels[k0:k1, start[1]:stop[1], start[0]:stop[0]] = _label_fields(on_grid, partition)
     return labels
 
 
