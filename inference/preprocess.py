@@ -23,7 +23,8 @@ adaptive histogram equalisation (AHE) and strip the skull by thresholding.
    slices mix brain and bone (the network decides there). Morphology uses distance
    transforms (exact balls in mm, cost independent of the radius).
 3. **Crop** to the mask's box plus ``margin_mm``, padded so that every side is a
-   multiple of :data:`inference.models.MODEL_DIVISOR`.
+   multiple of :data:`GRID_DIVISOR` (16, the network's down-sampling factor;
+   this module stays free of torch).
 4. **Window** to the brain window (``window_hu``), set everything outside the
    mask to the window's low end (so the skull does not dominate the
    histograms), **AHE** (``sitk.AdaptiveHistogramEqualizationImageFilter``) on
