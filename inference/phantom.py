@@ -290,7 +290,7 @@ class _Fields:
 
     intracranial: np.ndarray   # signed distance to the intracranial surface (negative inside)
     head: np.ndarray           # signed distance to the skin (negative inside)
-    ventricles: np.ndarray     # < 0 inside a ventricle
+    ventricles: np.ndarray     # < 0 inside a ventricle or a basal cistern
     brainstem: np.ndarray      # distance to the brainstem axis
     infratentorial: np.ndarray # height above the tentorium (low = cerebellum)
     midline: np.ndarray        # x distance from the midsagittal plane (+ = left)
@@ -379,6 +379,9 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
         _ellipsoid(np.abs(x), y, z, (25.0, 4.0, -18.0), np.array([2.0, 14.0, 2.5]) * v),      # temporal horns
         _ellipsoid(x, y, z, (0.0, 2.0, -6.0), np.array([1.3, 11.0, 8.0]) * v),                # third
         _ellipsoid(x, y, z, (0.0, 25.0, -44.0), np.array([5.0, 2.5, 6.0]) * v),               # fourth
+        # Basal cisterns (CSF, unlabelled like the ventricles): suprasellar, quadrigeminal.
+        _ellipsoid(x, y, z, (0.0, -10.0, -27.0), np.array([11.0, 6.0, 4.0])),
+        _ellipsoid(x, y, z, (0.0, 19.0, -13.0), np.array([7.0, 4.0, 4.0])),
     ]), x, y, z)
     deep_grey = _in_box(shape, _box((-40, 40), (-40, 30), (-25, 25)), 100.0, lambda x, y, z: np.minimum(
         _ellipsoid(np.abs(x), y, z, (12.0, 4.0, -2.0), np.array([8.0, 13.0, 8.0])),           # thalami
