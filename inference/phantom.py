@@ -185,6 +185,8 @@ class _Anatomy:
     parieto_occipital_slope: float
     deformation_mm: float
     sulcus_depth: float
+    calibration_hu: float        # scanner-to-scanner offset of soft-tissue HU
+    grey_white_hu: float         # grey-white contrast (myelination and kernel vary)
 
 
 def _draw_anatomy(rng: np.random.Generator, targets: dict[str, float]) -> _Anatomy:
@@ -210,6 +212,8 @@ def _draw_anatomy(rng: np.random.Generator, targets: dict[str, float]) -> _Anato
         parieto_occipital_slope=u(0.3, 0.6),
         deformation_mm=u(2.0, 4.0),
         sulcus_depth=u(6.0, 10.0),
+        calibration_hu=u(-3.0, 3.0),
+        grey_white_hu=u(6.0, 11.0),
     )
 
 
@@ -595,9 +599,10 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition, lab
     grey = np.maximum(grey, np.clip(0.5 - fields.deep_grey / 3.0, 0.0, 1.0))
     cerebellum = labels == region_by_key("cerebellum").value
     grey[cerebellum] = np.maximum(grey[cerebellum], 0.6)
-    brain_hu = HU_WHITE + (HU_GREY - HU_WHITE) * grey + 1.5 * fields.texture
+    white = (HU_GREY + HU_WHITE) / 2.0 - anatomy.grey_white_hu / 2.0 + anatomy.calibration_hu
+    brain_hu = white + anatomy.grey_white_hu * grey + 1.5 * fields.texture
     hu = np.full(inside.shape, HU_AIR, np.float32)
-    hu[inside] = HU_CSF + 1.5 * fields.texture[inside]
+    hu[inside] = HU_CSF + anatomy.calibration_hu + 1.5 * fields.texture[inside]
     hu[parenchyma] = brain_hu[parenchyma]
     # Skull: outer and inner cortical tables around a diploe that appears where bone is thick.
     base_extra = BASE_EXTRA_BONE_MM * _ramp((BASE_START_Z - fields.height) / 5.0)
