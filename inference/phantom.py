@@ -300,7 +300,7 @@ class _Fields:
     midline: np.ndarray        # x distance from the midsagittal plane (+ = left)
     sylvian: np.ndarray        # height above the Sylvian plane (low = temporal)
     parieto_occipital: np.ndarray  # distance anterior to the parieto-occipital plane (low = occipital)
-    central: np.ndarray        # distance anterior... (low = frontal) to the central plane
+    central: np.ndarray        # distance behind the central-sulcus plane (low = frontal)
     sulci: np.ndarray          # band-pass noise: cortical sulci where |sulci| is small
     deep_grey: np.ndarray      # < 0 inside thalamus / basal ganglia
     texture: np.ndarray        # smooth unit noise for parenchyma texture
@@ -723,8 +723,7 @@ def _pose_transform(geometry: _SeriesGeometry, rotation: np.ndarray, translation
     return transform
 
 
-def _head_points(fields: _Fields, mask: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
-                 scale: float) -> np.ndarray:
+def _head_points(mask: np.ndarray, rotation: np.ndarray, translation: np.ndarray, scale: float) -> np.ndarray:
     """Patient coordinates (N x 3) of a subsample of canonical voxels in ``mask``."""
     zyx = np.argwhere(mask[::3, ::3, ::3]) * 3
     head = CANONICAL_MIN_MM + CANONICAL_SPACING_MM * zyx[:, ::-1]
@@ -906,8 +905,8 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     noise_hu = float(np.clip(base_noise * math.sqrt(2.5 / thickness), *NOISE_RANGE_HU))
     rotation = _rotation_matrix(rotation_deg)
 
-    intracranial_points = _head_points(fields, fields.intracranial < 0, rotation, translation, scale)
-    head_points = _head_points(fields, fields.head < 0, rotation, translation, scale)
+    intracranial_points = _head_points(fields.intracranial < 0, rotation, translation, scale)
+    head_points = _head_points(fields.head < 0, rotation, translation, scale)
     geometry = _series_geometry(matrix, pixel_spacing, thickness, float(tilt_deg), n_slices,
                                 intracranial_points, head_points, scan_rng)
     transform = _pose_transform(geometry, rotation, translation, scale)

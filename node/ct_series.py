@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -242,8 +241,3 @@ def write_ct_series(phantom, folder: Path | str, *, study_uid: Optional[str] = N
         paths.append(path)
     return paths
 
-
-def tilt_is_consistent(orientation: list[float], tilt_deg: float) -> bool:
-    """Whether ImageOrientationPatient's column direction matches GantryDetectorTilt (GE sign)."""
-    expected = (0.0, math.cos(math.radians(tilt_deg)), -math.sin(math.radians(tilt_deg)))
-    return bool(np.allclose(orientation[3:], expected, atol=1e-4))

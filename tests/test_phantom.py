@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage
 
-from inference.labels import REGIONS, REGION_KEYS, region_by_key
+from inference.labels import REGIONS, REGION_KEYS
 from inference.montage import save_montage
 from inference.phantom import (COHORT_VOLUMES_CM3, GIRL_VOLUME_FACTOR, SLICE_THICKNESS_CHOICES_MM, draw_target_volumes,
                                make_phantom)
