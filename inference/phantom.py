@@ -893,8 +893,10 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     hu = _canonical_hu(fields, anatomy, partition, canonical_labels)
     del canonical_labels
 
-    thickness = float(slice_thickness_mm if slice_thickness_mm is not None
-                      else scan_rng.choice(SLICE_THICKNESS_CHOICES_MM))
+    # Every scan parameter is drawn even when given, so the pose of a seed never depends
+    # on which options were given: one seed is one child in one position on the table.
+    drawn_thickness = float(scan_rng.choice(SLICE_THICKNESS_CHOICES_MM))
+    thickness = float(slice_thickness_mm if slice_thickness_mm is not None else drawn_thickness)
     low = max(PIXEL_SPACING_RANGE_MM[0], MIN_FIELD_OF_VIEW_MM / matrix)
     high = max(PIXEL_SPACING_RANGE_MM[1], low + 0.1)
     drawn_pixel = round(float(scan_rng.uniform(low, high)), 4)
