@@ -401,7 +401,7 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     # Sylvian plane rising medially: the temporal lobe is lateral; only low medial tissue
     # (uncus, hippocampus) falls below it.
     sylvian = (z - (-14.0 + anatomy.sylvian_height + anatomy.sylvian_slope * (y + 20.0))
-               + 0.7 * np.maximum(26.0 - np.abs(x), 0.0))
+               + 1.2 * np.maximum(30.0 - np.abs(x), 0.0))
     po_slope = anatomy.parieto_occipital_slope
     parieto_occipital = ((52.0 + anatomy.parieto_occipital_position + po_slope * (z - 20.0)) - y) / math.hypot(1, po_slope)
     cs_slope = anatomy.central_slope
