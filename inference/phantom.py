@@ -102,6 +102,7 @@ HU_SOFT = 40.0
 
 #: Anatomical widths (mm, before the whole-head scale).
 FISSURE_HALF_WIDTH = 1.0       # fissures ~2 mm wide
+SULCAL_UNDULATION_MM = 2.5     # SD of the wave of the central, parieto-occipital and Sylvian boundaries
 CORTEX_THICKNESS_MM = 2.6
 
 LOBES = ("frontal", "parietal", "occipital", "temporal")
@@ -406,6 +407,12 @@ def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
     parieto_occipital = ((52.0 + anatomy.parieto_occipital_position + po_slope * (z - 20.0)) - y) / math.hypot(1, po_slope)
     cs_slope = anatomy.central_slope
     central = (y - (4.0 + anatomy.central_position + cs_slope * (z - 40.0))) / math.hypot(1, cs_slope)
+    # Sulci are not planes: a shorter-range undulation (gyri) on the three lobar boundaries.
+    undulation = SULCAL_UNDULATION_MM * _smooth_noise(rng, shape, 7.0, 4)
+    sylvian += 0.6 * undulation
+    parieto_occipital -= undulation
+    central += undulation
+    del undulation
     sulci = _smooth_noise(rng, shape, 3.0, 2)
     texture = _smooth_noise(rng, shape, 4.0, 2)
     return _Fields(
