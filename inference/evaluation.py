@@ -1,0 +1,120 @@
+"""Evaluation against ground truth: Dice and volume error per region, tables and CSV.
+
+A :class:`CaseEvaluation` compares a predicted label map with the true one on
+the same grid (the source grid, as a radiologist's volumes are measured).
+:func:`summary_rows` groups cases by slice thickness, which is what decides
+how hard a scan is (partial volume).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from inference.labels import REGION_KEYS, REGIONS
+
+#: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.
+THICKNESS_GROUPS = ((0.0, 1.25), (1.25, 5.0))
+
+
+@dataclass(frozen=True)
+class CaseEvaluation:
+    """Dice and volumes of one case.
+
+    Attributes:
+        name: case name.
+        slice_thickness_mm: the source series' slice thickness (mm).
+        dice: Dice per region key.
+        true_cm3: true volume per region key (cm3).
+        predicted_cm3: predicted volume per region key (cm3).
+    """
+
+    name: str
+    slice_thickness_mm: float
+    dice: dict[str, float]
+    true_cm3: dict[str, float]
+    predicted_cm3: dict[str, float]
+
+    @property
+    def total_error_percent(self) -> float:
+        """Error of the total of the 10 volumes, in percent of the true total."""
+        true = sum(self.true_cm3.values())
+        return 100.0 * (sum(self.predicted_cm3.values()) - true) / true
+
+    def volume_error_percent(self, key: str) -> float:
+        return 100.0 * (self.predicted_cm3[key] - self.true_cm3[key]) / self.true_cm3[key]
+
+
+def evaluate_labels(name: str, predicted: np.ndarray, truth: np.ndarray, voxel_mm3: float | np.ndarray,
+                    slice_thickness_mm: float) -> CaseEvaluation:
+    """Compare two label arrays of one grid.
+
+    Args:
+        voxel_mm3: volume of one voxel (mm3), or an array per slice (first axis)
+            for series whose slices are unevenly spaced.
+    """
+    if predicted.shape != truth.shape:
+        raise ValueError(f"case {name}: prediction shape {predicted.shape} differs from truth {truth.shape}")
+    per_slice = np.broadcast_to(np.asarray(voxel_mm3, dtype=float), (truth.shape[0],))
+    dice, true_cm3, predicted_cm3 = {}, {}, {}
+    for region in REGIONS:
+        p, t = predicted == region.value, truth == region.value
+        total = int(p.sum()) + int(t.sum())
+        dice[region.key] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+        true_cm3[region.key] = float((t.reshape(t.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
+        predicted_cm3[region.key] = float((p.reshape(p.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
+    return CaseEvaluation(name, float(slice_thickness_mm), dice, true_cm3, predicted_cm3)
+
+
+def summary_rows(evaluations: Sequence[CaseEvaluation]) -> list[dict[str, object]]:
+    """Per thickness group: cases, mean (and minimum) Dice per region, worst total error."""
+    rows = []
+    for low, high in THICKNESS_GROUPS:
+        group = [e for e in evaluations if low < e.slice_thickness_mm <= high + 1e-6]
+        if not group:
+            continue
+        row: dict[str, object] = {"slices_mm": f"{low:g}-{high:g}", "cases": len(group)}
+        for key in REGION_KEYS:
+            row[key] = float(np.mean([e.dice[key] for e in group]))
+        row["min_case_dice"] = float(min(min(e.dice.values()) for e in group))
+        row["max_abs_total_error_percent"] = float(max(abs(e.total_error_percent) for e in group))
+        rows.append(row)
+    return rows
+
+
+def format_table(evaluations: Sequence[CaseEvaluation]) -> str:
+    """A plain-text table: mean Dice per region per thickness group, and volume errors."""
+    summaries = summary_rows(evaluations)
+    header = f"{'region':<22}" + "".join(f"{'Dice ' + str(s['slices_mm']) + ' mm':>18}" for s in summaries)
+    header += f"{'mean |vol err| %':>18}"
+    lines = [header, "-" * len(header)]
+    for key in REGION_KEYS:
+        errors = [abs(e.volume_error_percent(key)) for e in evaluations]
+        lines.append(f"{key:<22}" + "".join(f"{s[key]:>18.3f}" for s in summaries) + f"{np.mean(errors):>18.2f}")
+    lines.append("-" * len(header))
+    lines.append(f"{'cases':<22}" + "".join(f"{s['cases']:>18}" for s in summaries))
+    lines.append(f"{'worst |total err| %':<22}" + "".join(f"{s['max_abs_total_error_percent']:>18.2f}" for s in summaries))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, evaluations: Sequence[CaseEvaluation]) -> Path:
+    """One row per case: thickness, Dice and true/predicted volume per region, total error."""
+    columns = ["case", "slice_thickness_mm"]
+    columns += [f"dice_{k}" for k in REGION_KEYS]
+    columns += [f"true_cm3_{k}" for k in REGION_KEYS] + [f"predicted_cm3_{k}" for k in REGION_KEYS]
+    columns += ["total_error_percent"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for e in evaluations:
+            writer.writerow(
+                [e.name, f"{e.slice_thickness_mm:.3f}"]
+                + [f"{e.dice[k]:.4f}" for k in REGION_KEYS]
+                + [f"{e.true_cm3[k]:.3f}" for k in REGION_KEYS]
+                + [f"{e.predicted_cm3[k]:.3f}" for k in REGION_KEYS]
+                + [f"{e.total_error_percent:.3f}"]
+            )
+    return Path(path)

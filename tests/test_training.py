@@ -1,0 +1,115 @@
+"""Training pieces: label-swapping flips, rotations, loss, k-fold split, deterministic resume."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from inference.checkpoint import load_checkpoint, read_checkpoint
+from inference.labels import REGIONS, region_by_key
+from inference.training import (TrainConfig, TrainingCase, k_fold_split, left_right_permutation, random_flip,
+                                random_rotation, sample_patch, segmentation_loss, train)
+
+
+def test_left_right_flip_swaps_the_lateral_labels_only():
+    permutation = left_right_permutation()
+    assert permutation[region_by_key("right_frontal_lobe").value] == region_by_key("left_frontal_lobe").value
+    assert permutation[region_by_key("left_temporal_lobe").value] == region_by_key("right_temporal_lobe").value
+    for key in ("cerebellum", "brainstem"):
+        assert permutation[region_by_key(key).value] == region_by_key(key).value
+    assert permutation[0] == 0
+    assert sorted(permutation.tolist()) == list(range(len(REGIONS) + 1))
+
+
+def test_flip_mirrors_image_and_labels_together():
+    images = torch.arange(16.0).reshape(1, 1, 1, 4, 4)
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    labels[..., 0] = region_by_key("right_frontal_lobe").value
+    flipped, flipped_labels = random_flip(images.clone(), labels.clone(), 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, images.flip(-1))
+    assert (flipped_labels[..., 3] == region_by_key("left_frontal_lobe").value).all()
+    assert (flipped_labels[..., :3] == 0).all()
+
+
+def test_rotation_keeps_labels_as_labels_and_moves_image_with_them():
+    images = torch.zeros(2, 1, 16, 16, 16)
+    images[:, :, 4:12, 4:12, 4:12] = 1.0
+    labels = (images[:, 0] > 0).long() * 3
+    rotated, rotated_labels = random_rotation(images, labels, 15.0, torch.Generator().manual_seed(1))
+    assert set(rotated_labels.unique().tolist()) <= {0, 3}
+    inside = rotated_labels == 3
+    assert rotated[:, 0][inside].mean() > 0.9 and rotated[:, 0][~inside].mean() < 0.1
+
+
+def test_patch_is_padded_when_the_case_is_small():
+    case = TrainingCase("c", np.ones((10, 20, 20), np.float32), np.ones((10, 20, 20), np.uint8),
+                        np.ones((10, 20, 20), bool))
+    image, labels = sample_patch(case, (16, 16, 16), np.random.default_rng(0))
+    assert image.shape == labels.shape == (16, 16, 16)
+    assert image[10:].sum() == 0 and labels[:10].min() == 1
+
+
+def test_loss_is_lower_for_the_right_answer():
+    labels = torch.randint(0, 11, (1, 4, 4, 4))
+    right = torch.nn.functional.one_hot(labels, 11).permute(0, 4, 1, 2, 3).float() * 10
+    wrong = torch.roll(right, 1, dims=1)
+    assert segmentation_loss(right, labels, 1.0) < segmentation_loss(wrong, labels, 1.0)
+    assert segmentation_loss(right, labels, 0.0) < 0.01
+
+
+def test_k_fold_split_covers_every_case_once():
+    names = [f"case{i}" for i in range(10)]
+    validated = []
+    for fold in range(5):
+        training, validation = k_fold_split(names, 5, fold, seed=3)
+        assert not set(training) & set(validation) and len(training) + len(validation) == 10
+        validated += validation
+    assert sorted(validated) == sorted(names)
+    with pytest.raises(ValueError, match="folds"):
+        k_fold_split(names, 5, 5, seed=3)
+
+
+def _cases(count: int) -> list[TrainingCase]:
+    """Tiny cases where the label is readable from the image (a cube of 'brain' split in two)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for index in range(count):
+        labels = np.zeros((16, 16, 16), np.uint8)
+        labels[4:12, 4:12, 4:8] = region_by_key("right_frontal_lobe").value
+        labels[4:12, 4:12, 8:12] = region_by_key("left_frontal_lobe").value
+        image = (labels > 0).astype(np.float32) + rng.normal(0, 0.05, labels.shape).astype(np.float32)
+        image[:, :, 8] = 0.0  # a 'fissure' between the halves
+        cases.append(TrainingCase(f"c{index}", image, labels, np.ones(labels.shape, bool)))
+    return cases
+
+
+def _config(epochs: int) -> TrainConfig:
+    return TrainConfig(channels=(4, 8), epochs=epochs, iterations_per_epoch=3, batch_size=2,
+                       patch_size=(16, 16, 16), rotation_deg=5.0, seed=7)
+
+
+def test_training_writes_checkpoints_that_load_and_resume_deterministically(tmp_path):
+    cases = _cases(3)
+    whole = train(_config(2), cases[:2], cases[2:], tmp_path / "whole", trained_on="tiny cubes", progress=False)
+    train(_config(1), cases[:2], cases[2:], tmp_path / "split", trained_on="tiny cubes", progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        train(dataclasses.replace(_config(2), seed=8), cases[:2], cases[2:], tmp_path / "split",
+              trained_on="tiny cubes", resume=True, progress=False)
+    resumed = train(_config(2), cases[:2], cases[2:], tmp_path / "split", trained_on="tiny cubes", resume=True,
+                    progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    a, b = read_checkpoint(whole.last)["state_dict"], read_checkpoint(resumed.last)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    model, meta = load_checkpoint(whole.best)
+    assert meta.trained_on == "tiny cubes" and "validation_mean_dice" in meta.metrics
+    assert read_checkpoint(whole.best)["training_state"] is None
+
+
+def test_bad_training_settings_are_named():
+    with pytest.raises(ValueError, match="patch size"):
+        TrainConfig(patch_size=(20, 16, 16))
+    with pytest.raises(ValueError, match="learning rate"):
+        TrainConfig(learning_rate=0)
