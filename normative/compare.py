@@ -195,8 +195,14 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
 
     values = dict(checked)
     values["total"] = sum(checked[key] for key in REGION_KEYS)
+    # A lobe missing on both sides (a failed segmentation) has no asymmetry: say so, measure the rest.
+    pairs = []
     for structure, right_key, left_key in LOBE_PAIRS:
-        values[asymmetry_key(structure)] = asymmetry_index(checked[left_key], checked[right_key])
+        if checked[left_key] + checked[right_key] > 0:
+            values[asymmetry_key(structure)] = asymmetry_index(checked[left_key], checked[right_key])
+            pairs.append((structure, right_key, left_key))
+        else:
+            notes.append(f"no asymmetry index for the {structure}: both sides measured 0 cm3")
 
     used_pooled, without_sd, needs_sex, absent = [], [], [], []
 
@@ -221,7 +227,7 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
     asymmetry = tuple(
         AsymmetryResult(structure, right_key, left_key, values[asymmetry_key(structure)],
                         *score(asymmetry_key(structure)))
-        for structure, right_key, left_key in LOBE_PAIRS
+        for structure, right_key, left_key in pairs
     )
     if applicable:
         notes += _score_notes(reference, used_pooled, without_sd, needs_sex, absent)

@@ -232,3 +232,15 @@ def test_percentile_is_the_normal_cdf_for_many_z():
         for region in result.regions:
             assert region.z_score == pytest.approx(z)
             assert region.percentile == pytest.approx(100 * 0.5 * (1 + math.erf(z / math.sqrt(2))))
+
+
+def test_lobe_missing_on_both_sides_has_no_asymmetry_but_the_rest_is_measured():
+    from inference.labels import REGION_KEYS
+    from normative.compare import compare
+
+    volumes = {key: 50.0 for key in REGION_KEYS}
+    volumes["right_occipital_lobe"] = volumes["left_occipital_lobe"] = 0.0
+    result = compare(volumes, "F", 2.0)
+    assert len(result.asymmetry) == 3 and "occipital" not in " ".join(a.structure for a in result.asymmetry)
+    assert any("both sides measured 0" in note for note in result.notes)
+    assert len(result.regions) == 10
