@@ -64,3 +64,17 @@ def region_by_key(key: str) -> Region:
         if region.key == key:
             return region
     raise KeyError(f"unknown region key {key!r}; valid keys: {', '.join(REGION_KEYS)}")
+
+
+def left_right_permutation() -> list[int]:
+    """Label value -> label value after a left-right mirror: right and left lobes swap (an involution).
+
+    Used by training's flips (labels) and prediction's flip test-time augmentation (channels).
+    """
+    permutation = list(range(NUM_CLASSES))
+    by_side = {(r.structure, r.laterality): r.value for r in REGIONS}
+    for region in REGIONS:
+        if region.laterality in ("right", "left"):
+            other = "left" if region.laterality == "right" else "right"
+            permutation[region.value] = by_side[(region.structure, other)]
+    return permutation

@@ -47,7 +47,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from inference.labels import NUM_CLASSES, REGIONS
+from inference.labels import NUM_CLASSES, REGIONS, left_right_permutation
 from inference.models import MODEL_DIVISOR
 from inference.preprocess import (
     PreprocessConfig,
@@ -133,17 +133,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def left_right_channel_permutation() -> list[int]:
-    """Channel c of a mirrored prediction is channel perm[c] of the unmirrored one (an involution)."""
-    permutation = list(range(NUM_CLASSES))
-    by_side = {(r.structure, r.laterality): r.value for r in REGIONS}
-    for region in REGIONS:
-        if region.laterality in ("right", "left"):
-            other = "left" if region.laterality == "right" else "right"
-            permutation[region.value] = by_side[(region.structure, other)]
-    return permutation
-
-
 def gaussian_importance(patch_size: Sequence[int], sigma_fraction: float = 0.125) -> torch.Tensor:
     """Blending weights (z, y, x) of a patch: a Gaussian of sigma = size/8 and peak 1.
 
@@ -226,7 +215,7 @@ def predict_probabilities(model: torch.nn.Module, array: np.ndarray, *, device: 
         importance = gaussian_importance(patch)
         total = torch.zeros((NUM_CLASSES,) + tuple(array.shape), dtype=torch.float32)
         weight = torch.zeros(tuple(array.shape), dtype=torch.float32)
-    permutation = left_right_channel_permutation()
+    permutation = left_right_permutation()
     bar = tqdm(total=len(windows) * len(variants), desc="network", unit="pass", leave=False,
                disable=not progress or len(windows) * len(variants) == 1)
     for z, y, x in windows:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, read_checkpoint, save_checkpoint
-from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS
+from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
 from inference.models import MODEL_DIVISOR, build_model
 from inference.preprocess import PreprocessConfig, labels_to_grid, preprocess_image
 
@@ -134,17 +134,6 @@ class CaseCache:
 
 # --- training-only transforms -------------------------------------------------------------
 
-def left_right_permutation() -> torch.Tensor:
-    """Label value -> label value after a left-right mirror (right and left lobes swap)."""
-    permutation = list(range(NUM_CLASSES))
-    by_name = {(r.structure, r.laterality): r.value for r in REGIONS}
-    for region in REGIONS:
-        if region.laterality in ("right", "left"):
-            other = "left" if region.laterality == "right" else "right"
-            permutation[region.value] = by_name[(region.structure, other)]
-    return torch.tensor(permutation, dtype=torch.long)
-
-
 def sample_patch(case: TrainingCase, patch_size: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random (z, y, x) patch of image and labels, zero-padded where the case is smaller."""
     array, labels = case.array, case.labels
@@ -159,7 +148,7 @@ def sample_patch(case: TrainingCase, patch_size: Sequence[int], rng: np.random.G
 def random_flip(images: torch.Tensor, labels: torch.Tensor, probability: float,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror left-right (x, the last axis) with the right/left labels swapped, per batch item."""
-    permutation = left_right_permutation().to(labels.device)
+    permutation = torch.tensor(left_right_permutation(), device=labels.device)
     for item in range(images.shape[0]):
         if torch.rand((), generator=generator) < probability:
             images[item] = images[item].flip(-1)

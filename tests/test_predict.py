@@ -170,8 +170,8 @@ def test_tta_of_an_asymmetric_model_averages_with_its_mirror():
     model = LocalConvolution().eval()
     plain = predict_probabilities(model, array, device=CPU, progress=False)
     mirrored_input = predict_probabilities(model, np.ascontiguousarray(array[..., ::-1]), device=CPU, progress=False)
-    from inference.predict import left_right_channel_permutation
-    expected = 0.5 * (plain + mirrored_input.flip(-1)[left_right_channel_permutation()])
+    from inference.labels import left_right_permutation
+    expected = 0.5 * (plain + mirrored_input.flip(-1)[left_right_permutation()])
     tta = predict_probabilities(model, array, device=CPU, tta=True, progress=False)
     assert torch.allclose(tta, expected, atol=1e-5)
 

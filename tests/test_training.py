@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from inference.checkpoint import load_checkpoint, read_checkpoint
-from inference.labels import REGIONS, region_by_key
-from inference.training import (TrainConfig, TrainingCase, k_fold_split, left_right_permutation, random_flip,
+from inference.labels import REGIONS, left_right_permutation, region_by_key
+from inference.training import (TrainConfig, TrainingCase, k_fold_split, random_flip,
                                 random_rotation, sample_patch, segmentation_loss, train)
 
 
@@ -20,7 +20,7 @@ def test_left_right_flip_swaps_the_lateral_labels_only():
     for key in ("cerebellum", "brainstem"):
         assert permutation[region_by_key(key).value] == region_by_key(key).value
     assert permutation[0] == 0
-    assert sorted(permutation.tolist()) == list(range(len(REGIONS) + 1))
+    assert sorted(permutation) == list(range(len(REGIONS) + 1))
 
 
 def test_flip_mirrors_image_and_labels_together():
