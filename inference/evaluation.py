@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from inference.labels import REGION_KEYS, REGIONS
+from inference.metrics import dice_per_region
 
 #: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.
 THICKNESS_GROUPS = ((0.0, 1.25), (1.25, 5.0))
@@ -59,11 +60,9 @@ def evaluate_labels(name: str, predicted: np.ndarray, truth: np.ndarray, voxel_m
     if predicted.shape != truth.shape:
         raise ValueError(f"case {name}: prediction shape {predicted.shape} differs from truth {truth.shape}")
     per_slice = np.broadcast_to(np.asarray(voxel_mm3, dtype=float), (truth.shape[0],))
-    dice, true_cm3, predicted_cm3 = {}, {}, {}
+    dice, true_cm3, predicted_cm3 = dice_per_region(predicted, truth), {}, {}
     for region in REGIONS:
         p, t = predicted == region.value, truth == region.value
-        total = int(p.sum()) + int(t.sum())
-        dice[region.key] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
         true_cm3[region.key] = float((t.reshape(t.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
         predicted_cm3[region.key] = float((p.reshape(p.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
     return CaseEvaluation(name, float(slice_thickness_mm), dice, true_cm3, predicted_cm3)

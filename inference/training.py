@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, read_checkpoint, save_checkpoint
 from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
+from inference.metrics import dice_per_region
 from inference.models import MODEL_DIVISOR, build_model
 from inference.preprocess import PreprocessConfig, labels_to_grid, preprocess_image
 
@@ -194,16 +195,6 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: f
     return loss
 
 
-def dice_on_grid(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice per region key on equal-shape label arrays (absent in both = 1.0)."""
-    scores = {}
-    for region in REGIONS:
-        p, t = prediction == region.value, truth == region.value
-        total = int(p.sum()) + int(t.sum())
-        scores[region.key] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
-    return scores
-
-
 @torch.inference_mode()
 def predict_case(model: torch.nn.Module, case: TrainingCase, device: torch.device) -> np.ndarray:
     """Labels of a prepared case from one whole-volume pass (validation; the array fits)."""
@@ -336,7 +327,7 @@ def validation_dice(model, cases: Sequence[TrainingCase], device: torch.device) 
     if not cases:
         return {}
     model.eval()
-    per_case = [dice_on_grid(predict_case(model, case, device), case.labels) for case in cases]
+    per_case = [dice_per_region(predict_case(model, case, device), case.labels) for case in cases]
     return {key: float(np.mean([scores[key] for scores in per_case])) for key in REGION_KEYS}
 
 
