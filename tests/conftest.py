@@ -11,9 +11,17 @@ from pathlib import Path
 
 import pytest
 
-#: ``../shared/data/real-ct`` next to the repository; LOBEVOL_REAL_CT overrides it (another checkout layout).
-REAL_CT_ARCHIVE = Path(os.environ.get(
-    "LOBEVOL_REAL_CT", Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct" / "dcm_qa_ct.tar.xz"))
+def _real_ct_archive() -> Path:
+    """LOBEVOL_REAL_CT, else ``../shared/data/real-ct`` next to the repository, else the workplace's
+    ``/work/shared`` (a clean clone elsewhere, as in CI)."""
+    if os.environ.get("LOBEVOL_REAL_CT"):
+        return Path(os.environ["LOBEVOL_REAL_CT"])
+    relative = Path("shared") / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
+    beside = Path(__file__).resolve().parents[2] / relative
+    return beside if beside.is_file() else Path("/work") / relative
+
+
+REAL_CT_ARCHIVE = _real_ct_archive()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tests.output_fixtures import PartitionSegmenter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
+from tests.conftest import REAL_CT_ARCHIVE as REAL_CT
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def ge_headers(tmp_path_factory):
     import subprocess
     from pathlib import Path
 
-    archive = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
+    from tests.conftest import REAL_CT_ARCHIVE as archive
     if not archive.exists():
         raise FileNotFoundError(f"real CT samples missing: {archive}")
     root = tmp_path_factory.mktemp("real-ct")
