@@ -10,28 +10,8 @@ import SimpleITK as sitk
 
 from inference.labels import REGION_KEYS
 from node.cli import main
+from tests.node_peers import tiny_checkpoint
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
-
-
-def tiny_checkpoint(path: Path) -> Path:
-    import torch
-
-    from inference.checkpoint import CheckpointMeta, save_checkpoint
-    from inference.labels import NUM_CLASSES
-    from inference.models import build_model
-    from inference.preprocess import PreprocessConfig
-
-    torch.manual_seed(0)
-    channels = (4, 8)
-    model = build_model("resunet", (3, 3, 3), channels, NUM_CLASSES)
-    meta = CheckpointMeta(
-        format_version=1, architecture="resunet", kernel_size=(3, 3, 3), channels=channels, num_classes=NUM_CLASSES,
-        label_keys=tuple(REGION_KEYS), spacing_mm=PreprocessConfig().spacing_mm,
-        preprocessing=PreprocessConfig().to_dict(), trained_on="untrained (test)", metrics={},
-        code_version="test", weights_sha256="", created="2026-01-01T00:00:00",
-    )
-    save_checkpoint(path, model, meta)
-    return path
 
 
 @pytest.fixture()
