@@ -9,8 +9,8 @@ import torch
 
 from inference.checkpoint import load_checkpoint, read_checkpoint
 from inference.labels import REGIONS, left_right_permutation, region_by_key
-from inference.training import (TrainConfig, TrainingCase, k_fold_split, random_flip,
-                                random_rotation, sample_patch, segmentation_loss, train)
+from inference.training import (TrainConfig, TrainingCase, k_fold_split, learning_rate_at,
+                                random_flip, random_rotation, sample_patch, segmentation_loss, train)
 
 
 def test_left_right_flip_swaps_the_lateral_labels_only():
@@ -113,3 +113,15 @@ def test_bad_training_settings_are_named():
         TrainConfig(patch_size=(20, 16, 16))
     with pytest.raises(ValueError, match="learning rate"):
         TrainConfig(learning_rate=0)
+
+
+def test_poly_decay_falls_from_the_set_rate_towards_zero():
+    config = TrainConfig(epochs=10, learning_rate=1e-3)
+    rates = [learning_rate_at(config, epoch) for epoch in range(10)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(1e-3 * 0.1 ** 0.9)
+    constant = TrainConfig(epochs=10, learning_rate=1e-3, lr_decay="constant")
+    assert {learning_rate_at(constant, epoch) for epoch in range(10)} == {1e-3}
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(lr_decay="cosine")

@@ -63,6 +63,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--patch", default="64,80,64", help="patch size z,y,x in voxels, multiples of 16")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3; paper 1e-5)")
+    parser.add_argument("--lr-decay", choices=("poly", "constant"), default="poly",
+                        help="poly: lr x (1 - epoch/epochs)^0.9 each epoch (default); constant")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice loss (0: CE only)")
     parser.add_argument("--rotation", type=float, default=10.0, help="largest random rotation per axis, degrees")
     parser.add_argument("--seed", type=int, default=2025)
@@ -90,7 +92,7 @@ def train_config(args: argparse.Namespace, **changes):
         channels=_ints(args.channels, "--channels"),
         preprocessing=PreprocessConfig(spacing_mm=(args.spacing,) * 3),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
-        patch_size=_ints(args.patch, "--patch"), learning_rate=args.lr, dice_weight=args.dice_weight,
+        patch_size=_ints(args.patch, "--patch"), learning_rate=args.lr, lr_decay=args.lr_decay, dice_weight=args.dice_weight,
         rotation_deg=args.rotation, seed=args.seed,
     )
     values.update(changes)
