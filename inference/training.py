@@ -298,7 +298,11 @@ def train(
         message = (f"epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}"
                    + (f", validation mean Dice {mean_dice:.4f}" if validation else "")
                    + (" (best)" if improved and validation else ""))
-        (tqdm.write if progress else log.info)(message)
+        # One line per epoch, also without bars (a nohup log is then the run's record).
+        if progress:
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
     return TrainResult(last, best, best_epoch, best_dice, history)
 
 

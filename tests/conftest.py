@@ -9,7 +9,23 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
+
+
+def phantom_truth_on_source_slices(phantom, datasets) -> np.ndarray:
+    """A phantom's true labels (k, row, column), slice k matching ``datasets[k]`` by position."""
+    truth = sitk.GetArrayFromImage(phantom.labels)
+    if "image_position_patient" in phantom.meta:  # tilted: the true (sheared) positions
+        positions = np.asarray(phantom.meta["image_position_patient"], float)
+    else:
+        positions = np.array([phantom.labels.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(truth.shape[0])])
+    order = [int(np.argmin(np.abs(positions - np.asarray(ds.ImagePositionPatient, float)).sum(axis=1)))
+             for ds in datasets]
+    assert sorted(order) == list(range(len(positions))), "the datasets are not the phantom's slices"
+    return truth[order]
+
 
 def _real_ct_archive() -> Path:
     """LOBEVOL_REAL_CT, else ``../shared/data/real-ct`` next to the repository, else the workplace's

@@ -15,8 +15,10 @@ from scipy import ndimage
 from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, generate_uid)
 
+from inference.metrics import dice_per_region
 from node.dicom_files import find_dicom_files
 from node.series_volume import AIR_HU, load_series_volume
+from tests.conftest import phantom_truth_on_source_slices
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -275,24 +277,6 @@ def test_real_philips_thin_series_is_regular(real_ct):
     assert volume.image.GetSpacing() == pytest.approx((0.451171875, 0.451171875, 1.0))
 
 
-def _truth_in_dataset_order(phantom, volume) -> np.ndarray:
-    """The phantom's true labels, one slice per source image, in ``volume.datasets`` order."""
-    truth = sitk.GetArrayFromImage(phantom.labels)
-    if "image_position_patient" in phantom.meta:  # tilted: the true (sheared) positions
-        positions = np.asarray(phantom.meta["image_position_patient"], float)
-    else:
-        positions = np.array([phantom.labels.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(truth.shape[0])])
-    order = [int(np.argmin(np.abs(positions - np.asarray(ds.ImagePositionPatient, float)).sum(axis=1)))
-             for ds in volume.datasets]
-    assert sorted(order) == list(range(len(positions)))
-    return truth[order]
-
-
-def _dice_per_region(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    return {value: 2 * ((a == value) & (b == value)).sum() / ((a == value).sum() + (b == value).sum())
-            for value in range(1, 11)}
-
-
 def test_tilted_phantom_truth_survives_the_grid_and_back_onto_its_source_slices(tilted_phantom_study):
     phantom, folder = tilted_phantom_study
     volume = load_series_volume(find_dicom_files(folder))
@@ -300,10 +284,10 @@ def test_tilted_phantom_truth_survives_the_grid_and_back_onto_its_source_slices(
     # The grid has the phantom's (tilted) axes and slice spacing.
     np.testing.assert_allclose(volume.image.GetDirection(), phantom.image.GetDirection(), atol=1e-6)
     assert volume.image.GetSpacing() == pytest.approx(phantom.image.GetSpacing(), rel=1e-6)
-    truth = _truth_in_dataset_order(phantom, volume)
+    truth = phantom_truth_on_source_slices(phantom, volume.datasets)
     on_grid = volume.source_slices_to_grid(truth, nearest=True)
     back = volume.labels_on_source_slices(on_grid)
-    dice = _dice_per_region(back, truth)
+    dice = dice_per_region(back, truth)
     assert min(dice.values()) >= 0.97, dice
     # The HU on the grid, mapped back with the same (independent, physical-space) resampling, match
     # the source images: brain voxels of the truth sit at brain HU on the grid.
@@ -326,7 +310,7 @@ def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
     expected = np.maximum(sitk.GetArrayFromImage(phantom.image).astype(np.float32), AIR_HU)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume.image), expected)
     labels = volume.labels_on_source_slices(phantom.labels)
-    np.testing.assert_array_equal(labels, _truth_in_dataset_order(phantom, volume))
+    np.testing.assert_array_equal(labels, phantom_truth_on_source_slices(phantom, volume.datasets))
 
 
 def test_slice_extents_and_source_volumes_follow_uneven_spacing(tmp_path):

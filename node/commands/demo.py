@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from node.commands._options import add_config_option
+
 EPILOG = """\
 examples:
   lobevol demo
@@ -36,8 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="node settings to use (default config.ini); port, folders and PACS are replaced")
+    add_config_option(parser, help="node settings to use (default config.ini); port, folders and PACS are replaced")
     parser.add_argument("--seed", type=int, default=2025, help="phantom seed (default 2025)")
     parser.add_argument("--matrix", type=int, default=192, help="phantom image matrix (default 192)")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the config's, else bundled)")

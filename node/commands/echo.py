@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+
+from node.commands._options import add_config_option
 
 EPILOG = """\
 examples:
@@ -25,8 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("ae", metavar="AE", help="AE title of a [remote AE] section, or the node's own AE title")
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="configuration file (default: config.ini)")
+    add_config_option(parser)
     parser.add_argument("--as", dest="calling_ae", default=None, metavar="AE",
                         help="calling AE title (default: the node's AE title)")
     parser.set_defaults(func=run)

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from node.commands._options import add_device_options
+
 EPILOG = """\
 examples:
   lobevol phantom --out heldout --count 10 --seed 900000
@@ -36,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=900000, help="first phantom seed with --phantoms (default 900000)")
     parser.add_argument("--slice-thickness", type=float, default=None, help="slice thickness of --phantoms (mm)")
     parser.add_argument("--csv", type=Path, default=None, help="write one row per case here")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    add_device_options(parser, tta=True)
     parser.set_defaults(func=run)
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from node.commands._options import add_config_option
 
 EPILOG = """\
 examples:
@@ -24,8 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("job", type=int, metavar="JOB", help="job id (see lobevol status)")
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="configuration file (default: config.ini)")
+    add_config_option(parser)
     parser.set_defaults(func=run)
 
 

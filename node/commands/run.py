@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from inference.labels import REGIONS
-
+from node.commands._options import add_device_options
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slice thickness of the phantom in mm (default: drawn at random, 0.625-5)",
     )
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    add_device_options(parser, tta=True)
     parser.set_defaults(func=run)
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from inference.metrics import dice_per_region
 
     phantom = make_phantom(args.seed, slice_thickness_mm=args.slice_thickness)
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta)
     result = segmenter.segment(phantom.image)
     dice = dice_per_region(result.labels, phantom.labels)
     truth = phantom.meta["volumes_cm3"]

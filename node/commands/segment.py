@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from node.commands._options import add_config_option, add_device_options
+
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 
 EPILOG = """\
@@ -51,12 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="only list each study's series and which one would be analysed, with the reasons "
                              "(no model, nothing written)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: torch's choice)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips): slower, a little smoother")
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
-                        help="take the [selection] and [outputs] settings of a node config file (config.ini); "
-                             "the options below override them")
+    add_device_options(parser, tta=True)
+    add_config_option(parser, default=None,
+                      help="take the [selection] and [outputs] settings of a node config file (config.ini); "
+                           "the options below override them")
     parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default=None,
                         help="DICOM SEG type (default binary: what most viewers display)")
     parser.add_argument("--no-sr", action="store_true", help="do not write the TID 1500 SR")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from node.commands._options import add_config_option
+
 EPILOG = """\
 examples:
   lobevol send phantom/dicom --to LOBEVOL --config config.ini
@@ -28,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", type=Path, metavar="PATH", help="DICOM file or folder (searched recursively)")
     parser.add_argument("--to", required=True, metavar="AE", help="destination AE title")
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="configuration file (default: config.ini)")
+    add_config_option(parser)
     parser.add_argument("--as", dest="calling_ae", default=None, metavar="AE", help="calling AE title")
     parser.set_defaults(func=run)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from pathlib import Path
+
+from node.commands._options import add_config_option
 
 EPILOG = """\
 examples:
@@ -38,8 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="configuration file (default: config.ini in the current folder)")
+    add_config_option(parser)
     parser.add_argument("--port", type=int, default=None, help="listen on this port instead of the file's [node] port")
     parser.set_defaults(func=run)
 

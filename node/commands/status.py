@@ -5,6 +5,8 @@ import argparse
 import time
 from pathlib import Path
 
+from node.commands._options import add_config_option
+
 EPILOG = """\
 examples:
   lobevol status --config config.ini
@@ -26,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, default=Path("config.ini"), metavar="FILE",
-                        help="configuration file (default: config.ini)")
+    add_config_option(parser)
     parser.add_argument("--job", type=int, default=None, metavar="ID", help="show one job in detail")
     parser.add_argument("--state", action="append", default=None, metavar="STATE",
                         help="only jobs in this state (repeatable)")

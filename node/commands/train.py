@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from node.commands._options import add_device_options
+
 EPILOG = """\
 examples:
   lobevol train --phantoms 60 --out runs/r1
@@ -68,8 +70,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice loss (0: CE only)")
     parser.add_argument("--rotation", type=float, default=10.0, help="largest random rotation per axis, degrees")
     parser.add_argument("--seed", type=int, default=2025)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_device_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log files)")
 
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     cases, described = load_cases(args, config, args.out)
     training, validation = split_cases(args, cases, config.seed)
     fold = f", fold {args.fold} of {args.folds}" if args.folds else ""
-    print(f"training on {len(training)} cases, validating on {len(validation)}{fold}")
+    print(f"training on {len(training)} cases, validating on {len(validation)}{fold}", flush=True)
     result = train(config, training, validation, args.out, trained_on=described + fold, device=args.device,
                    resume=args.resume, progress=not args.no_progress)
     print(f"best epoch {result.best_epoch}: validation mean Dice {result.best_dice:.4f}; "

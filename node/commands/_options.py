@@ -1,0 +1,25 @@
+"""Options several commands share, each defined once so that it reads and behaves alike everywhere."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_CONFIG = Path("config.ini")
+
+
+def add_config_option(parser: argparse.ArgumentParser, *, default: Optional[Path] = DEFAULT_CONFIG,
+                      help: str = "configuration file (default: config.ini in the current folder)") -> None:
+    """``--config FILE``: the node's settings (see ``lobevol config check``)."""
+    parser.add_argument("--config", type=Path, default=default, metavar="FILE", help=help)
+
+
+def add_device_options(parser: argparse.ArgumentParser, *, tta: bool = False) -> None:
+    """``--device`` and ``--threads`` for commands that run a network; ``--tta`` for those that segment."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA with mixed precision when present, else CPU), cpu or cuda[:N] (default auto)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch and SimpleITK (default: torch's choice)")
+    if tta:
+        parser.add_argument("--tta", action="store_true",
+                            help="flip test-time augmentation: about twice the network time, a little smoother")

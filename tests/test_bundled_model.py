@@ -1,0 +1,77 @@
+"""The bundled model on phantoms it never saw, through the node's whole DICOM path.
+
+A phantom is written as a CT series, ``analyse_study`` segments it with the
+shipped checkpoint, and the SEG it writes is read back with highdicom onto the
+source slices and compared with the phantom's true labels: the figures the
+model card promises (mean Dice per region, total volume) must hold on what a
+viewer would display. Training seeds are 1000..1039; these seeds are far away.
+"""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from inference.labels import REGIONS
+from inference.metrics import dice_per_region
+from node.dicom_files import find_dicom_files
+from node.pipeline import analyse_study
+from node.seg import segment_numbers_by_key
+from tests.conftest import phantom_truth_on_source_slices
+
+# (seed, slice thickness mm, gantry tilt deg, lowest Dice of any region, largest total volume error)
+HELD_OUT = [
+    (910001, 1.25, 0.0, 0.90, 0.03),
+    (910002, 5.0, 15.0, 0.85, 0.03),
+]
+
+
+@pytest.fixture(scope="module")
+def bundled_segmenter():
+    from inference.predict import Segmenter
+
+    return Segmenter(device="cpu", threads=2, progress=False)
+
+
+def _seg_labels(seg_path, datasets) -> np.ndarray:
+    """The SEG's regions as one label map (k, row, column) on ``datasets``' planes."""
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(seg_path))
+    numbers = segment_numbers_by_key(seg)
+    combined = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+        segment_numbers=list(numbers.values()), combine_segments=True, skip_overlap_checks=True,
+    )
+    labels = np.zeros(combined.shape, np.uint8)
+    for region in REGIONS:
+        if region.key in numbers:
+            labels[combined == numbers[region.key]] = region.value
+    return labels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, thickness_mm, tilt_deg, min_dice, max_total_error", HELD_OUT)
+def test_seg_read_back_matches_the_phantom_truth(seed, thickness_mm, tilt_deg, min_dice, max_total_error,
+                                                 bundled_segmenter, tmp_path):
+    from inference.phantom import make_phantom
+    from node.ct_series import write_ct_series
+
+    phantom = make_phantom(seed, slice_thickness_mm=thickness_mm, tilt_deg=tilt_deg)
+    write_ct_series(phantom, tmp_path / "in")
+    instances = find_dicom_files(tmp_path / "in")
+    outcome = analyse_study(instances, tmp_path / "out", bundled_segmenter)
+    assert outcome.status == "done", outcome.reason
+
+    (seg_path,) = [p for p in outcome.result_files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]
+    by_uid = {h.sop_instance_uid: h.path for h in instances}
+    datasets = [pydicom.dcmread(by_uid[str(item.ReferencedSOPInstanceUID)], stop_before_pixels=True)
+                for item in pydicom.dcmread(seg_path).ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert len(datasets) == len(instances)  # every source image is referenced
+    truth = phantom_truth_on_source_slices(phantom, datasets)
+    predicted = _seg_labels(seg_path, datasets)
+    dice = dice_per_region(predicted, truth)
+    assert min(dice.values()) >= min_dice, dice
+
+    true_total = sum(phantom.meta["volumes_cm3"][region.key] for region in REGIONS)
+    measured_total = sum(float(outcome.volumes_row[region.key]) for region in REGIONS)
+    assert abs(measured_total / true_total - 1) <= max_total_error, (measured_total, true_total)
