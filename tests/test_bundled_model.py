@@ -81,3 +81,25 @@ def test_seg_read_back_matches_the_phantom_truth(seed, thickness_mm, tilt_deg, m
     true_total = sum(phantom.meta["volumes_cm3"][region.key] for region in REGIONS)
     measured_total = sum(float(outcome.volumes_row[region.key]) for region in REGIONS)
     assert abs(measured_total / true_total - 1) <= max_total_error, (measured_total, true_total)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_real_scans_with_the_bundled_model(real_ct, bundled_segmenter, tmp_path):
+    """The GE head (tilted, uneven) gives valid objects on its own 28 images; the Philips
+    head phantom (an air-filled skull shell) fails visibly instead of getting brain volumes."""
+    from tests.dicom_validation import validate
+    from tests.test_pipeline import EXPLAINED_WARNINGS
+
+    ge = analyse_study(find_dicom_files(real_ct / "GE"), tmp_path / "ge", bundled_segmenter)
+    assert ge.status == "done", ge.reason
+    (seg_path,) = [p for p in ge.result_files if p.name == "seg.dcm"]
+    references = pydicom.dcmread(seg_path).ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert len(references) == 28
+    for path in ge.result_files:
+        result = validate(path)
+        assert result.errors == [] and result.unexplained_warnings(EXPLAINED_WARNINGS) == [], result.output
+
+    philips = analyse_study(find_dicom_files(real_ct / "Philips"), tmp_path / "philips", bundled_segmenter)
+    assert philips.status == "failed" and "no brain to segment" in philips.reason
+    assert philips.result_files == []
