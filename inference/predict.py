@@ -369,6 +369,16 @@ def _interpolated_argmax(volume: torch.Tensor, points_xyz: np.ndarray, last: np.
     return np.argmax(sampled.numpy(), axis=0).astype(np.uint8)
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and SimpleITK (process-wide); None keeps their defaults."""
+    if threads is None:
+        return
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(int(threads))
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+
+
 # --- the segmenter ---------------------------------------------------------------------------
 
 class Segmenter:
@@ -394,11 +404,7 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", threads: int | None = None,
                  tta: bool = False, overlap: float = 0.5, patch_size: tuple[int, int, int] | None = None,
                  progress: bool = True):
-        if threads is not None:
-            if int(threads) < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(int(threads))
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+        set_cpu_threads(threads)
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be within [0, 1), got {overlap}")
         if patch_size is not None and (len(patch_size) != 3 or any(

@@ -19,6 +19,7 @@ compare`` use exactly the same ones:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -124,7 +125,7 @@ class CaseCache:
 
     def __init__(self, folder: Path, config: PreprocessConfig):
         key = json.dumps(config.to_dict(), sort_keys=True)
-        digest = __import__("hashlib").sha256(key.encode()).hexdigest()[:10]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         self.folder = Path(folder) / f"prep-{digest}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config = config

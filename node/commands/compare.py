@@ -44,13 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from inference.checkpoint import load_checkpoint
+    from inference.predict import set_cpu_threads
     from inference.training import train, validation_dice
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
     args.architecture, args.kernel = "resunet", "3x3x3"

@@ -136,12 +136,10 @@ def split_cases(args: argparse.Namespace, cases, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from inference.predict import set_cpu_threads
     from inference.training import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     config = train_config(args)
     cases, described = load_cases(args, config, args.out)
     training, validation = split_cases(args, cases, config.seed)
