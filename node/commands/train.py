@@ -19,6 +19,9 @@ examples:
       fold 2 of a 5-fold cross-validation (run folds 0..4 for the full CV)
   lobevol train --phantoms 60 --out runs/r1 --resume
       continue an interrupted run from runs/r1/last.pt (same options)
+  lobevol train --data /data/my_labelled_ct --out runs/tuned --init bundled --lr 1e-4 --epochs 30
+      fine-tune the bundled phantom model on your scans: the network and preprocessing
+      come from the --init checkpoint, the run starts from its weights
 
 Prepared (preprocessed) cases are cached under OUT/cache so reruns start at once.
 Use the result with: lobevol segment ... --model runs/r1/best.pt, and measure it with
@@ -40,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", type=int, default=None, help="k of a k-fold cross-validation")
     parser.add_argument("--fold", type=int, default=0, help="which fold (0-based) is validated (with --folds)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--init", metavar="MODEL", default=None,
+                        help="start from this checkpoint's weights (fine-tuning); 'bundled' = the shipped "
+                             "model. Its architecture, kernel, channels and preprocessing replace "
+                             "--architecture/--kernel/--channels/--spacing")
     parser.set_defaults(func=run)
 
 
@@ -135,18 +142,35 @@ def split_cases(args: argparse.Namespace, cases, seed: int):
     return [by_name[n] for n in training], [by_name[n] for n in validation]
 
 
+def initial_checkpoint(name: str | None) -> Path | None:
+    """The --init checkpoint's path ('bundled' = the shipped model), checked to exist."""
+    from inference.checkpoint import BUNDLED_CHECKPOINT
+
+    if name is None:
+        return None
+    path = BUNDLED_CHECKPOINT if name == "bundled" else Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {name}: no checkpoint file {path}")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from inference.predict import set_cpu_threads
-    from inference.training import train
+    from inference.checkpoint import load_checkpoint
+    from inference.training import network_settings, train
 
     set_cpu_threads(args.threads)
-    config = train_config(args)
+    initial = initial_checkpoint(args.init)
+    initial_meta = load_checkpoint(initial)[1] if initial else None
+    config = train_config(args, **(network_settings(initial_meta) if initial_meta else {}))
     cases, described = load_cases(args, config, args.out)
+    if initial_meta:
+        described += f", fine-tuned from {initial.name} (weights sha256 {initial_meta.weights_sha256[:12]})"
     training, validation = split_cases(args, cases, config.seed)
     fold = f", fold {args.fold} of {args.folds}" if args.folds else ""
     print(f"training on {len(training)} cases, validating on {len(validation)}{fold}", flush=True)
     result = train(config, training, validation, args.out, trained_on=described + fold, device=args.device,
-                   resume=args.resume, progress=not args.no_progress)
+                   resume=args.resume, initial_weights=initial, progress=not args.no_progress)
     print(f"best epoch {result.best_epoch}: validation mean Dice {result.best_dice:.4f}; "
           f"checkpoints {result.best} and {result.last}")
     return 0
