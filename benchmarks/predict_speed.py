@@ -14,7 +14,7 @@ costs the same time (the output says which).
 
 examples:
   .venv/bin/python benchmarks/predict_speed.py
-  .venv/bin/python benchmarks/predict_speed.py --threads 2 --tta --cache /tmp/lobevol-bench
+  .venv/bin/python benchmarks/predict_speed.py --threads 2 --no-tta --cache /tmp/lobevol-bench
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description.strip(), epilog="examples:" + examples.rstrip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and SimpleITK (default 2)")
-    parser.add_argument("--tta", action="store_true", help="with left-right flip test-time augmentation")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                        help="left-right flip test-time augmentation, as the node does by default (default on)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="segmentations to time; the median is shown (default 3)")
     parser.add_argument("--seed", type=int, default=11, help="phantom seed (default 11)")
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, model_note = model_checkpoint(args.cache)
     command = [sys.executable, __file__, "--threads", str(args.threads), "--repeat", str(max(1, args.repeat)),
                "--child", str(image), str(checkpoint)]
-    if args.tta:
-        command.insert(2, "--tta")
+    command.insert(2, "--tta" if args.tta else "--no-tta")
     child = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if child.returncode != 0:
         print(child.stderr, file=sys.stderr)

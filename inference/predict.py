@@ -388,7 +388,7 @@ class Segmenter:
         checkpoint: checkpoint file; None = :data:`inference.checkpoint.BUNDLED_CHECKPOINT`.
         device: "auto" (CUDA when present, with fp16 autocast; else CPU), "cpu" or "cuda[:N]".
         threads: CPU threads for torch and SimpleITK (process-wide settings); None leaves their defaults.
-        tta: average with the left-right mirrored prediction (about twice the network time).
+        tta: average with the left-right mirrored prediction (default; about twice the network time).
         overlap: overlap of sliding windows (0 <= overlap < 1).
         patch_size: sliding-window patch (z, y, x) in working voxels, multiples of 16;
             None = one pass when the activations fit :data:`NETWORK_MEMORY_BUDGET`
@@ -402,7 +402,7 @@ class Segmenter:
     """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", threads: int | None = None,
-                 tta: bool = False, overlap: float = 0.5, patch_size: tuple[int, int, int] | None = None,
+                 tta: bool = True, overlap: float = 0.5, patch_size: tuple[int, int, int] | None = None,
                  progress: bool = True):
         set_cpu_threads(threads)
         if not 0.0 <= overlap < 1.0:

@@ -33,7 +33,7 @@ KNOWN: dict[str, dict[str, str]] = {
         "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
     },
     "series": {"stability_s": "15"},
-    "inference": {"device": "auto", "threads": "", "model": "", "tta": "no", "job_timeout_s": "1800"},
+    "inference": {"device": "auto", "threads": "", "model": "", "tta": "yes", "job_timeout_s": "1800"},
     "results": {"send_to_origin": "yes", "extra_destinations": ""},
     "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
     "retention": {"images_hours": "24", "results_days": "30"},
@@ -155,7 +155,7 @@ class NodeConfig:
     device: str = "auto"
     threads: int | None = None
     model: Path | None = None
-    tta: bool = False
+    tta: bool = True
     job_timeout_s: float = 1800.0
     send_to_origin: bool = True
     extra_destinations: tuple[str, ...] = ()

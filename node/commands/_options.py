@@ -21,5 +21,7 @@ def add_device_options(parser: argparse.ArgumentParser, *, tta: bool = False) ->
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch and SimpleITK (default: torch's choice)")
     if tta:
-        parser.add_argument("--tta", action="store_true",
-                            help="flip test-time augmentation: about twice the network time, a little smoother")
+        parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                            help="average with the left-right mirrored prediction (default on; about twice "
+                                 "the network time; on the held-out phantoms it adds about 0.01-0.02 Dice "
+                                 "per region)")
