@@ -23,5 +23,5 @@ def add_device_options(parser: argparse.ArgumentParser, *, tta: bool = False) ->
     if tta:
         parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                             help="average with the left-right mirrored prediction (default on; about twice "
-                                 "the network time; on the held-out phantoms it adds about 0.01-0.02 Dice "
+                                 "the network time; on the held-out phantoms it adds up to 0.02 Dice "
                                  "per region)")
