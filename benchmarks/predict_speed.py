@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     image = phantom_image(args.cache, args.seed)
     checkpoint, model_note = model_checkpoint(args.cache)
-    command = [sys.executable, __file__, "--threads", str(args.threads), "--repeat", str(max(1, args.repeat)),
-               "--child", str(image), str(checkpoint)]
-    command.insert(2, "--tta" if args.tta else "--no-tta")
+    command = [sys.executable, __file__, "--tta" if args.tta else "--no-tta", "--threads", str(args.threads),
+               "--repeat", str(max(1, args.repeat)), "--child", str(image), str(checkpoint)]
     child = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if child.returncode != 0:
         print(child.stderr, file=sys.stderr)

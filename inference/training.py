@@ -33,7 +33,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, load_checkpoint, read_checkpoint, save_checkpoint
+from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, read_checkpoint, save_checkpoint
 from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
 from inference.metrics import dice_per_region
 from inference.models import MODEL_DIVISOR, build_model
@@ -248,7 +248,7 @@ def train(
     trained_on: str,
     device: str = "auto",
     resume: bool = False,
-    initial_weights: Path | None = None,
+    initial: tuple[torch.nn.Module, CheckpointMeta] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a network; write ``out_dir/last.pt`` every epoch and ``out_dir/best.pt`` on improvement.
@@ -262,9 +262,10 @@ def train(
         trained_on: description stored in the checkpoints.
         device: "auto", "cpu" or "cuda[:N]"; CUDA trains with mixed precision.
         resume: continue from ``out_dir/last.pt`` when it exists (same config required).
-        initial_weights: a checkpoint whose weights the run starts from (fine-tuning) instead
-            of random ones; its network and preprocessing must be the config's. A resumed
-            run continues from ``last.pt`` and ignores it.
+        initial: a loaded checkpoint, ``(model, meta)`` as ``load_checkpoint`` returns it, whose
+            weights the run starts from (fine-tuning) instead of random ones; its network and
+            preprocessing must be the config's. A resumed run continues from ``last.pt`` and
+            ignores it.
         progress: show a progress bar per epoch.
     """
     from tqdm import tqdm
@@ -283,9 +284,9 @@ def train(
     if resume and last.exists():
         start_epoch, history, best_dice, best_epoch = _resume(last, model, optimizer, config, torch_device)
         log.info("resuming at epoch %d of %d from %s", start_epoch + 1, config.epochs, last)
-    elif initial_weights is not None:
-        model.load_state_dict(_initial_state(initial_weights, config))
-        log.info("starting from the weights of %s", initial_weights)
+    elif initial is not None:
+        model.load_state_dict(_initial_state(initial, config))
+        log.info("starting from the weights %s", initial[1].weights_sha256[:12])
     meta = _meta(config, trained_on)
     for epoch in range(start_epoch, config.epochs):
         started = time.monotonic()
@@ -382,19 +383,14 @@ def network_settings(meta: CheckpointMeta) -> dict:
                 preprocessing=PreprocessConfig.from_dict(meta.preprocessing))
 
 
-def _initial_state(path: Path, config: TrainConfig) -> dict:
-    """Weights of the checkpoint at ``path``, refused unless its network and preprocessing are ``config``'s."""
-    from inference.preprocess import PreprocessConfig
-
-    model, meta = load_checkpoint(path)
-    mismatches = [f"{name} {theirs} (this run: {ours})" for name, theirs, ours in (
-        ("architecture", meta.architecture, config.architecture),
-        ("kernel", tuple(meta.kernel_size), tuple(config.kernel_size)),
-        ("channels", tuple(meta.channels), tuple(config.channels)),
-        ("preprocessing", PreprocessConfig.from_dict(meta.preprocessing), config.preprocessing),
-    ) if theirs != ours]
+def _initial_state(initial: tuple[torch.nn.Module, CheckpointMeta], config: TrainConfig) -> dict:
+    """The loaded checkpoint's weights, refused unless its network and preprocessing are ``config``'s."""
+    model, meta = initial
+    mismatches = [f"{name} {theirs} (this run: {getattr(config, name)})"
+                  for name, theirs in network_settings(meta).items() if getattr(config, name) != theirs]
     if mismatches:
-        raise ValueError(f"cannot start from {path}: it has " + "; ".join(mismatches))
+        raise ValueError(f"cannot start from the checkpoint with weights {meta.weights_sha256[:12]}: it has "
+                         + "; ".join(mismatches))
     return model.state_dict()
 
 

@@ -133,7 +133,7 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_network(t
     # Zero epochs' worth of change: a learning rate so small that one step keeps the weights.
     still = dataclasses.replace(_config(1), learning_rate=1e-12)
     tuned = train(still, cases[:2], cases[2:], tmp_path / "tuned", trained_on="tiny cubes", progress=False,
-                  initial_weights=first.last)
+                  initial=load_checkpoint(first.last))
     fresh = train(still, cases[:2], cases[2:], tmp_path / "fresh", trained_on="tiny cubes", progress=False)
     start, after, random = (read_checkpoint(p)["state_dict"] for p in (first.last, tuned.last, fresh.last))
     weight = next(name for name in start if name.endswith("weight") and start[name].dim() == 5)
@@ -141,4 +141,4 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_network(t
     assert not torch.allclose(random[weight], start[weight])
     with pytest.raises(ValueError, match=r"channels \(4, 8\) \(this run: \(4, 16\)\)"):
         train(dataclasses.replace(still, channels=(4, 16)), cases[:2], cases[2:], tmp_path / "wider",
-              trained_on="tiny cubes", progress=False, initial_weights=first.last)
+              trained_on="tiny cubes", progress=False, initial=load_checkpoint(first.last))

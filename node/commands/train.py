@@ -155,22 +155,22 @@ def initial_checkpoint(name: str | None) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference.predict import set_cpu_threads
     from inference.checkpoint import load_checkpoint
+    from inference.predict import set_cpu_threads
     from inference.training import network_settings, train
 
     set_cpu_threads(args.threads)
-    initial = initial_checkpoint(args.init)
-    initial_meta = load_checkpoint(initial)[1] if initial else None
-    config = train_config(args, **(network_settings(initial_meta) if initial_meta else {}))
+    initial_path = initial_checkpoint(args.init)
+    initial = load_checkpoint(initial_path) if initial_path else None
+    config = train_config(args, **(network_settings(initial[1]) if initial else {}))
     cases, described = load_cases(args, config, args.out)
-    if initial_meta:
-        described += f", fine-tuned from {initial.name} (weights sha256 {initial_meta.weights_sha256[:12]})"
+    if initial:
+        described += f", fine-tuned from {initial_path.name} (weights sha256 {initial[1].weights_sha256[:12]})"
     training, validation = split_cases(args, cases, config.seed)
     fold = f", fold {args.fold} of {args.folds}" if args.folds else ""
     print(f"training on {len(training)} cases, validating on {len(validation)}{fold}", flush=True)
     result = train(config, training, validation, args.out, trained_on=described + fold, device=args.device,
-                   resume=args.resume, initial_weights=initial, progress=not args.no_progress)
+                   resume=args.resume, initial=initial, progress=not args.no_progress)
     print(f"best epoch {result.best_epoch}: validation mean Dice {result.best_dice:.4f}; "
           f"checkpoints {result.best} and {result.last}")
     return 0
