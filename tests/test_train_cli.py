@@ -1,5 +1,7 @@
-"""``lobevol train`` from the command line: NIfTI pairs in, checkpoints out, fine-tuning the bundled model."""
+"""``lobevol train`` and ``lobevol compare`` from the command line: NIfTI pairs in, checkpoints and tables out."""
 from __future__ import annotations
+
+import csv
 
 import SimpleITK as sitk
 
@@ -8,18 +10,25 @@ from inference.phantom import make_phantom
 from node.cli import main
 
 
-def test_train_fine_tunes_the_bundled_model_on_image_label_pairs(tmp_path, capsys):
-    data = tmp_path / "data"
-    for seed in (41, 42):
+TINY_BUDGET = ["--epochs", "1", "--iterations", "1", "--batch-size", "1", "--patch", "32,32,32",
+               "--validation-fraction", "0.5", "--no-progress"]
+
+
+def _write_pairs(data, seeds=(41, 42)) -> None:
+    """Small phantoms as <case>/image.nii.gz + <case>/labels.nii.gz, the layout a user brings."""
+    for seed in seeds:
         phantom = make_phantom(seed, matrix=64, pixel_spacing_mm=3.2, slice_thickness_mm=5.0)
         case = data / f"case{seed}"
         case.mkdir(parents=True)
         sitk.WriteImage(phantom.image, str(case / "image.nii.gz"))
         sitk.WriteImage(phantom.labels, str(case / "labels.nii.gz"))
+
+
+def test_train_fine_tunes_the_bundled_model_on_image_label_pairs(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_pairs(data)
     out = tmp_path / "tuned"
-    status = main(["train", "--data", str(data), "--out", str(out), "--init", "bundled", "--epochs", "1",
-                   "--iterations", "1", "--batch-size", "1", "--patch", "32,32,32", "--validation-fraction", "0.5",
-                   "--no-progress"])
+    status = main(["train", "--data", str(data), "--out", str(out), "--init", "bundled", *TINY_BUDGET])
     assert status == 0
     assert "training on 1 cases, validating on 1" in capsys.readouterr().out
     _, bundled = load_checkpoint(BUNDLED_CHECKPOINT)
@@ -33,3 +42,20 @@ def test_train_names_a_missing_initial_checkpoint(tmp_path, capsys):
     status = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--init", str(tmp_path / "no.pt")])
     assert status != 0
     assert "no.pt" in capsys.readouterr().err
+
+
+def test_compare_trains_the_three_models_alike_and_prints_the_papers_table(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_pairs(data)
+    out = tmp_path / "compare"
+    status = main(["compare", "--data", str(data), "--out", str(out), "--channels", "4,8,8,8,8", *TINY_BUDGET])
+    assert status == 0
+    table = capsys.readouterr().out
+    for model in ("3D U-Net (baseline)", "ResU-Net (1,3,3)", "ResU-Net (3,3,3)"):
+        assert model in table
+    assert "1 training, 1 test cases" in table
+    with open(out / "compare.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model"] for row in rows] == ["3D U-Net (baseline)", "ResU-Net (1,3,3)", "ResU-Net (3,3,3)"]
+    assert all(0.0 <= float(row[key]) <= 1.0 for row in rows for key in ("train_dice", "test_dice"))
+    assert {path.name for path in out.iterdir()} >= {"unet333_run0", "resunet133_run0", "resunet333_run0"}

@@ -69,8 +69,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--iterations", type=int, default=50, help="optimiser steps per epoch (default 50)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--patch", default="64,80,64", help="patch size z,y,x in voxels, multiples of 16")
+    parser.add_argument("--batch-size", type=int, default=1, help="patches per optimiser step (default 1)")
+    parser.add_argument("--patch", default="96,112,96",
+                        help="patch size z,y,x in voxels, multiples of 16 (default 96,112,96: most of a "
+                             "cropped head at 1.5 mm, the context the network has at inference)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3; paper 1e-5)")
     parser.add_argument("--lr-decay", choices=("poly", "constant"), default="poly",
                         help="poly: lr x (1 - epoch/epochs)^0.9 each epoch (default); constant")
