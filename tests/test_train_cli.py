@@ -7,7 +7,9 @@ import SimpleITK as sitk
 
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from inference.phantom import make_phantom
-from node.cli import main
+from inference.training import TrainConfig
+from node.cli import build_parser, main
+from node.commands.train import train_config
 
 
 TINY_BUDGET = ["--epochs", "1", "--iterations", "1", "--batch-size", "1", "--patch", "32,32,32",
@@ -22,6 +24,14 @@ def _write_pairs(data, seeds=(41, 42)) -> None:
         case.mkdir(parents=True)
         sitk.WriteImage(phantom.image, str(case / "image.nii.gz"))
         sitk.WriteImage(phantom.labels, str(case / "labels.nii.gz"))
+
+
+def test_command_line_defaults_are_the_train_config_defaults():
+    # The parser keeps literal defaults (importing torch would slow every `lobevol --help`);
+    # this keeps them from drifting away from TrainConfig's.
+    for command in ("train", "compare"):
+        args = build_parser().parse_args([command, "--phantoms", "2", "--out", "runs/x"])
+        assert train_config(args) == TrainConfig()
 
 
 def test_train_fine_tunes_the_bundled_model_on_image_label_pairs(tmp_path, capsys):

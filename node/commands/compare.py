@@ -5,7 +5,8 @@ import argparse
 import csv
 from pathlib import Path
 
-from node.commands.train import add_budget_arguments, add_data_arguments, load_cases, split_cases, train_config
+from node.commands.train import (add_budget_arguments, add_data_arguments, add_size_arguments, load_cases, split_cases,
+                                 train_config)
 
 #: The three models of Xi et al. 2025, Table (Dice training / test): name, architecture, kernel.
 VARIANTS = (
@@ -35,11 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--channels", default="8,16,32,64,128", help="widths of the 5 levels")
-    parser.add_argument("--spacing", type=float, default=1.5, help="working spacing in mm")
+    add_size_arguments(parser)
     parser.add_argument("--runs", type=int, default=1, help="training runs per model, averaged (paper: 10)")
     add_budget_arguments(parser)
-    parser.set_defaults(func=run, folds=None, fold=0)
+    # the base configuration; each variant then sets its architecture and kernel
+    parser.set_defaults(func=run, folds=None, fold=0, architecture="resunet", kernel="3x3x3")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     set_cpu_threads(args.threads)
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
-    args.architecture, args.kernel = "resunet", "3x3x3"
     base = train_config(args)
     cases, described = load_cases(args, base, args.out)
     training, test = split_cases(args, cases, base.seed)

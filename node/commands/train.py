@@ -62,6 +62,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", choices=("resunet", "unet"), default="resunet")
     parser.add_argument("--kernel", choices=("3x3x3", "1x3x3"), default="3x3x3", help="convolution kernel (z x y x x)")
+    add_size_arguments(parser)
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """Network width and working spacing (shared by train and compare)."""
     parser.add_argument("--channels", default="8,16,32,64,128", help="widths of the 5 levels (default 8,16,32,64,128)")
     parser.add_argument("--spacing", type=float, default=1.5, help="working spacing in mm (paper: 1; default 1.5)")
 
