@@ -23,13 +23,14 @@ from tests.conftest import phantom_truth_on_source_slices
 # (seed, slice thickness mm, gantry tilt deg, lowest Dice of any region, lowest mean Dice,
 #  largest total volume error). The project's targets (every region >= 0.90 up to 1.25 mm,
 # >= 0.85 up to 5 mm, total within 3 %) are NOT all reached by the shipped model yet (issue 2,
-# MODEL_CARD.md): these bounds sit just under what it measures here (1.25 mm: lowest 0.881,
-# mean 0.930, total +3.4 %; 5 mm with tilt: lowest 0.865, mean 0.912, total +2.6 %; flip TTA
-# on, as by default), so a worse model or a SEG whose frames land on the wrong planes fails.
+# MODEL_CARD.md: the brainstem is short of 0.90). The total is held to the 3 % target; the
+# Dice bounds sit just under what the model measures here (1.25 mm: lowest 0.870, mean 0.928,
+# total +1.5 %; 5 mm with tilt: lowest 0.880, mean 0.915, total +0.8 %; flip TTA on, as by
+# default), so a worse model or a SEG whose frames land on the wrong planes fails.
 # Raise them with the model.
 HELD_OUT = [
-    (910001, 1.25, 0.0, 0.86, 0.91, 0.045),
-    (910002, 5.0, 15.0, 0.84, 0.89, 0.04),
+    (910001, 1.25, 0.0, 0.85, 0.91, 0.03),
+    (910002, 5.0, 15.0, 0.86, 0.90, 0.03),
 ]
 
 
