@@ -54,9 +54,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantoms", type=int, metavar="N", help="train on N synthetic phantoms made on the fly")
     source.add_argument("--data", type=Path, metavar="DIR", help="folder of image/label NIfTI pairs")
-    parser.add_argument("--phantom-seed", type=int, default=1000, help="seed of the first phantom (default 1000)")
+    parser.add_argument("--phantom-seed", type=int, default=1000, help="seed of the first phantom (default %(default)s)")
     parser.add_argument("--validation-fraction", type=float, default=0.15,
-                        help="share of cases kept for validation when not using --folds (default 0.15)")
+                        help="share of cases kept for validation when not using --folds (default %(default)s)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +67,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     """Network width and working spacing (shared by train and compare)."""
-    parser.add_argument("--channels", default="8,16,32,64,128", help="widths of the 5 levels (default 8,16,32,64,128)")
-    parser.add_argument("--spacing", type=float, default=1.5, help="working spacing in mm (paper: 1; default 1.5)")
+    parser.add_argument("--channels", default="8,16,32,64,128", help="widths of the 5 levels (default %(default)s)")
+    parser.add_argument("--spacing", type=float, default=1.5, help="working spacing in mm (paper: 1; default %(default)s)")
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--iterations", type=int, default=50, help="optimiser steps per epoch (default 50)")
-    parser.add_argument("--batch-size", type=int, default=1, help="patches per optimiser step (default 1)")
+    parser.add_argument("--iterations", type=int, default=50, help="optimiser steps per epoch (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="patches per optimiser step (default %(default)s)")
     parser.add_argument("--patch", default="96,112,96",
-                        help="patch size z,y,x in voxels, multiples of 16 (default 96,112,96: most of a "
+                        help="patch size z,y,x in voxels, multiples of 16 (default %(default)s: most of a "
                              "cropped head at 1.5 mm, the context the network has at inference)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3; paper 1e-5)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default %(default)s; paper 1e-5)")
     parser.add_argument("--lr-decay", choices=("poly", "constant"), default="poly",
                         help="poly: lr x (1 - epoch/epochs)^0.9 each epoch (default); constant")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice loss (0: CE only)")
