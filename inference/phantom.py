@@ -4,7 +4,7 @@ A phantom is a 2-year-old's head: scalp (skin and fat), skull (cortical tables a
 diploe, thicker at the base, petrous ridges between the middle and posterior fossae),
 face (orbits, nasal airway) and neck, extra-axial CSF, lateral / third / fourth
 ventricles, brain parenchyma with a grey-matter ribbon, deep grey nuclei and random
-cortical sulci, and the 10 labelled regions of :mod:`inference.labels`. The regions are told
+cortical sulci (none on the brainstem and cord, which have no cortex), and the 10 labelled regions of :mod:`inference.labels`. The regions are told
 apart by anatomy the image shows, never by an intensity code: every lobe has the same
 parenchyma HU distribution; the interhemispheric, Sylvian, central and
 parieto-occipital fissures and the tentorium are thin CSF sheets at the region
@@ -67,6 +67,10 @@ COHORT_VOLUMES_CM3: dict[str, tuple[float, float]] = {
     "cerebellum": (127.97, 11.85),
     "brainstem": (15.47, 1.50),
 }
+#: Raised whenever a seed's output changes (meta.json carries it; training caches are keyed by it).
+#: 2: the brainstem and cord have no sulci (generation 1 cut cortical sulci into them).
+GENERATION = 2
+
 COHORT_BOY_FRACTION = 826 / 1487
 COHORT_MEAN_AGE_YEARS = 1.98
 COHORT_AGE_SD_YEARS = 0.28
@@ -475,7 +479,10 @@ FORAMEN_MAGNUM_Z = -78.0    # head frame: below it the brainstem becomes the (un
 
 
 def _parenchyma(f: dict[str, np.ndarray], csf_width: float, sulcus_depth: float) -> np.ndarray:
-    """Brain tissue before the partition: inside the CSF rim, outside ventricles and sulci."""
+    """Brain tissue before the partition: inside the CSF rim, outside ventricles and sulci.
+
+    Sulci reach ``sulcus_depth`` (mm) below the surface; 0 gives tissue without sulci.
+    """
     depth = -f["intracranial"] - csf_width
     brain = (depth > 0) & (f["ventricles"] > 0)
     brain &= ~((np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (depth < sulcus_depth))
@@ -488,10 +495,11 @@ def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
     ``f`` maps the names of :attr:`_Fields.REGION_FIELDS` to arrays of one shape.
     """
     depth = -f["intracranial"] - p.csf_width                  # depth below the brain surface
-    brain = _parenchyma(f, p.csf_width, p.sulcus_depth) & (f["height"] > FORAMEN_MAGNUM_Z)
+    above_foramen = f["height"] > FORAMEN_MAGNUM_Z
+    # The brainstem has no cortex, hence no sulci: its surface is smooth.
+    stem = _parenchyma(f, p.csf_width, 0.0) & above_foramen & (f["brainstem"] < p.brainstem)
+    brain = _parenchyma(f, p.csf_width, p.sulcus_depth) & above_foramen | stem
     labels = np.zeros(depth.shape, np.uint8)
-
-    stem = brain & (f["brainstem"] < p.brainstem)
     labels[stem] = region_by_key("brainstem").value
     rest = brain & ~stem
     tent = f["infratentorial"] - p.infratentorial
@@ -550,12 +558,14 @@ def _calibrate(fields: _Fields, anatomy: _Anatomy, targets: dict[str, float]) ->
         sub = (slice(None, None, stride),) * 3
         f = {name: getattr(fields, name)[sub] for name in _Fields.REGION_FIELDS}
         voxel_cm3 = (stride * CANONICAL_SPACING_MM) ** 3 / 1000.0
-        brain = _parenchyma(f, partition.csf_width, partition.sulcus_depth) & (f["height"] > FORAMEN_MAGNUM_Z)
+        above_foramen = f["height"] > FORAMEN_MAGNUM_Z
+        brain = _parenchyma(f, partition.csf_width, partition.sulcus_depth) & above_foramen
         # Shares of the brain voxels (before fissures) each region should take.
         want = {key: targets[key] * inflation[key] for key in REGION_KEYS}
         scale_count = brain.sum() / sum(want.values())
         n = {key: want[key] * scale_count for key in REGION_KEYS}
-        partition.brainstem = _quantile_threshold(f["brainstem"][brain], n["brainstem"])
+        smooth = _parenchyma(f, partition.csf_width, 0.0) & above_foramen    # the brainstem's (no sulci)
+        partition.brainstem = _quantile_threshold(f["brainstem"][smooth], n["brainstem"])
         rest = brain & (f["brainstem"] >= partition.brainstem)
         partition.infratentorial = _quantile_threshold(f["infratentorial"][rest], n["cerebellum"])
         cerebrum = rest & (f["infratentorial"] > partition.infratentorial)
@@ -596,7 +606,7 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition, lab
     f = {name: getattr(fields, name) for name in _Fields.REGION_FIELDS}
     inside = fields.intracranial < 0
     depth = -fields.intracranial - partition.csf_width
-    cord = _parenchyma(f, partition.csf_width, partition.sulcus_depth) & (fields.height <= FORAMEN_MAGNUM_Z)
+    cord = _parenchyma(f, partition.csf_width, 0.0) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
     parenchyma = (labels > 0) | cord
     # Grey-matter ribbon: within the cortical thickness of any CSF the brain touches
     # (surface, fissures, sulci), not of the ventricles (their walls are white matter).
@@ -935,6 +945,7 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     voxel_cm3 = pixel_spacing * pixel_spacing * thickness / 1000.0
     counts = np.bincount(labels.ravel(), minlength=len(REGIONS) + 1)
     meta = {
+        "generation": GENERATION,
         "seed": int(seed),
         "sex": sex,
         "age_years": round(age_years, 4),

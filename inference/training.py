@@ -476,7 +476,7 @@ def load_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
 
 def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callable[[], tuple[sitk.Image, sitk.Image]]]]:
     """(name, loader) of ``count`` phantoms with seeds ``seed``, ``seed+1``, ... (loaders make them lazily)."""
-    from inference.phantom import make_phantom
+    from inference.phantom import GENERATION, make_phantom
 
     for index in range(count):
         case_seed = seed + index
@@ -485,7 +485,8 @@ def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callabl
             phantom = make_phantom(case_seed, **PHANTOM_TRAINING_GEOMETRY)
             return sitk.Cast(phantom.image, sitk.sitkFloat32), phantom.labels
 
-        yield f"phantom_{case_seed:06d}", load
+        # The generation is in the name: a cache of an older generator's phantoms is not reused.
+        yield f"phantom_g{GENERATION}_{case_seed:06d}", load
 
 
 #: Phantoms for training are drawn with their random pose, noise, thickness and anatomy,
