@@ -168,6 +168,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), meta
 
 
+def record_metrics(path: str | Path, key: str, figures: Mapping[str, Any]) -> CheckpointMeta:
+    """Keep ``figures`` under ``metrics[key]`` of the checkpoint at ``path`` (rewritten in place).
+
+    The weights (and their sha256) and any training state stay as they were; an
+    earlier record under the same key is replaced.
+
+    Returns:
+        The metadata as written.
+    """
+    model, meta = load_checkpoint(path)
+    training_state = read_checkpoint(path)["training_state"]
+    metrics = {**meta.metrics, key: dict(figures)}
+    return save_checkpoint(path, model, dataclasses.replace(meta, metrics=metrics), training_state=training_state)
+
+
 def _check_meta(meta: CheckpointMeta) -> None:
     from inference.preprocess import PreprocessConfig
 

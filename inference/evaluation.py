@@ -19,6 +19,8 @@ from inference.metrics import dice_per_region
 
 #: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.
 THICKNESS_GROUPS = ((0.0, 1.25), (1.25, 5.0))
+#: The largest error of the total of the 10 volumes the bundled model is held to (%).
+TOTAL_ERROR_TARGET_PERCENT = 3.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,33 @@ def summary_rows(evaluations: Sequence[CaseEvaluation]) -> list[dict[str, object
         row["max_abs_total_error_percent"] = float(max(abs(e.total_error_percent) for e in group))
         rows.append(row)
     return rows
+
+
+def evaluation_record(evaluations: Sequence[CaseEvaluation], description: str, data: str,
+                      tta: bool) -> dict[str, object]:
+    """The figures of an evaluation as plain data, to keep in a checkpoint's metrics.
+
+    Args:
+        description: what the cases are (e.g. seeds and slice thicknesses of phantoms).
+        data: where they were read from (folder, or how they were made).
+        tta: whether prediction used flip test-time augmentation.
+    """
+    if not evaluations:
+        raise ValueError("no evaluated cases to record")
+    totals = {e.name: round(e.total_error_percent, 3) for e in evaluations}
+    groups = [{key: (round(value, 4) if isinstance(value, float) else value) for key, value in row.items()}
+              for row in summary_rows(evaluations)]
+    return {
+        "description": description,
+        "data": data,
+        "test_time_augmentation": bool(tta),
+        "cases": len(evaluations),
+        "mean_dice_by_slice_thickness": groups,
+        "total_error_percent": totals,
+        "worst_total_error_percent": max(abs(v) for v in totals.values()),
+        f"cases_with_total_within_{TOTAL_ERROR_TARGET_PERCENT:g}_percent":
+            sum(abs(v) <= TOTAL_ERROR_TARGET_PERCENT for v in totals.values()),
+    }
 
 
 def format_table(evaluations: Sequence[CaseEvaluation]) -> str:

@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 
-from inference.evaluation import evaluate_labels, format_table, summary_rows, write_csv
+from inference.evaluation import evaluate_labels, evaluation_record, format_table, summary_rows, write_csv
 from inference.labels import REGION_KEYS
 
 
@@ -36,6 +36,21 @@ def test_errors_and_groups():
     rows = summary_rows([thin, thick])
     assert [r["slices_mm"] for r in rows] == ["0-1.25", "1.25-5"] and rows[1]["cases"] == 1
     assert "right_frontal_lobe" in format_table([thin, thick])
+
+
+def test_record_keeps_groups_totals_and_the_count_within_target():
+    truth = _truth()
+    short = truth.copy()
+    short[:, 0, :] = 0  # the right frontal lobe missed: 10 % of the total
+    record = evaluation_record([evaluate_labels("good", truth, truth, 1.0, 1.0),
+                                evaluate_labels("short", short, truth, 1.0, 5.0)], "two cases", "here", tta=True)
+    assert record["total_error_percent"] == {"good": 0.0, "short": -10.0}
+    assert record["worst_total_error_percent"] == 10.0
+    assert record["cases_with_total_within_3_percent"] == 1
+    assert [g["slices_mm"] for g in record["mean_dice_by_slice_thickness"]] == ["0-1.25", "1.25-5"]
+    assert record["mean_dice_by_slice_thickness"][1]["right_frontal_lobe"] == 0.0
+    with pytest.raises(ValueError, match="no evaluated cases"):
+        evaluation_record([], "none", "here", tta=True)
 
 
 def test_csv_has_one_row_per_case(tmp_path):

@@ -1,4 +1,4 @@
-"""``lobevol train`` and ``lobevol compare`` from the command line: NIfTI pairs in, checkpoints and tables out."""
+"""``lobevol train``, ``compare`` and ``evaluate`` from the command line: NIfTI pairs in, checkpoints and tables out."""
 from __future__ import annotations
 
 import csv
@@ -52,6 +52,30 @@ def test_train_names_a_missing_initial_checkpoint(tmp_path, capsys):
     status = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--init", str(tmp_path / "no.pt")])
     assert status != 0
     assert "no.pt" in capsys.readouterr().err
+
+
+def test_evaluate_records_its_figures_in_the_checkpoint_without_touching_the_weights(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_pairs(data)
+    out = tmp_path / "small"
+    assert main(["train", "--data", str(data), "--out", str(out), "--channels", "4,8,8,8,8", *TINY_BUDGET]) == 0
+    _, before = load_checkpoint(out / "best.pt")
+    status = main(["evaluate", str(out / "best.pt"), str(data), "--no-tta", "--record", "two small phantoms"])
+    assert status == 0
+    assert "figures recorded in" in capsys.readouterr().out
+    _, after = load_checkpoint(out / "best.pt")
+    record = after.metrics["heldout_evaluation"]
+    assert after.weights_sha256 == before.weights_sha256
+    assert after.metrics["epoch"] == before.metrics["epoch"]          # the training figures stay
+    assert (record["description"], record["data"], record["cases"]) == ("two small phantoms", str(data), 2)
+    assert record["test_time_augmentation"] is False
+    assert set(record["total_error_percent"]) == {"case41", "case42"}
+    assert record["worst_total_error_percent"] == max(abs(v) for v in record["total_error_percent"].values())
+
+
+def test_evaluate_refuses_an_empty_record_description(tmp_path, capsys):
+    assert main(["evaluate", "bundled", str(tmp_path), "--record", " "]) != 0
+    assert "--record needs a description" in capsys.readouterr().err
 
 
 def test_compare_trains_the_three_models_alike_and_prints_the_papers_table(tmp_path, capsys):

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from node.commands._options import add_device_options
 
+#: Where ``--record`` keeps the figures in the checkpoint's metrics.
+RECORD_KEY = "heldout_evaluation"
+
 EPILOG = """\
 examples:
   lobevol phantom --out heldout --count 10 --seed 900000
@@ -18,6 +21,9 @@ examples:
       image/label NIfTI pairs (imagesTr/ + labelsTr/, or <case>/image.nii.gz + labels.nii.gz)
   lobevol evaluate MODEL --phantoms 8 --seed 900000 --slice-thickness 5
       phantoms made in memory (nothing written), here all with 5 mm slices
+  lobevol evaluate runs/r1/best.pt heldout --record "10 phantoms, seeds 900000-9, 1.25 mm"
+      also keep the figures in the checkpoint's metadata (metrics.heldout_evaluation), so
+      the model carries how it was evaluated; the weights are not changed
 
 Prints mean Dice per region for slices up to 1.25 mm and for 1.25-5 mm, the mean
 absolute volume error per region and the worst error of the total of the 10 volumes;
@@ -38,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=900000, help="first phantom seed with --phantoms (default 900000)")
     parser.add_argument("--slice-thickness", type=float, default=None, help="slice thickness of --phantoms (mm)")
     parser.add_argument("--csv", type=Path, default=None, help="write one row per case here")
+    parser.add_argument("--record", metavar="DESCRIPTION", default=None,
+                        help="store the figures in MODEL's metadata (metrics.%s), with this description "
+                             "of the cases" % RECORD_KEY)
     add_device_options(parser, tta=True)
     parser.set_defaults(func=run)
 
@@ -50,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.phantoms is None):
         raise ValueError("give either DATA or --phantoms N")
+    if args.record is not None and not args.record.strip():
+        raise ValueError("--record needs a description of the evaluated cases")
     segmenter = Segmenter(None if args.model == "bundled" else args.model, device=args.device,
                           threads=args.threads, tta=args.tta)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
@@ -62,7 +73,21 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(evaluations))
     if args.csv:
         print(f"per-case figures: {write_csv(args.csv, evaluations)}")
+    if args.record is not None:
+        _record(args, evaluations)
     return 0
+
+
+def _record(args: argparse.Namespace, evaluations) -> None:
+    from inference.checkpoint import BUNDLED_CHECKPOINT, record_metrics
+    from inference.evaluation import evaluation_record
+
+    path = BUNDLED_CHECKPOINT if args.model == "bundled" else Path(args.model)
+    data = (str(args.data) if args.data is not None else
+            f"{args.phantoms} phantoms made in memory from seed {args.seed}"
+            + (f", {args.slice_thickness:g} mm slices" if args.slice_thickness else ""))
+    meta = record_metrics(path, RECORD_KEY, evaluation_record(evaluations, args.record.strip(), data, args.tta))
+    print(f"figures recorded in {path} (metrics.{RECORD_KEY}; weights {meta.weights_sha256[:12]} unchanged)")
 
 
 def _phantom_cases(args):
