@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either DATA or --phantoms N")
     if args.record is not None and not args.record.strip():
         raise ValueError("--record needs a description of the evaluated cases")
+    # One bar over the cases (none when the output is a log file), not one per network pass.
     segmenter = Segmenter(None if args.model == "bundled" else args.model, device=args.device,
-                          threads=args.threads, tta=args.tta)
+                          threads=args.threads, tta=args.tta, progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
     evaluations = []
-    for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case"):
+    for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case", disable=None):
         evaluations.append(evaluate_one(segmenter))
         result = evaluations[-1]
         tqdm.write(f"{name}: {result.slice_thickness_mm:.3g} mm slices, mean Dice "
