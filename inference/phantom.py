@@ -4,11 +4,12 @@ A phantom is a 2-year-old's head: scalp (skin and fat), skull (cortical tables a
 diploe, thicker at the base, petrous ridges between the middle and posterior fossae),
 face (orbits, nasal airway) and neck, extra-axial CSF, lateral / third / fourth
 ventricles, brain parenchyma with a grey-matter ribbon, deep grey nuclei and random
-cortical sulci (none on the brainstem and cord, which have no cortex), and the 10 labelled regions of :mod:`inference.labels`. The regions are told
-apart by anatomy the image shows, never by an intensity code: every lobe has the same
-parenchyma HU distribution; the interhemispheric, Sylvian, central and
-parieto-occipital fissures and the tentorium are thin CSF sheets at the region
-boundaries, and the rest of each boundary is given by position.
+cortical sulci (none on the brainstem and cord, which have no cortex), and the 10
+labelled regions of :mod:`inference.labels`. The regions are told apart by anatomy the
+image shows, never by an intensity code: every lobe has the same parenchyma HU
+distribution; the interhemispheric, Sylvian, central and parieto-occipital fissures and
+the tentorium are thin CSF sheets at the region boundaries, and the rest of each
+boundary is given by position.
 
 How a phantom is made (all lengths in mm, head frame = LPS with the origin near the
 centre of the cerebrum: +x patient left, +y posterior, +z superior):

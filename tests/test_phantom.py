@@ -16,8 +16,8 @@ from scipy import ndimage
 
 from inference.labels import REGIONS, REGION_KEYS, region_by_key
 from inference.montage import save_montage
-from inference.phantom import (COHORT_VOLUMES_CM3, GIRL_VOLUME_FACTOR, SLICE_THICKNESS_CHOICES_MM, draw_target_volumes,
-                               make_phantom)
+from inference.phantom import (COHORT_VOLUMES_CM3, GENERATION, GIRL_VOLUME_FACTOR, SLICE_THICKNESS_CHOICES_MM,
+                               draw_target_volumes, make_phantom)
 from node.cli import main
 
 GRID = dict(matrix=150, pixel_spacing_mm=1.5, slice_thickness_mm=1.25)
@@ -76,10 +76,11 @@ def test_meta_volumes_are_counted_on_the_labels_and_near_the_targets(boy):
 
 def test_meta_is_complete_and_json(boy):
     meta = json.loads(json.dumps(boy.meta))
-    for key in ("seed", "sex", "age_years", "volumes_cm3", "pixel_spacing_mm", "slice_thickness_mm", "matrix",
-                "n_slices", "tilt_deg", "pose", "noise_hu", "birth_date", "study_date"):
+    for key in ("generation", "seed", "sex", "age_years", "volumes_cm3", "pixel_spacing_mm", "slice_thickness_mm",
+                "matrix", "n_slices", "tilt_deg", "pose", "noise_hu", "birth_date", "study_date"):
         assert key in meta, key
     assert meta["seed"] == SEED and meta["sex"] == "M" and meta["age_years"] == 2.0
+    assert meta["generation"] == GENERATION
     assert set(meta["volumes_cm3"]) == set(REGION_KEYS)
     assert len(meta["pose"]["rotation_deg"]) == 3 and len(meta["pose"]["translation_mm"]) == 3
     assert all(abs(angle) <= 20.0 for angle in meta["pose"]["rotation_deg"])
