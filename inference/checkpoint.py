@@ -151,7 +151,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         ValueError: not a lobevol checkpoint, or one that does not match this
             code (format version, labels, architecture, weights' checksum).
     """
-    payload = read_checkpoint(path)
+    model, meta = _model_from_payload(path, read_checkpoint(path))
+    return model.to(device).eval(), meta
+
+
+def _model_from_payload(path: str | Path, payload: Mapping[str, Any]) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """The network and metadata of a read checkpoint, checked against this code and the weights' sha256."""
     meta = CheckpointMeta.from_dict(payload["meta"])
     _check_meta(meta)
     state_dict = payload["state_dict"]
@@ -165,7 +170,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit a {meta.architecture} {meta.kernel_size} "
                          f"{meta.channels} network: {error}") from error
-    return model.to(device).eval(), meta
+    return model, meta
 
 
 def record_metrics(path: str | Path, key: str, figures: Mapping[str, Any]) -> CheckpointMeta:
@@ -177,10 +182,11 @@ def record_metrics(path: str | Path, key: str, figures: Mapping[str, Any]) -> Ch
     Returns:
         The metadata as written.
     """
-    model, meta = load_checkpoint(path)
-    training_state = read_checkpoint(path)["training_state"]
+    payload = read_checkpoint(path)
+    model, meta = _model_from_payload(path, payload)
     metrics = {**meta.metrics, key: dict(figures)}
-    return save_checkpoint(path, model, dataclasses.replace(meta, metrics=metrics), training_state=training_state)
+    return save_checkpoint(path, model, dataclasses.replace(meta, metrics=metrics),
+                           training_state=payload["training_state"])
 
 
 def _check_meta(meta: CheckpointMeta) -> None:

@@ -479,15 +479,14 @@ SULCUS_HALF_WIDTH = 0.13    # in units of the sulci field's SD (~1.5 mm)
 FORAMEN_MAGNUM_Z = -78.0    # head frame: below it the brainstem becomes the (unlabelled) spinal cord
 
 
-def _parenchyma(f: dict[str, np.ndarray], csf_width: float, sulcus_depth: float) -> np.ndarray:
-    """Brain tissue before the partition: inside the CSF rim, outside ventricles and sulci.
+def _parenchyma(f: dict[str, np.ndarray], csf_width: float) -> np.ndarray:
+    """Brain tissue before sulci and partition: inside the CSF rim, outside the ventricles."""
+    return (-f["intracranial"] - csf_width > 0) & (f["ventricles"] > 0)
 
-    Sulci reach ``sulcus_depth`` (mm) below the surface; 0 gives tissue without sulci.
-    """
-    depth = -f["intracranial"] - csf_width
-    brain = (depth > 0) & (f["ventricles"] > 0)
-    brain &= ~((np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (depth < sulcus_depth))
-    return brain
+
+def _sulci(f: dict[str, np.ndarray], csf_width: float, sulcus_depth: float) -> np.ndarray:
+    """Cortical sulci: thin CSF clefts reaching ``sulcus_depth`` (mm) below the brain surface."""
+    return (np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (-f["intracranial"] - csf_width < sulcus_depth)
 
 
 def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
@@ -497,9 +496,10 @@ def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
     """
     depth = -f["intracranial"] - p.csf_width                  # depth below the brain surface
     above_foramen = f["height"] > FORAMEN_MAGNUM_Z
+    tissue = _parenchyma(f, p.csf_width) & above_foramen
     # The brainstem has no cortex, hence no sulci: its surface is smooth.
-    stem = _parenchyma(f, p.csf_width, 0.0) & above_foramen & (f["brainstem"] < p.brainstem)
-    brain = _parenchyma(f, p.csf_width, p.sulcus_depth) & above_foramen | stem
+    stem = tissue & (f["brainstem"] < p.brainstem)
+    brain = tissue & ~_sulci(f, p.csf_width, p.sulcus_depth) | stem
     labels = np.zeros(depth.shape, np.uint8)
     labels[stem] = region_by_key("brainstem").value
     rest = brain & ~stem
@@ -559,14 +559,14 @@ def _calibrate(fields: _Fields, anatomy: _Anatomy, targets: dict[str, float]) ->
         sub = (slice(None, None, stride),) * 3
         f = {name: getattr(fields, name)[sub] for name in _Fields.REGION_FIELDS}
         voxel_cm3 = (stride * CANONICAL_SPACING_MM) ** 3 / 1000.0
-        above_foramen = f["height"] > FORAMEN_MAGNUM_Z
-        brain = _parenchyma(f, partition.csf_width, partition.sulcus_depth) & above_foramen
+        tissue = _parenchyma(f, partition.csf_width) & (f["height"] > FORAMEN_MAGNUM_Z)
+        brain = tissue & ~_sulci(f, partition.csf_width, partition.sulcus_depth)
         # Shares of the brain voxels (before fissures) each region should take.
         want = {key: targets[key] * inflation[key] for key in REGION_KEYS}
         scale_count = brain.sum() / sum(want.values())
         n = {key: want[key] * scale_count for key in REGION_KEYS}
-        smooth = _parenchyma(f, partition.csf_width, 0.0) & above_foramen    # the brainstem's (no sulci)
-        partition.brainstem = _quantile_threshold(f["brainstem"][smooth], n["brainstem"])
+        # The brainstem takes its share of the tissue without sulci (it has none).
+        partition.brainstem = _quantile_threshold(f["brainstem"][tissue], n["brainstem"])
         rest = brain & (f["brainstem"] >= partition.brainstem)
         partition.infratentorial = _quantile_threshold(f["infratentorial"][rest], n["cerebellum"])
         cerebrum = rest & (f["infratentorial"] > partition.infratentorial)
@@ -607,7 +607,7 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition, lab
     f = {name: getattr(fields, name) for name in _Fields.REGION_FIELDS}
     inside = fields.intracranial < 0
     depth = -fields.intracranial - partition.csf_width
-    cord = _parenchyma(f, partition.csf_width, 0.0) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
+    cord = _parenchyma(f, partition.csf_width) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
     parenchyma = (labels > 0) | cord
     # Grey-matter ribbon: within the cortical thickness of any CSF the brain touches
     # (surface, fissures, sulci), not of the ventricles (their walls are white matter).
