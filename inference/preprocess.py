@@ -25,14 +25,7 @@ adaptive histogram equalisation (AHE) and strip the skull by thresholding.
 3. **Crop** to the mask's box plus ``margin_mm``, padded so that every side is a
    multiple of :data:`GRID_DIVISOR` (16, the network's down-sampling factor;
    this module stays free of torch).
-4. **Antialias** (``antialias``, the default): the intensities the network
-   sees are resampled again, onto the cropped grid, from the source smoothed along every axis whose
-   spacing is finer than the working spacing (:func:`antialias_sigmas_mm`).
-   Linear interpolation alone reads 8 source voxels per working voxel, so a
-   0.45 mm series keeps about half its pixel noise at 1.5 mm, and a working
-   voxel's value says little about how much of it is brain and how much CSF.
-   The mask keeps the unsmoothed image (smoothing spreads the skull inwards).
-5. **Window** to the brain window (``window_hu``), set everything outside the
+4. **Window** to the brain window (``window_hu``), set everything outside the
    mask to the window's low end (so the skull does not dominate the
    histograms), **AHE** (``sitk.AdaptiveHistogramEqualizationImageFilter``) on
    the cropped box only, scale the window to [0, 1]; outside the mask = 0.
@@ -84,10 +77,6 @@ class PreprocessConfig:
         soft_tissue_hu: (low, high) HU of intracranial soft tissue (CSF, brain, blood).
         skull_closing_mm: radius (mm) of the closing that seals sutures and foramina.
         margin_mm: margin (mm) added around the intracranial mask's box when cropping.
-        antialias: smooth the source along the axes it samples more finely than the working
-            spacing before resampling (Gaussian, :func:`antialias_sigmas_mm`). Checkpoints
-            written before this field existed resampled without it (``from_dict`` reads
-            a missing key as False).
     """
 
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
@@ -99,7 +88,6 @@ class PreprocessConfig:
     soft_tissue_hu: tuple[float, float] = (-15.0, 120.0)
     skull_closing_mm: float = 12.0
     margin_mm: float = 6.0
-    antialias: bool = True
 
     def __post_init__(self) -> None:
         if len(self.spacing_mm) != 3 or any(not (s > 0 and math.isfinite(s)) for s in self.spacing_mm):
@@ -132,7 +120,6 @@ class PreprocessConfig:
             raise ValueError(f"unknown preprocessing parameters {', '.join(sorted(unknown))}; "
                              f"this code knows {', '.join(sorted(names))}")
         values = {k: (tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in data.items()}
-        values.setdefault("antialias", False)
         return cls(**values)
 
 
@@ -222,29 +209,6 @@ def crop_grid(grid: sitk.Image, start_zyx: np.ndarray, size_zyx: np.ndarray) -> 
     cropped.SetDirection(grid.GetDirection())
     cropped.SetOrigin([float(v) for v in matrix @ start_xyz + offset])
     return cropped
-
-
-def antialias_sigmas_mm(source_spacing_mm, working_spacing_mm) -> tuple[float, ...]:
-    """Gaussian sigma (mm) per image axis before resampling from one spacing to a coarser one.
-
-    ``(working - source) / 2`` where the working spacing is coarser, else 0 (scikit-image's
-    rule for anti-aliasing, in mm): 0.53 mm in-plane from 0.44 mm pixels to 1.5 mm, nothing
-    along 5 mm slices. Axis ``a`` of the image is paired with axis ``a`` of the working grid
-    (CT series are acquired close to the patient's axes; a gantry tilt changes this little).
-    """
-    return tuple(max(0.0, (float(w) - float(s)) / 2.0) for s, w in zip(source_spacing_mm, working_spacing_mm))
-
-
-def antialiased(image: sitk.Image, working_spacing_mm) -> sitk.Image:
-    """``image`` as Float32, Gaussian-smoothed by :func:`antialias_sigmas_mm` along each axis."""
-    smoothed = sitk.Cast(image, sitk.sitkFloat32)
-    for axis, sigma in enumerate(antialias_sigmas_mm(image.GetSpacing(), working_spacing_mm)):
-        if sigma > 0 and image.GetSize()[axis] >= 4:   # ITK's recursive filter needs 4 voxels
-            gaussian = sitk.RecursiveGaussianImageFilter()
-            gaussian.SetDirection(axis)
-            gaussian.SetSigma(sigma)
-            smoothed = gaussian.Execute(smoothed)
-    return smoothed
 
 
 def resample_to(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear,
@@ -432,13 +396,6 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
     mask = _extract(mask, start, size, False)
     grid = crop_grid(full_grid, start, size)
     timings["mask"] = time.perf_counter() - started
-
-    if config.antialias:
-        # Only the network's intensities are smoothed: smoothing would spread the skull's HU
-        # inwards and move the mask's thresholds off the inner table.
-        started = time.perf_counter()
-        hu = sitk.GetArrayFromImage(resample_to(antialiased(image, config.spacing_mm), grid))
-        timings["antialias"] = time.perf_counter() - started
 
     started = time.perf_counter()
     array = equalise(hu, mask, spacing_zyx, config)

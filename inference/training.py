@@ -386,21 +386,11 @@ def network_settings(meta: CheckpointMeta) -> dict:
                 preprocessing=PreprocessConfig.from_dict(meta.preprocessing))
 
 
-#: Preprocessing fields a fine-tune may change: the weights carry over to a smoother input
-#: (the run adapts them), but not to another spacing, window or mask.
-FINE_TUNE_MAY_CHANGE = ("antialias",)
-
-
 def _initial_state(initial: tuple[torch.nn.Module, CheckpointMeta], config: TrainConfig) -> dict:
-    """The loaded checkpoint's weights, refused unless its network and preprocessing are ``config``'s
-    (apart from :data:`FINE_TUNE_MAY_CHANGE`)."""
+    """The loaded checkpoint's weights, refused unless its network and preprocessing are ``config``'s."""
     model, meta = initial
-    theirs_settings = network_settings(meta)
-    theirs_settings["preprocessing"] = dataclasses.replace(
-        theirs_settings["preprocessing"],
-        **{name: getattr(config.preprocessing, name) for name in FINE_TUNE_MAY_CHANGE})
     mismatches = [f"{name} {theirs} (this run: {getattr(config, name)})"
-                  for name, theirs in theirs_settings.items() if getattr(config, name) != theirs]
+                  for name, theirs in network_settings(meta).items() if getattr(config, name) != theirs]
     if mismatches:
         raise ValueError(f"cannot start from the checkpoint with weights {meta.weights_sha256[:12]}: it has "
                          + "; ".join(mismatches))

@@ -9,13 +9,9 @@ import SimpleITK as sitk
 from inference.preprocess import (
     GRID_DIVISOR,
     PreprocessConfig,
-    antialias_sigmas_mm,
-    antialiased,
     intracranial_mask,
     labels_to_grid,
     preprocess_image,
-    resample_to,
-    working_grid,
 )
 
 BRAIN_RADIUS_MM = 60.0
@@ -73,39 +69,6 @@ def test_config_round_trip_and_validation():
         PreprocessConfig(bone_hu=100.0)
 
 
-def test_checkpoints_from_before_antialias_keep_resampling_without_it():
-    old = {k: v for k, v in PreprocessConfig().to_dict().items() if k != "antialias"}
-    assert PreprocessConfig.from_dict(old).antialias is False
-    assert PreprocessConfig().antialias is True
-
-
-def test_antialias_smooths_only_the_axes_finer_than_the_working_spacing():
-    assert antialias_sigmas_mm((0.45, 0.45, 5.0), (1.5, 1.5, 1.5)) == pytest.approx((0.525, 0.525, 0.0))
-    assert antialias_sigmas_mm((1.5, 2.0, 3.0), (1.5, 1.5, 1.5)) == (0.0, 0.0, 0.0)
-
-
-def test_antialias_changes_the_intensities_but_not_the_mask():
-    image, _ = synthetic_head(spacing=(0.5, 0.5, 1.25))
-    plain = preprocess_image(image, PreprocessConfig(antialias=False))
-    smooth = preprocess_image(image, PreprocessConfig())
-    np.testing.assert_array_equal(smooth.mask, plain.mask)
-    assert smooth.grid.GetOrigin() == plain.grid.GetOrigin()
-    assert not np.array_equal(smooth.array, plain.array)
-
-
-def test_antialias_lowers_the_noise_a_coarser_grid_keeps_and_keeps_the_mean():
-    noise = np.random.default_rng(5).normal(30.0, 8.0, (40, 200, 200)).astype(np.float32)
-    image = sitk.GetImageFromArray(noise)
-    image.SetSpacing((0.45, 0.45, 1.25))
-    grid = working_grid(image, (1.5, 1.5, 1.5))
-    plain = sitk.GetArrayFromImage(resample_to(image, grid))[2:-2, 2:-2, 2:-2]
-    smooth = sitk.GetArrayFromImage(resample_to(antialiased(image, (1.5, 1.5, 1.5)), grid))[2:-2, 2:-2, 2:-2]
-    # Linear interpolation alone keeps about half the pixel noise at 1.5 mm; smoothed first, far less.
-    assert plain.std() > 3.0
-    assert smooth.std() < 0.6 * plain.std()
-    assert smooth.mean() == pytest.approx(30.0, abs=0.2)
-
-
 def test_synthetic_head_mask_array_and_grid():
     config = PreprocessConfig()
     image, true_cm3 = synthetic_head()
@@ -129,7 +92,7 @@ def test_synthetic_head_mask_array_and_grid():
     head_centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
     grid_centre = prepared.grid.TransformContinuousIndexToPhysicalPoint(centre_index)
     assert np.linalg.norm(np.subtract(grid_centre, head_centre)) < 2 * max(config.spacing_mm)
-    assert set(prepared.timings_s) == {"resample", "mask", "antialias", "ahe"}
+    assert set(prepared.timings_s) == {"resample", "mask", "ahe"}
 
 
 def test_rotated_and_anisotropic_head_gives_the_same_mask_volume():

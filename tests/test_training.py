@@ -142,17 +142,3 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_network(t
     with pytest.raises(ValueError, match=r"channels \(4, 8\) \(this run: \(4, 16\)\)"):
         train(dataclasses.replace(still, channels=(4, 16)), cases[:2], cases[2:], tmp_path / "wider",
               trained_on="tiny cubes", progress=False, initial=load_checkpoint(first.last))
-
-
-def test_fine_tuning_may_switch_antialias_but_not_the_working_spacing(tmp_path):
-    cases = _cases(3)
-    first = train(_config(1), cases[:2], cases[2:], tmp_path / "first", trained_on="tiny cubes", progress=False)
-    preprocessing = _config(1).preprocessing
-    smoother = dataclasses.replace(_config(1), preprocessing=dataclasses.replace(
-        preprocessing, antialias=not preprocessing.antialias))
-    train(smoother, cases[:2], cases[2:], tmp_path / "smoother", trained_on="tiny cubes", progress=False,
-          initial=load_checkpoint(first.last))
-    coarser = dataclasses.replace(_config(1), preprocessing=dataclasses.replace(preprocessing, spacing_mm=(2.0,) * 3))
-    with pytest.raises(ValueError, match="preprocessing"):
-        train(coarser, cases[:2], cases[2:], tmp_path / "coarser", trained_on="tiny cubes", progress=False,
-              initial=load_checkpoint(first.last))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from node.commands._options import add_device_options
@@ -47,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--init", metavar="MODEL", default=None,
                         help="start from this checkpoint's weights (fine-tuning); 'bundled' = the shipped "
                              "model. Its architecture, kernel, channels and preprocessing replace "
-                             "--architecture/--kernel/--channels/--spacing; --no-antialias still applies")
+                             "--architecture/--kernel/--channels/--spacing")
     parser.set_defaults(func=run)
 
 
@@ -70,8 +69,6 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     """Network width and working spacing (shared by train and compare)."""
     parser.add_argument("--channels", default="8,16,32,64,128", help="widths of the 5 levels (default %(default)s)")
     parser.add_argument("--spacing", type=float, default=1.5, help="working spacing in mm (paper: 1; default %(default)s)")
-    parser.add_argument("--no-antialias", action="store_true",
-                        help="resample the source without smoothing it first (the bundled model up to resunet333_phantom sha 3ba19bf14b0d was trained so)")
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +105,7 @@ def train_config(args: argparse.Namespace, **changes):
     values = dict(
         architecture=args.architecture, kernel_size=(1, 3, 3) if args.kernel == "1x3x3" else (3, 3, 3),
         channels=_ints(args.channels, "--channels"),
-        preprocessing=PreprocessConfig(spacing_mm=(args.spacing,) * 3, antialias=not args.no_antialias),
+        preprocessing=PreprocessConfig(spacing_mm=(args.spacing,) * 3),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
         patch_size=_ints(args.patch, "--patch"), learning_rate=args.lr, lr_decay=args.lr_decay, dice_weight=args.dice_weight,
         rotation_deg=args.rotation, seed=args.seed,
@@ -172,10 +169,7 @@ def run(args: argparse.Namespace) -> int:
     set_cpu_threads(args.threads)
     initial_path = initial_checkpoint(args.init)
     initial = load_checkpoint(initial_path) if initial_path else None
-    settings = network_settings(initial[1]) if initial else {}
-    if initial:
-        settings["preprocessing"] = dataclasses.replace(settings["preprocessing"], antialias=not args.no_antialias)
-    config = train_config(args, **settings)
+    config = train_config(args, **(network_settings(initial[1]) if initial else {}))
     cases, described = load_cases(args, config, args.out)
     if initial:
         described += f", fine-tuned from {initial_path.name} (weights sha256 {initial[1].weights_sha256[:12]})"
