@@ -479,14 +479,19 @@ SULCUS_HALF_WIDTH = 0.13    # in units of the sulci field's SD (~1.5 mm)
 FORAMEN_MAGNUM_Z = -78.0    # head frame: below it the brainstem becomes the (unlabelled) spinal cord
 
 
-def _parenchyma(f: dict[str, np.ndarray], csf_width: float) -> np.ndarray:
-    """Brain tissue before sulci and partition: inside the CSF rim, outside the ventricles."""
-    return (-f["intracranial"] - csf_width > 0) & (f["ventricles"] > 0)
+def _depth_below_brain_surface(intracranial: np.ndarray, csf_width: float) -> np.ndarray:
+    """Depth (mm) below the brain's surface, which lies ``csf_width`` inside the inner table."""
+    return -intracranial - csf_width
 
 
-def _sulci(f: dict[str, np.ndarray], csf_width: float, sulcus_depth: float) -> np.ndarray:
+def _parenchyma(f: dict[str, np.ndarray], depth: np.ndarray) -> np.ndarray:
+    """Brain tissue before sulci and partition: below the brain surface, outside the ventricles."""
+    return (depth > 0) & (f["ventricles"] > 0)
+
+
+def _sulci(f: dict[str, np.ndarray], depth: np.ndarray, sulcus_depth: float) -> np.ndarray:
     """Cortical sulci: thin CSF clefts reaching ``sulcus_depth`` (mm) below the brain surface."""
-    return (np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (-f["intracranial"] - csf_width < sulcus_depth)
+    return (np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (depth < sulcus_depth)
 
 
 def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
@@ -494,12 +499,12 @@ def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
 
     ``f`` maps the names of :attr:`_Fields.REGION_FIELDS` to arrays of one shape.
     """
-    depth = -f["intracranial"] - p.csf_width                  # depth below the brain surface
+    depth = _depth_below_brain_surface(f["intracranial"], p.csf_width)
     above_foramen = f["height"] > FORAMEN_MAGNUM_Z
-    tissue = _parenchyma(f, p.csf_width) & above_foramen
+    tissue = _parenchyma(f, depth) & above_foramen
     # The brainstem has no cortex, hence no sulci: its surface is smooth.
     stem = tissue & (f["brainstem"] < p.brainstem)
-    brain = tissue & ~_sulci(f, p.csf_width, p.sulcus_depth) | stem
+    brain = tissue & ~_sulci(f, depth, p.sulcus_depth) | stem
     labels = np.zeros(depth.shape, np.uint8)
     labels[stem] = region_by_key("brainstem").value
     rest = brain & ~stem
@@ -559,8 +564,9 @@ def _calibrate(fields: _Fields, anatomy: _Anatomy, targets: dict[str, float]) ->
         sub = (slice(None, None, stride),) * 3
         f = {name: getattr(fields, name)[sub] for name in _Fields.REGION_FIELDS}
         voxel_cm3 = (stride * CANONICAL_SPACING_MM) ** 3 / 1000.0
-        tissue = _parenchyma(f, partition.csf_width) & (f["height"] > FORAMEN_MAGNUM_Z)
-        brain = tissue & ~_sulci(f, partition.csf_width, partition.sulcus_depth)
+        depth = _depth_below_brain_surface(f["intracranial"], partition.csf_width)
+        tissue = _parenchyma(f, depth) & (f["height"] > FORAMEN_MAGNUM_Z)
+        brain = tissue & ~_sulci(f, depth, partition.sulcus_depth)
         # Shares of the brain voxels (before fissures) each region should take.
         want = {key: targets[key] * inflation[key] for key in REGION_KEYS}
         scale_count = brain.sum() / sum(want.values())
@@ -606,8 +612,8 @@ def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition, lab
     """HU of the head on the canonical grid (float32, z, y, x), before noise; ``labels`` on that grid."""
     f = {name: getattr(fields, name) for name in _Fields.REGION_FIELDS}
     inside = fields.intracranial < 0
-    depth = -fields.intracranial - partition.csf_width
-    cord = _parenchyma(f, partition.csf_width) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
+    depth = _depth_below_brain_surface(fields.intracranial, partition.csf_width)
+    cord = _parenchyma(f, depth) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
     parenchyma = (labels > 0) | cord
     # Grey-matter ribbon: within the cortical thickness of any CSF the brain touches
     # (surface, fissures, sulci), not of the ventricles (their walls are white matter).
