@@ -15,6 +15,7 @@ costs the same time (the output says which).
 examples:
   .venv/bin/python benchmarks/predict_speed.py
   .venv/bin/python benchmarks/predict_speed.py --threads 2 --no-tta --cache /tmp/lobevol-bench
+  .venv/bin/python benchmarks/predict_speed.py --no-refine-surface   # without the surface refinement
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, repeat: int) -> dict:
+def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, refine_surface: bool, repeat: int) -> dict:
     """Child process: load, segment ``repeat`` times, report the median run and peak memory."""
     import numpy as np
     import SimpleITK as sitk
@@ -103,7 +104,8 @@ def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, repeat:
     image = sitk.ReadImage(str(image_path))
     baseline_mb = peak_resident_mb()
     started = time.perf_counter()
-    segmenter = Segmenter(checkpoint, device="cpu", threads=threads, tta=tta, progress=False)
+    segmenter = Segmenter(checkpoint, device="cpu", threads=threads, tta=tta, refine_surface=refine_surface,
+                          progress=False)
     load_s = time.perf_counter() - started
     runs = []
     for _ in range(repeat):
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and SimpleITK (default 2)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                         help="left-right flip test-time augmentation, as the node does by default (default on)")
+    parser.add_argument("--refine-surface", action=argparse.BooleanOptionalAction, default=True,
+                        help="surface refinement on the source grid, as the node does by default (default on)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="segmentations to time; the median is shown (default 3)")
     parser.add_argument("--seed", type=int, default=11, help="phantom seed (default 11)")
@@ -140,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=2, metavar=("IMAGE", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(Path(args.child[0]), Path(args.child[1]), args.threads, args.tta, args.repeat)))
+        print(json.dumps(measure(Path(args.child[0]), Path(args.child[1]), args.threads, args.tta, args.refine_surface,
+                                 args.repeat)))
         return 0
 
     image = phantom_image(args.cache, args.seed)
     checkpoint, model_note = model_checkpoint(args.cache)
     command = [sys.executable, __file__, "--tta" if args.tta else "--no-tta", "--threads", str(args.threads),
+               "--refine-surface" if args.refine_surface else "--no-refine-surface",
                "--repeat", str(max(1, args.repeat)), "--child", str(image), str(checkpoint)]
     child = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if child.returncode != 0:
@@ -156,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     total, peak_gb = timings["total"], figures["peak_rss_mb"] / 1024
     print(f"model: {model_note}")
     print(f"series: {figures['size']} voxels at {tuple(round(s, 3) for s in figures['spacing'])} mm, "
-          f"{args.threads} threads, TTA {'on' if args.tta else 'off'}")
+          f"{args.threads} threads, TTA {'on' if args.tta else 'off'}, "
+          f"surface refinement {'on' if args.refine_surface else 'off'}")
     print(f"  load model      {figures['load_model_s']:6.2f} s (once per process, not in the total)")
     for stage in ("preprocess", "preprocess_resample", "preprocess_mask", "preprocess_ahe", "inference",
-                  "postprocess", "to_source", "volumes"):
-        print(f"  {stage:<15} {timings[stage]:6.2f} s")
+                  "postprocess", "to_source", "surface", "volumes"):
+        if stage in timings:
+            print(f"  {stage:<15} {timings[stage]:6.2f} s")
     print(f"  total           {total:6.2f} s   (target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'MISSED'}; "
           f"median of {len(figures['totals_s'])} runs: {', '.join(f'{t:.1f}' for t in figures['totals_s'])} s)")
     print(f"  CPU time {figures['cpu_s']:.1f} s over {args.threads} threads; machine load average "

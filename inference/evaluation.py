@@ -87,13 +87,14 @@ def summary_rows(evaluations: Sequence[CaseEvaluation]) -> list[dict[str, object
 
 
 def evaluation_record(evaluations: Sequence[CaseEvaluation], description: str, data: str,
-                      tta: bool) -> dict[str, object]:
+                      tta: bool, refine_surface: bool) -> dict[str, object]:
     """The figures of an evaluation as plain data, to keep in a checkpoint's metrics.
 
     Args:
         description: what the cases are (e.g. seeds and slice thicknesses of phantoms).
         data: where they were read from (folder, or how they were made).
         tta: whether prediction used flip test-time augmentation.
+        refine_surface: whether the brain-surface refinement (:mod:`inference.surface`) was on.
     """
     if not evaluations:
         raise ValueError("no evaluated cases to record")
@@ -104,6 +105,7 @@ def evaluation_record(evaluations: Sequence[CaseEvaluation], description: str, d
         "description": description,
         "data": data,
         "test_time_augmentation": bool(tta),
+        "surface_refinement": bool(refine_surface),
         "cases": len(evaluations),
         "mean_dice_by_slice_thickness": groups,
         "total_error_percent": totals,

@@ -26,7 +26,10 @@
    class favours it too), so only boundary voxels cost 11-channel work.
    Outside the box = 0. The label image has exactly the input's size, spacing,
    origin and direction.
-5. Volumes per region counted on the source grid (:func:`measure_volumes`).
+5. The cerebral lobes' edge refined on the source grid by the image's own
+   CSF/brain contrast (:func:`inference.surface.refine_brain_surface`;
+   images with voxels up to 2 mm only; off with ``refine_surface=False``).
+6. Volumes per region counted on the source grid (:func:`measure_volumes`).
 
 No DICOM here (see :mod:`node`).
 """
@@ -56,6 +59,7 @@ from inference.preprocess import (
     index_to_physical_matrix,
     preprocess_image,
 )
+from inference.surface import SurfaceRefinement, refine_brain_surface
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class Segmentation:
         labels: UInt8 label image (0 background, 1..10 regions) on exactly the input image's grid.
         volumes_cm3: volume per region key in cm3, counted on ``labels``.
         model: the checkpoint's metadata as a dict, plus "name" (the checkpoint file's stem).
-        timings_s: seconds per stage ("preprocess", "inference", "postprocess", "to_source", "total", ...).
+        timings_s: seconds per stage ("preprocess", "inference", "postprocess", "to_source", "surface", "total", ...).
     """
 
     labels: sitk.Image
@@ -394,6 +398,8 @@ class Segmenter:
             None = one pass when the activations fit :data:`NETWORK_MEMORY_BUDGET`
             (about 3.3 M voxels for 16 first-level channels), else 128^3 windows.
         progress: show progress bars.
+        refine_surface: move the cerebral lobes' edge to the image's CSF/brain
+            contrast on the source grid (default; see :mod:`inference.surface`).
 
     Raises:
         FileNotFoundError: no checkpoint file.
@@ -403,7 +409,7 @@ class Segmenter:
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", threads: int | None = None,
                  tta: bool = True, overlap: float = 0.5, patch_size: tuple[int, int, int] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, refine_surface: bool = True):
         set_cpu_threads(threads)
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be within [0, 1), got {overlap}")
@@ -415,6 +421,7 @@ class Segmenter:
         self.network, self.meta = load_checkpoint(self.checkpoint, device=self.device)
         self.config = PreprocessConfig.from_dict(self.meta.preprocessing)
         self.tta, self.overlap, self.progress = tta, overlap, progress
+        self.surface_refinement = SurfaceRefinement() if refine_surface else None
         self.patch_size = tuple(int(p) for p in patch_size) if patch_size is not None else None
 
     @property
@@ -452,9 +459,14 @@ class Segmenter:
 
         mark = time.perf_counter()
         labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=self.progress)
+        timings["to_source"] = time.perf_counter() - mark
+        if self.surface_refinement is not None:
+            mark = time.perf_counter()
+            labels = refine_brain_surface(labels, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1],
+                                          self.surface_refinement)
+            timings["surface"] = time.perf_counter() - mark
         label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
-        timings["to_source"] = time.perf_counter() - mark
         mark = time.perf_counter()
         volumes = measure_volumes(label_image)
         timings["volumes"] = time.perf_counter() - mark

@@ -33,7 +33,7 @@ KNOWN: dict[str, dict[str, str]] = {
         "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
     },
     "series": {"stability_s": "15"},
-    "inference": {"device": "auto", "threads": "", "model": "", "tta": "yes", "job_timeout_s": "1800"},
+    "inference": {"device": "auto", "threads": "", "model": "", "tta": "yes", "refine_surface": "yes", "job_timeout_s": "1800"},
     "results": {"send_to_origin": "yes", "extra_destinations": ""},
     "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
     "retention": {"images_hours": "24", "results_days": "30"},
@@ -156,6 +156,7 @@ class NodeConfig:
     threads: int | None = None
     model: Path | None = None
     tta: bool = True
+    refine_surface: bool = True
     job_timeout_s: float = 1800.0
     send_to_origin: bool = True
     extra_destinations: tuple[str, ...] = ()
@@ -200,7 +201,7 @@ class NodeConfig:
         for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
                      "shutdown_grace_s", "spool_dir", "results_dir", "database", "max_instance_bytes",
                      "max_instances_per_study", "disk_high_water_percent", "stability_s", "device", "threads",
-                     "model", "tta", "job_timeout_s", "send_to_origin", "extra_destinations",
+                     "model", "tta", "refine_surface", "job_timeout_s", "send_to_origin", "extra_destinations",
                      "images_retention_s", "results_retention_s"):
             value = getattr(self, name)
             if name == "model" and value is None:
@@ -298,6 +299,7 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         threads=int(values.number("inference", "threads", 1)) if threads else None,
         model=_resolve(base, model) if model else None,
         tta=values.flag("inference", "tta"),
+        refine_surface=values.flag("inference", "refine_surface"),
         job_timeout_s=values.number("inference", "job_timeout_s", 1),
         send_to_origin=values.flag("results", "send_to_origin"),
         extra_destinations=extra,

@@ -56,11 +56,12 @@ class WorkerStopped(RuntimeError):
     """The node asked to stop before the job finished: the job must be checkpointed (re-run later)."""
 
 
-def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool):
+def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool, refine_surface: bool = True):
     """The real segmenter (runs in the worker process: one model load per worker)."""
     from inference.predict import Segmenter
 
-    return Segmenter(model, device=device, threads=threads, tta=tta, progress=False)  # a server log, not a terminal
+    return Segmenter(model, device=device, threads=threads, tta=tta, refine_surface=refine_surface,
+                     progress=False)  # a server log, not a terminal
 
 
 #: Test-only hook: ``module:Class`` of a model-free segmenter for the node's subprocess tests
@@ -80,7 +81,7 @@ def segmenter_factory(config) -> Callable[[], object]:
         except (ImportError, AttributeError) as error:
             raise RuntimeError(f"{TEST_SEGMENTER_VARIABLE}={test_segmenter}: {error}") from None
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
-                             config.threads, config.tta)
+                             config.threads, config.tta, config.refine_surface)
 
 
 class Worker:

@@ -43,14 +43,15 @@ def test_record_keeps_groups_totals_and_the_count_within_target():
     short = truth.copy()
     short[:, 0, :] = 0  # the right frontal lobe missed: 10 % of the total
     record = evaluation_record([evaluate_labels("good", truth, truth, 1.0, 1.0),
-                                evaluate_labels("short", short, truth, 1.0, 5.0)], "two cases", "here", tta=True)
+                                evaluate_labels("short", short, truth, 1.0, 5.0)], "two cases", "here", tta=True,
+                               refine_surface=True)
     assert record["total_error_percent"] == {"good": 0.0, "short": -10.0}
     assert record["worst_total_error_percent"] == 10.0
     assert record["cases_with_total_within_3_percent"] == 1
     assert [g["slices_mm"] for g in record["mean_dice_by_slice_thickness"]] == ["0-1.25", "1.25-5"]
     assert record["mean_dice_by_slice_thickness"][1]["right_frontal_lobe"] == 0.0
     with pytest.raises(ValueError, match="no evaluated cases"):
-        evaluation_record([], "none", "here", tta=True)
+        evaluation_record([], "none", "here", tta=True, refine_surface=False)
 
 
 def test_csv_has_one_row_per_case(tmp_path):

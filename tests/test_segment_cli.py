@@ -80,7 +80,8 @@ def test_segment_builds_the_segmenter_from_the_options(tmp_path):
     from node.commands.segment import _segmenter
 
     path = tiny_checkpoint(tmp_path / "tiny.pt")
-    segmenter = _segmenter(argparse.Namespace(model=str(path), device="cpu", threads=1, tta=True))
+    segmenter = _segmenter(argparse.Namespace(model=str(path), device="cpu", threads=1, tta=True,
+                                              refine_surface=True))
     assert (segmenter.checkpoint, str(segmenter.device), segmenter.tta) == (path, "cpu", True)
     assert segmenter.model["name"] == "tiny" and segmenter.model["trained_on"] == "untrained (test)"
     # The loaded model runs on a CT and labels exactly the input grid.

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--record needs a description of the evaluated cases")
     # One bar over the cases (none when the output is a log file), not one per network pass.
     segmenter = Segmenter(None if args.model == "bundled" else args.model, device=args.device,
-                          threads=args.threads, tta=args.tta, progress=False)
+                          threads=args.threads, tta=args.tta, refine_surface=args.refine_surface,
+                          progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
     evaluations = []
     for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case", disable=None):
@@ -87,7 +88,8 @@ def _record(args: argparse.Namespace, evaluations) -> None:
     data = (str(args.data) if args.data is not None else
             f"{args.phantoms} phantoms made in memory from seed {args.seed}"
             + (f", {args.slice_thickness:g} mm slices" if args.slice_thickness else ""))
-    meta = record_metrics(path, RECORD_KEY, evaluation_record(evaluations, args.record.strip(), data, args.tta))
+    meta = record_metrics(path, RECORD_KEY, evaluation_record(evaluations, args.record.strip(), data, args.tta,
+                                                                       args.refine_surface))
     print(f"figures recorded in {path} (metrics.{RECORD_KEY}; weights {meta.weights_sha256[:12]} unchanged)")
 
 

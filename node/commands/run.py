@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from inference.metrics import dice_per_region
 
     phantom = make_phantom(args.seed, slice_thickness_mm=args.slice_thickness)
-    segmenter = Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta)
+    segmenter = Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta,
+                          refine_surface=args.refine_surface)
     result = segmenter.segment(phantom.image)
     dice = dice_per_region(result.labels, phantom.labels)
     truth = phantom.meta["volumes_cm3"]

@@ -124,7 +124,8 @@ def _settings(args: argparse.Namespace):
 def _segmenter(args):
     from inference.predict import Segmenter
 
-    return Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta)
+    return Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta,
+                     refine_surface=args.refine_surface)
 
 
 def _segment_image(args, settings) -> int:
