@@ -25,11 +25,11 @@ from tests.conftest import phantom_truth_on_source_slices
 # region >= 0.90 up to 1.25 mm, >= 0.85 up to 5 mm) and the total within 3 % on every case;
 # MODEL_CARD.md has where the shipped model stands (issue 2). The total is held to the 3 %
 # target; the Dice bounds sit just under what the model measures on these two cases (1.25 mm:
-# lowest 0.895, the brainstem, mean 0.930, total +1.4 %; 5 mm with tilt: lowest 0.880, mean
-# 0.918, total +0.6 %; flip TTA on, as by default), so a worse model or a SEG whose frames
-# land on the wrong planes fails. Raise them with the model.
+# lowest 0.895, the brainstem, mean 0.934, total +1.5 %; 5 mm with tilt: lowest 0.880, mean
+# 0.918, total +0.6 %; flip TTA and surface refinement on, as by default), so a worse model
+# or a SEG whose frames land on the wrong planes fails. Raise them with the model.
 HELD_OUT = [
-    (910001, 1.25, 0.0, 0.88, 0.92, 0.03),
+    (910001, 1.25, 0.0, 0.88, 0.925, 0.03),
     (910002, 5.0, 15.0, 0.86, 0.91, 0.03),
 ]
 
