@@ -83,7 +83,8 @@ class Segmentation:
     Attributes:
         labels: UInt8 label image (0 background, 1..10 regions) on exactly the input image's grid.
         volumes_cm3: volume per region key in cm3, counted on ``labels``.
-        model: the checkpoint's metadata as a dict, plus "name" (the checkpoint file's stem).
+        model: the checkpoint's metadata as a dict, plus "name" (the checkpoint file's stem),
+            "test_time_augmentation" and "surface_refinement" (whether each was applied).
         timings_s: seconds per stage ("preprocess", "inference", "postprocess", "to_source", "surface", "total", ...).
     """
 
@@ -429,6 +430,9 @@ class Segmenter:
         """The checkpoint's metadata and its name, as the SEG/SR/PDF writers record it."""
         return {**self.meta.to_dict(), "name": self.checkpoint.stem}
 
+    def _refines(self, image: sitk.Image) -> bool:
+        return self.surface_refinement is not None and self.surface_refinement.applies_to(image.GetSpacing())
+
     @torch.inference_mode()
     def segment(self, image: sitk.Image) -> Segmentation:
         """Segment a head CT in HU; labels on exactly ``image``'s grid, volumes in cm3."""
@@ -460,7 +464,8 @@ class Segmenter:
         mark = time.perf_counter()
         labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=self.progress)
         timings["to_source"] = time.perf_counter() - mark
-        if self.surface_refinement is not None:
+        refined = self._refines(image)
+        if refined:
             mark = time.perf_counter()
             labels = refine_brain_surface(labels, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1],
                                           self.surface_refinement)
@@ -472,4 +477,5 @@ class Segmenter:
         timings["volumes"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
         log.info("segmented %s voxels on %s in %.1f s", image.GetSize(), self.device, timings["total"])
-        return Segmentation(labels=label_image, volumes_cm3=volumes, model=self.model, timings_s=timings)
+        model = {**self.model, "test_time_augmentation": self.tta, "surface_refinement": refined}
+        return Segmentation(labels=label_image, volumes_cm3=volumes, model=model, timings_s=timings)

@@ -94,6 +94,10 @@ class SurfaceRefinement:
         if not self.max_brain_hu > low:
             raise ValueError(f"max_brain_hu ({self.max_brain_hu}) must exceed hu_range's low end ({low})")
 
+    def applies_to(self, spacing_mm: Sequence[float]) -> bool:
+        """Whether an image of this voxel spacing (mm, any axis order) is refined."""
+        return max(float(s) for s in spacing_mm) <= self.max_spacing_mm
+
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a 1D sample: the value that best splits it into two classes.
@@ -142,7 +146,7 @@ def refine_brain_surface(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequen
     if labels.size and labels.max() >= NUM_CLASSES:
         raise ValueError(f"label values must lie within 0..{NUM_CLASSES - 1}, found {labels.max()}")
     refined = np.array(labels, dtype=np.uint8, copy=True)
-    if spacing.max() > settings.max_spacing_mm:
+    if not settings.applies_to(spacing):
         return refined
     found = ndimage.find_objects((labels > 0).astype(np.uint8))
     if not found or found[0] is None:

@@ -314,6 +314,12 @@ def _notes(quality_notes: Sequence[str], normative, styles) -> list:
     return [Paragraph("Quality notes", styles["heading"]), Paragraph(items, styles["small"])]
 
 
+def _options_text(model: dict) -> str:
+    """", flip TTA on, surface refinement off" for the prediction options the model dict records."""
+    names = {"test_time_augmentation": "flip TTA", "surface_refinement": "surface refinement"}
+    return "".join(f", {name} {'on' if model[key] else 'off'}" for key, name in names.items() if key in model)
+
+
 def _provenance(normative, model: dict, styles, created: datetime) -> Paragraph:
     reference = normative.reference
     low, high = reference.age_range_years
@@ -321,7 +327,8 @@ def _provenance(normative, model: dict, styles, created: datetime) -> Paragraph:
     text = (
         f"<b>Model</b>: {_escape(str(model.get('name', '?')))} ({_escape(str(model.get('architecture', '?')))}, "
         f"kernel {kernel}), trained on {_escape(str(model.get('trained_on', '?')))}, "
-        f"weights sha256 {str(model.get('weights_sha256', '?'))[:16]}&hellip;, code {_escape(str(model.get('code_version', __version__)))}. "
+        f"weights sha256 {str(model.get('weights_sha256', '?'))[:16]}&hellip;, code {_escape(str(model.get('code_version', __version__)))}"
+        f"{_options_text(model)}. "
         f"<b>Reference</b>: {_escape(reference.name)} {_escape(reference.version)} ({_escape(reference.kind)}; "
         f"{_escape(reference.population)}, n = {reference.n}, ages {low:g}&ndash;{high:g} years), "
         f"{_escape(reference.citation)}. Flags: |z| &gt; {normative.z_threshold:g}. "

@@ -76,13 +76,15 @@ def algorithm_identification(model: Mapping[str, object]) -> hd.AlgorithmIdentif
     Args:
         model: ``Segmentation.model`` from :mod:`inference.predict` (name,
             architecture, kernel_size, spacing_mm, weights_sha256,
-            code_version, trained_on).
+            code_version, trained_on; test_time_augmentation and
+            surface_refinement when the segmenter says).
     """
     if not model.get("weights_sha256"):
         raise ValueError("model description lacks 'weights_sha256': cannot identify the algorithm")
     parameters = {
         key: _parameter_text(model[key])
-        for key in ("name", "architecture", "kernel_size", "spacing_mm", "weights_sha256", "trained_on")
+        for key in ("name", "architecture", "kernel_size", "spacing_mm", "weights_sha256", "trained_on",
+                    "test_time_augmentation", "surface_refinement")
         if model.get(key) is not None
     }
     return hd.AlgorithmIdentificationSequence(

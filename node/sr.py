@@ -98,7 +98,8 @@ def build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=MANUFACTURER,
         version=str(model.get("code_version") or __version__)[:64],
-        parameters=[f"weights_sha256={model.get('weights_sha256', '')}", f"model={model.get('name', '')}"],
+        parameters=[f"weights_sha256={model.get('weights_sha256', '')}", f"model={model.get('name', '')}"]
+        + [f"{key}={model[key]}" for key in ("test_time_augmentation", "surface_refinement") if key in model],
     )
     results = {result.key: result for result in normative.regions}
     segments = _segments_by_key(seg)

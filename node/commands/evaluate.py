@@ -88,8 +88,8 @@ def _record(args: argparse.Namespace, evaluations) -> None:
     data = (str(args.data) if args.data is not None else
             f"{args.phantoms} phantoms made in memory from seed {args.seed}"
             + (f", {args.slice_thickness:g} mm slices" if args.slice_thickness else ""))
-    meta = record_metrics(path, RECORD_KEY, evaluation_record(evaluations, args.record.strip(), data, args.tta,
-                                                                       args.refine_surface))
+    record = evaluation_record(evaluations, args.record.strip(), data, args.tta, args.refine_surface)
+    meta = record_metrics(path, RECORD_KEY, record)
     print(f"figures recorded in {path} (metrics.{RECORD_KEY}; weights {meta.weights_sha256[:12]} unchanged)")
 
 
