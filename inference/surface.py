@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 #: Label values of the eight cerebral lobes (the regions this refinement moves).
 CEREBRAL_LOBES = tuple(region.value for region in REGIONS if region.structure.endswith("lobe"))
+_IS_LOBE = np.isin(np.arange(NUM_CLASSES), CEREBRAL_LOBES)
 #: Fewest voxels in the band around the surface for a threshold to be trusted.
 MIN_BAND_VOXELS = 1000
 
@@ -160,10 +161,8 @@ def refine_brain_surface(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequen
     threshold = _band_threshold(smoothed, brain, depth_inside, distance_outside, settings)
     if threshold is None:
         return refined
-    is_lobe = np.zeros(NUM_CLASSES, dtype=bool)
-    is_lobe[list(CEREBRAL_LOBES)] = True
     original = window.copy()
-    remove = brain & is_lobe[original] & (depth_inside <= settings.remove_depth_mm) & (smoothed < threshold)
+    remove = brain & _IS_LOBE[original] & (depth_inside <= settings.remove_depth_mm) & (smoothed < threshold)
     add = (~brain & (distance_outside <= settings.add_depth_mm)
            & (smoothed >= threshold) & (smoothed < settings.max_brain_hu))
     # Dark voxels inside the cortex that no CSF reaches are noise, not sulci: they stay.
@@ -173,7 +172,7 @@ def refine_brain_surface(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequen
     # lies between it and the brain: only voxels the brain reaches through bright ones are added.
     add_at = np.nonzero(add & _reached_from(window > 0, add))
     nearest_label = _nearest_labels(original, add_at, spacing, settings.add_depth_mm)
-    keep = is_lobe[nearest_label]
+    keep = _IS_LOBE[nearest_label]
     window[tuple(axis[keep] for axis in add_at)] = nearest_label[keep]
     log.debug("surface refinement: threshold %.1f HU, %d voxels removed, %d added",
               threshold, int(remove.sum()), int(keep.sum()))
