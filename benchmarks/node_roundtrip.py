@@ -74,8 +74,8 @@ def _role(pid: int, serve_pid: int) -> str:
 
 def write_phantom_series(folder: Path, matrix: int, slices: int, seed: int) -> list[Path]:
     """A phantom head CT of ``matrix`` x ``matrix`` x ``slices`` written as a CT series."""
-    from inference.phantom import make_phantom
-    from node.ct_series import write_ct_series
+    from inference.phantoms.generator import make_phantom
+    from inference.phantoms.dicom_series import write_ct_series
 
     thickness = 190.0 / slices  # 300 slices: 0.633 mm, the paper's protocol (0.625 mm) over a toddler's head
     phantom = make_phantom(seed, matrix=matrix, n_slices=slices, slice_thickness_mm=round(thickness, 3))
@@ -140,7 +140,7 @@ may_receive = yes
             if serve.poll() is not None:
                 raise SystemExit(f"lobevol serve exited: {(work / 'serve.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        from node.jobs import JobStore
+        from node.service.jobs import JobStore
 
         jobs = JobStore(work / "jobs.sqlite")
         sent = time.monotonic()

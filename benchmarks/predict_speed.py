@@ -2,7 +2,7 @@
 
 The target (set by the project's issue for the engine) is one
 512 x 512 x 300 series at 0.625 mm segmented in under 20 s and 4 GB on 2 CPU
-cores. The series is a synthetic phantom (``inference.phantom.make_phantom``,
+cores. The series is a synthetic phantom (``inference.phantoms.generator.make_phantom``,
 cached as .mha so that repeated runs time prediction only). Prediction runs in
 a fresh child process so that its peak resident memory (VmHWM of
 /proc/self/status, which exec resets, unlike ``ru_maxrss``) is the prediction's,
@@ -42,7 +42,7 @@ def phantom_image(cache: Path, seed: int) -> Path:
 
     path = cache / f"phantom-{seed}-{SERIES['matrix']}x{SERIES['n_slices']}.mha"
     if not path.exists():
-        from inference.phantom import make_phantom
+        from inference.phantoms.generator import make_phantom
 
         print(f"generating phantom seed {seed} ({SERIES}) ...", flush=True)
         started = time.perf_counter()
@@ -58,7 +58,7 @@ def phantom_image(cache: Path, seed: int) -> Path:
 def model_checkpoint(cache: Path) -> tuple[Path, str]:
     """The bundled checkpoint, or a random-weight one of the same architecture."""
     from inference.checkpoint import BUNDLED_CHECKPOINT, CheckpointMeta, save_checkpoint
-    from inference.labels import NUM_CLASSES, REGION_KEYS
+    from inference.vocabulary import NUM_CLASSES, REGION_KEYS
     from inference.models import build_model
     from inference.preprocess import PreprocessConfig
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from inference.labels import NUM_CLASSES, REGION_KEYS
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS
 from inference.models import ARCHITECTURES, KERNEL_SIZES, build_model
 
 FORMAT_NAME = "lobevol-checkpoint"
@@ -109,7 +109,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMe
     Returns:
         The metadata as written.
     """
-    from node import __version__
+    from inference.vocabulary import __version__
 
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     meta = dataclasses.replace(

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from inference.labels import REGION_KEYS, REGIONS
+from inference.vocabulary import REGION_KEYS, REGIONS
 from inference.metrics import dice_per_region
 
 #: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.

@@ -1,6 +1,6 @@
 """Agreement between a predicted and a reference segmentation: Dice per region, volume errors.
 
-Both work per region key of :mod:`inference.labels`. Label maps may be numpy
+Both work per region key of :mod:`inference.vocabulary`. Label maps may be numpy
 arrays or SimpleITK images (compared voxel by voxel, so they must share a grid).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS, REGIONS
 
 #: Key of the whole-brain (all 10 regions) entry of :func:`volume_errors`.
 TOTAL_KEY = "total"

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from inference.labels import NUM_CLASSES
+from inference.vocabulary import NUM_CLASSES
 
 ARCHITECTURES = ("resunet", "unet")
 KERNEL_SIZES = ((3, 3, 3), (1, 3, 3))

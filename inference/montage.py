@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
-from inference.labels import REGIONS
+from inference.vocabulary import REGIONS
 
 WINDOW_CENTRE_HU = 30.0
 WINDOW_WIDTH_HU = 100.0

@@ -50,7 +50,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from inference.labels import NUM_CLASSES, REGIONS, left_right_permutation
+from inference.vocabulary import NUM_CLASSES, REGIONS, left_right_permutation
 from inference.models import MODEL_DIVISOR
 from inference.preprocess import (
     PreprocessConfig,

@@ -47,7 +47,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.labels import NUM_CLASSES
+from inference.vocabulary import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.labels import NUM_CLASSES, REGIONS
+from inference.vocabulary import NUM_CLASSES, REGIONS
 
 log = logging.getLogger(__name__)
 

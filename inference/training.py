@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, read_checkpoint, save_checkpoint
-from inference.labels import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
 from inference.metrics import dice_per_region
 from inference.models import MODEL_DIVISOR, build_model
 from inference.preprocess import PreprocessConfig, labels_to_grid, preprocess_image
@@ -476,7 +476,7 @@ def load_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
 
 def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callable[[], tuple[sitk.Image, sitk.Image]]]]:
     """(name, loader) of ``count`` phantoms with seeds ``seed``, ``seed+1``, ... (loaders make them lazily)."""
-    from inference.phantom import GENERATION, make_phantom
+    from inference.phantoms.generator import GENERATION, make_phantom
 
     for index in range(count):
         case_seed = seed + index

@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 import pydicom
 import SimpleITK as sitk
 
-from inference.labels import REGION_KEYS
-from node.series_selection import SelectionRules
+from inference.vocabulary import REGION_KEYS
+from node.dicom.selection import SelectionRules
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
         study whose series cannot be analysed is "failed", each with the
         reason (no exception escapes for bad input).
     """
-    from node.demographics import demographics_from
-    from node.series_selection import select_series
-    from node.series_volume import load_series_volume
+    from node.dicom.demographics import demographics_from
+    from node.dicom.selection import select_series
+    from node.dicom.volume import load_series_volume
 
     if not instances:
         raise ValueError("no instances given")
@@ -218,8 +218,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
                     image: sitk.Image | None = None) -> StudyOutcome:
     """Segment, compare, write. ``volume`` is a SeriesVolume, or None for plain-image input."""
     from normative.compare import compare, load_reference
-    from node.overlay_images import render_key_views
-    from node.pdf_report import StudyHeader, render_pdf_report
+    from node.results.key_images import render_key_views
+    from node.results.pdf_report import StudyHeader, render_pdf_report
 
     started = time.monotonic()
     image = volume.image if volume is not None else image
@@ -265,10 +265,10 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
 
     ``label_slices``: the labels on every source image (``volume.labels_on_source_slices``).
     """
-    from node.encapsulated_pdf import build_encapsulated_pdf
-    from node.overlay_images import build_overlay_images
-    from node.seg import build_seg
-    from node.sr import build_sr
+    from node.results.encapsulated_pdf import build_encapsulated_pdf
+    from node.results.key_images import build_overlay_images
+    from node.results.seg import build_seg
+    from node.results.sr import build_sr
 
     written = []
     source = volume.datasets[0]

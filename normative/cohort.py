@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS
 from normative.compare import asymmetry_index
 from normative.reference import asymmetry_key
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 from scipy.stats import norm
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS
 from normative.reference import Reference, asymmetry_key, load_reference
 
 __all__ = [

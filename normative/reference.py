@@ -5,7 +5,7 @@ A reference is a JSON file (the bundled one is ``normative/data/xi2025_whole_coh
 provenance (citation, population, scanner, method, n, sexes, ages, version) beside the
 numbers, and one *measure* per quantity it describes:
 
-- the 10 region keys of :mod:`inference.labels` (volumes in cm3),
+- the 10 region keys of :mod:`inference.vocabulary` (volumes in cm3),
 - ``total`` (sum of the 10 regions, cm3),
 - ``asymmetry_<structure>`` per lobe pair (asymmetry index AI = (L - R) / ((L + R) / 2),
   no unit), see :func:`asymmetry_key`.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS
 
 FORMAT = "lobevol-normative-reference"
 FORMAT_VERSION = 1

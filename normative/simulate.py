@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from inference.labels import REGION_KEYS, region_by_key
+from inference.vocabulary import REGION_KEYS, region_by_key
 from normative.cohort import Cohort
 from normative.reference import LinearModel, MeasureModel, Reference, load_reference
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 from scipy import stats
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS, region_by_key
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS, region_by_key
 from normative.cohort import Cohort
 from normative.ols import fit_ols
 

@@ -22,7 +22,7 @@ from reportlab.platypus import (
     KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table as PdfTable, TableStyle,
 )
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from normative.cohort import Cohort
 from normative.stats import SEX_CODING, Table, label
 

@@ -57,8 +57,8 @@ def tilted_phantom_study(tmp_path_factory):
     Returns (phantom, folder): ``phantom.labels`` (k, j, i) is source slice k, row j, column i,
     and ``phantom.meta["image_position_patient"][k]`` is that slice's position.
     """
-    from inference.phantom import make_phantom
-    from node.ct_series import write_ct_series
+    from inference.phantoms.generator import make_phantom
+    from inference.phantoms.dicom_series import write_ct_series
 
     phantom = make_phantom(3, slice_thickness_mm=4.0, pixel_spacing_mm=2.2, matrix=96, tilt_deg=18.5)
     folder = tmp_path_factory.mktemp("tilted-phantom")

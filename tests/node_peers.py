@@ -186,7 +186,7 @@ def tiny_checkpoint(path: Path) -> Path:
     import torch
 
     from inference.checkpoint import CheckpointMeta, save_checkpoint
-    from inference.labels import NUM_CLASSES, REGION_KEYS
+    from inference.vocabulary import NUM_CLASSES, REGION_KEYS
     from inference.models import build_model
     from inference.preprocess import PreprocessConfig
 

@@ -14,7 +14,7 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from inference.labels import REGIONS
+from inference.vocabulary import REGIONS
 
 PATIENT = {"PatientName": "Test^Child", "PatientID": "LV-TEST-0001", "PatientBirthDate": "20220310",
            "PatientSex": "F"}
@@ -138,7 +138,7 @@ def hand_made_normative(volumes_cm3: dict[str, float], *, with_z: bool = True):
     the given volumes so that some regions are flagged.
     """
     AsymmetryResult, NormativeResult, ReferenceInfo, RegionResult = _normative_types()
-    from inference.labels import LOBE_PAIRS
+    from inference.vocabulary import LOBE_PAIRS
     from math import erf, sqrt
 
     def region_result(key: str, volume: float) -> RegionResult:

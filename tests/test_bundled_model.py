@@ -13,11 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.labels import REGIONS
+from inference.vocabulary import REGIONS
 from inference.metrics import dice_per_region
-from node.dicom_files import find_dicom_files
+from node.dicom.files import find_dicom_files
 from node.pipeline import analyse_study
-from node.seg import segment_numbers_by_key
+from node.results.seg import segment_numbers_by_key
 from tests.conftest import phantom_truth_on_source_slices
 
 # (seed, slice thickness mm, gantry tilt deg, lowest Dice of any region, lowest mean Dice,
@@ -60,8 +60,8 @@ def _seg_labels(seg_path, datasets) -> np.ndarray:
 @pytest.mark.parametrize("seed, thickness_mm, tilt_deg, min_dice, min_mean_dice, max_total_error", HELD_OUT)
 def test_seg_read_back_matches_the_phantom_truth(seed, thickness_mm, tilt_deg, min_dice, min_mean_dice,
                                                  max_total_error, bundled_segmenter, tmp_path):
-    from inference.phantom import make_phantom
-    from node.ct_series import write_ct_series
+    from inference.phantoms.generator import make_phantom
+    from inference.phantoms.dicom_series import write_ct_series
 
     phantom = make_phantom(seed, slice_thickness_mm=thickness_mm, tilt_deg=tilt_deg)
     write_ct_series(phantom, tmp_path / "in")

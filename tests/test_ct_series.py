@@ -9,11 +9,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from inference.phantom import make_phantom
-from node.ct_series import write_ct_series
-from node.demographics import demographics_from
-from node.dicom_files import find_dicom_files
-from node.series_volume import load_series_volume
+from inference.phantoms.generator import make_phantom
+from inference.phantoms.dicom_series import write_ct_series
+from node.dicom.demographics import demographics_from
+from node.dicom.files import find_dicom_files
+from node.dicom.volume import load_series_volume
 from tests.dicom_validation import validate
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from node.demographics import Demographics, demographics_from, parse_dicom_date, parse_patient_age
+from node.dicom.demographics import Demographics, demographics_from, parse_dicom_date, parse_patient_age
 
 
 def header(**attributes) -> pydicom.Dataset:

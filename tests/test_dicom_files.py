@@ -9,7 +9,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from node.dicom_files import find_dicom_files, group_by_study, read_header
+from node.dicom.files import find_dicom_files, group_by_study, read_header
 from tests.output_fixtures import region_labels, write_ct_series
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from inference.evaluation import evaluate_labels, evaluation_record, format_table, summary_rows, write_csv
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 
 
 def _truth() -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from inference.metrics import TOTAL_KEY, dice_per_region, volume_errors
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, save_checkpoint
-from inference.labels import NUM_CLASSES, REGION_KEYS
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS
 from inference.models import build_model, count_conv_layers
 
 

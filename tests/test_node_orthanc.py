@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.server import Node
+from node.service.server import Node
 from tests.node_peers import Orthanc, free_port, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 

@@ -10,9 +10,9 @@ from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_u
 from pynetdicom import AE
 
 from node.config import NodeConfig, RemoteAE, RetryPolicy
-from node.jobs import Delivery, JobStore
-from node.outbox import Outbox
-from node.spool import Spool
+from node.service.jobs import Delivery, JobStore
+from node.service.outbox import Outbox
+from node.service.spool import Spool
 from tests.node_peers import StoreSCP, free_port
 from tests.output_fixtures import region_labels, write_ct_series
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig, RemoteAE, RetryPolicy
-from node.jobs import Delivery, JobStore
-from node.spool import Spool, check_uid
+from node.service.jobs import Delivery, JobStore
+from node.service.spool import Spool, check_uid
 
 STUDY, SERIES = "1.2.3.4", "1.2.3.4.5"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -159,7 +159,7 @@ def test_result_destinations_follow_the_remote_table():
 
 
 def test_retention_removes_images_of_done_jobs_and_old_results(tmp_path):
-    from node.server import Node
+    from node.service.server import Node
     from tests.output_fixtures import PartitionSegmenter
 
     config = NodeConfig(source=None, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",

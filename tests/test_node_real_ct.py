@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import JPEGLosslessSV1, SegmentationStorage
 
 from node.config import load_config
-from node.server import Node
+from node.service.server import Node
 from tests.node_peers import StoreSCP, free_port, storescu, tool, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter
 

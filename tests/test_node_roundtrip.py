@@ -22,8 +22,8 @@ from pynetdicom.sop_class import CTImageStorage
 
 from node.cli import main
 from node.config import load_config
-from node.jobs import JobStore
-from node.server import Node
+from node.service.jobs import JobStore
+from node.service.server import Node
 from tests.dicom_validation import validate
 from tests.node_peers import StoreSCP, free_port, storescu, tiny_checkpoint, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
@@ -187,8 +187,8 @@ def _send_some_then_kill(port: int, files: list[Path], count: int, process: subp
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory) -> list[Path]:
     """A small synthetic head CT (64 x 64, 5 mm slices) with skull and brain, for the real model."""
-    from inference.phantom import make_phantom
-    from node.ct_series import write_ct_series
+    from inference.phantoms.generator import make_phantom
+    from inference.phantoms.dicom_series import write_ct_series
 
     return write_ct_series(make_phantom(3, matrix=64, slice_thickness_mm=5.0),
                            tmp_path_factory.mktemp("phantom") / "ct", patient_name="Kill^Test", patient_id="KILL-0003")

@@ -9,9 +9,9 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from node.config import NodeConfig, RemoteAE
-from node.jobs import JobStore
-from node.scp import StorageSCP
-from node.spool import Spool
+from node.service.jobs import JobStore
+from node.service.scp import StorageSCP
+from node.service.spool import Spool
 from tests.node_peers import storescu
 from tests.output_fixtures import region_labels, write_ct_series
 

@@ -10,10 +10,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeConfig, RemoteAE, TLSSettings
-from node.jobs import JobStore
-from node.scp import StorageSCP
-from node.scu import PeerUnavailable, echo
-from node.spool import Spool
+from node.service.jobs import JobStore
+from node.service.scp import StorageSCP
+from node.service.scu import PeerUnavailable, echo
+from node.service.spool import Spool
 from tests.node_peers import tool
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import pytest
 
 from node.config import load_config
 from node.pipeline import PipelineSettings
-from node.server import Node
-from node.worker import JobRequest, Worker, WorkerCrashed, WorkerStopped
+from node.service.server import Node
+from node.service.worker import JobRequest, Worker, WorkerCrashed, WorkerStopped
 from tests.node_peers import StoreSCP, free_port, storescu, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from node.cli import main
 from normative.compare import load_reference
 from normative.reference import Reference

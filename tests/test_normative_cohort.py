@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from normative.cohort import read_cohort, write_cohort
 from normative.simulate import simulate_cohort
 

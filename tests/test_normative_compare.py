@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy.stats import norm
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS
 from normative.compare import NormativeResult, ReferenceInfo, compare, load_reference
 from normative.reference import BUNDLED_REFERENCE, LinearModel, MeasureModel, Reference, asymmetry_key
 
@@ -235,7 +235,7 @@ def test_percentile_is_the_normal_cdf_for_many_z():
 
 
 def test_lobe_missing_on_both_sides_has_no_asymmetry_but_the_rest_is_measured():
-    from inference.labels import REGION_KEYS
+    from inference.vocabulary import REGION_KEYS
     from normative.compare import compare
 
     volumes = {key: 50.0 for key in REGION_KEYS}

@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from normative.cohort import Cohort, read_cohort, write_cohort
 from normative.compare import compare, load_reference
 from normative.fit import MIN_FIT_ROWS, fit_reference

@@ -13,11 +13,11 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
-from inference.labels import REGION_KEYS
-from node.overlay_images import render_key_views
-from node.pdf_report import render_pdf_report
-from node.seg import build_seg
-from node.sr import build_sr
+from inference.vocabulary import REGION_KEYS
+from node.results.key_images import render_key_views
+from node.results.pdf_report import render_pdf_report
+from node.results.seg import build_seg
+from node.results.sr import build_sr
 from normative.compare import compare
 from normative.fit import fit_reference
 from normative.simulate import simulate_cohort

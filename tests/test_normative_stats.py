@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import linalg, stats
 
-from inference.labels import LOBE_PAIRS, REGION_KEYS
+from inference.vocabulary import LOBE_PAIRS, REGION_KEYS
 from normative.cohort import Cohort
 from normative.ols import fit_ols
 from normative.simulate import simulate_cohort

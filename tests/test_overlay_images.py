@@ -6,8 +6,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGIONS
-from node.overlay_images import DERIVED_WARNING, build_overlay_images, render_key_views
+from inference.vocabulary import REGIONS
+from node.results.key_images import DERIVED_WARNING, build_overlay_images, render_key_views
 from tests.dicom_validation import validate
 from tests.output_fixtures import ct_volume, hand_made_normative, region_labels, region_voxel_volumes_cm3, write_ct_series
 

@@ -9,10 +9,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGIONS
-from node.encapsulated_pdf import build_encapsulated_pdf, pdf_from_encapsulated
-from node.overlay_images import render_key_views
-from node.pdf_report import StudyHeader, render_pdf_report
+from inference.vocabulary import REGIONS
+from node.results.encapsulated_pdf import build_encapsulated_pdf, pdf_from_encapsulated
+from node.results.key_images import render_key_views
+from node.results.pdf_report import StudyHeader, render_pdf_report
 from tests.dicom_validation import validate
 from tests.output_fixtures import (
     MODEL, ct_volume, hand_made_normative, region_labels, region_voxel_volumes_cm3, write_ct_series,

@@ -14,9 +14,9 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage
 
-from inference.labels import REGIONS, REGION_KEYS, region_by_key
+from inference.vocabulary import REGIONS, REGION_KEYS, region_by_key
 from inference.montage import save_montage
-from inference.phantom import (COHORT_VOLUMES_CM3, GENERATION, GIRL_VOLUME_FACTOR, SLICE_THICKNESS_CHOICES_MM,
+from inference.phantoms.generator import (COHORT_VOLUMES_CM3, GENERATION, GIRL_VOLUME_FACTOR, SLICE_THICKNESS_CHOICES_MM,
                                draw_target_volumes, make_phantom)
 from node.cli import main
 

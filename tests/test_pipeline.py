@@ -11,10 +11,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGION_KEYS, REGIONS
-from node.dicom_files import find_dicom_files, group_by_study
+from inference.vocabulary import REGION_KEYS, REGIONS
+from node.dicom.files import find_dicom_files, group_by_study
 from node.pipeline import PipelineSettings, analyse_study
-from node.seg import region_volumes_from_seg
+from node.results.seg import region_volumes_from_seg
 from tests.dicom_validation import validate
 from tests.output_fixtures import MODEL, PartitionSegmenter, region_labels, write_ct_series
 
@@ -246,7 +246,7 @@ class TruthSegmenter:
 
 @pytest.mark.integration
 def test_tilted_phantom_seg_read_back_matches_the_truth_on_every_source_slice(tilted_phantom_study, tmp_path):
-    from node.series_volume import load_series_volume
+    from node.dicom.volume import load_series_volume
 
     phantom, folder = tilted_phantom_study
     _, instances = _single_study(folder)

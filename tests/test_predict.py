@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from inference.checkpoint import CheckpointMeta, save_checkpoint
-from inference.labels import NUM_CLASSES, REGION_KEYS, region_by_key
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS, region_by_key
 from inference.models import build_model
 from inference.predict import (
     Segmenter,
@@ -192,7 +192,7 @@ def test_tta_of_an_asymmetric_model_averages_with_its_mirror():
     model = LocalConvolution().eval()
     plain = predict_probabilities(model, array, device=CPU, progress=False)
     mirrored_input = predict_probabilities(model, np.ascontiguousarray(array[..., ::-1]), device=CPU, progress=False)
-    from inference.labels import left_right_permutation
+    from inference.vocabulary import left_right_permutation
     expected = 0.5 * (plain + mirrored_input.flip(-1)[left_right_permutation()])
     tta = predict_probabilities(model, array, device=CPU, tta=True, progress=False)
     assert torch.allclose(tta, expected, atol=1e-5)
@@ -271,7 +271,7 @@ def test_device_resolution():
 def test_perfect_scores_on_a_tilted_phantom_come_back_with_the_true_volumes():
     """Mapping back at scale: ideal scores on the working grid -> source labels close to the truth."""
     from inference.metrics import dice_per_region, volume_errors
-    from inference.phantom import make_phantom
+    from inference.phantoms.generator import make_phantom
     from inference.preprocess import labels_to_grid, preprocess_image, resample_to
 
     phantom = make_phantom(3, slice_thickness_mm=1.25, pixel_spacing_mm=0.9, matrix=256, tilt_deg=15.0)

@@ -173,8 +173,8 @@ def test_labels_to_grid_refuses_bad_labels():
 @pytest.fixture(scope="module")
 def ge_head(real_ct) -> sitk.Image:
     """The real GE head CT (adult, 18.5 degree gantry tilt, uneven slice spacing), as the node loads it."""
-    from node.dicom_files import find_dicom_files
-    from node.series_volume import load_series_volume
+    from node.dicom.files import find_dicom_files
+    from node.dicom.volume import load_series_volume
 
     return load_series_volume(find_dicom_files(real_ct / "GE")).image
 
@@ -219,7 +219,7 @@ def test_ahe_on_the_mask_box_equals_ahe_on_the_whole_crop():
 @pytest.mark.slow
 def test_phantom_labels_lie_inside_the_mask():
     """On a tilted toddler phantom every labelled region lies in the intracranial mask."""
-    from inference.phantom import make_phantom
+    from inference.phantoms.generator import make_phantom
 
     phantom = make_phantom(3, slice_thickness_mm=2.5, pixel_spacing_mm=0.9, matrix=256, tilt_deg=15.0)
     config = PreprocessConfig()

@@ -6,8 +6,8 @@ import pydicom
 import numpy as np
 import pytest
 
-from inference.labels import REGIONS
-from node.seg import build_seg, region_volumes_from_seg, segment_numbers_by_key
+from inference.vocabulary import REGIONS
+from node.results.seg import build_seg, region_volumes_from_seg, segment_numbers_by_key
 from tests.dicom_validation import validate
 from tests.output_fixtures import MODEL, ct_volume, region_labels, region_voxel_volumes_cm3, write_ct_series
 

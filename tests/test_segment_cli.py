@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.labels import REGION_KEYS
+from inference.vocabulary import REGION_KEYS
 from node.cli import main
 from tests.node_peers import tiny_checkpoint
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
@@ -17,7 +17,7 @@ from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_se
 @pytest.fixture()
 def model_free(monkeypatch):
     """Run the command with the model-free PartitionSegmenter (deterministic regions, no weights)."""
-    import node.commands.segment as segment_command
+    import node.cli.segment as segment_command
 
     monkeypatch.setattr(segment_command, "_segmenter", lambda args: PartitionSegmenter())
 
@@ -77,7 +77,7 @@ def test_segment_image_input_writes_plain_files_and_pdf(model_free, tmp_path, ca
 def test_segment_builds_the_segmenter_from_the_options(tmp_path):
     import argparse
 
-    from node.commands.segment import _segmenter
+    from node.cli.segment import _segmenter
 
     path = tiny_checkpoint(tmp_path / "tiny.pt")
     segmenter = _segmenter(argparse.Namespace(model=str(path), device="cpu", threads=1, tta=True,
@@ -87,8 +87,8 @@ def test_segment_builds_the_segmenter_from_the_options(tmp_path):
     # The loaded model runs on a CT and labels exactly the input grid.
     labels = region_labels((20, 40, 40))
     write_ct_series(tmp_path / "ct", labels, pixel_spacing_mm=4.0, slice_spacing_mm=5.0)
-    from node.dicom_files import find_dicom_files
-    from node.series_volume import load_series_volume
+    from node.dicom.files import find_dicom_files
+    from node.dicom.volume import load_series_volume
 
     volume = load_series_volume(find_dicom_files(tmp_path / "ct"))
     result = segmenter.segment(volume.image)
@@ -124,7 +124,7 @@ def test_segment_fails_clearly(arguments, message, tmp_path, capsys):
 
 def test_segment_names_each_study_when_none_can_be_analysed(tmp_path, capsys, monkeypatch):
     # Only Secondary Capture images: no series to analyse; the message says why, per study.
-    import node.commands.segment as segment_command
+    import node.cli.segment as segment_command
 
     source = tmp_path / "ct"
     write_ct_series(source, region_labels((20, 32, 32)))  # 100 mm: covers a head

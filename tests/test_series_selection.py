@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage, generate_uid
 
-from node.dicom_files import InstanceHeader, find_dicom_files, group_by_study
-from node.series_selection import BONE, SOFT, SelectionRules, select_series
+from node.dicom.files import InstanceHeader, find_dicom_files, group_by_study
+from node.dicom.selection import BONE, SOFT, SelectionRules, select_series
 from tests.output_fixtures import region_labels, write_ct_series
 
 _numbers = itertools.count(2)

@@ -16,8 +16,8 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Explici
                          JPEGLSLossless, RLELossless, generate_uid)
 
 from inference.metrics import dice_per_region
-from node.dicom_files import find_dicom_files
-from node.series_volume import AIR_HU, load_series_volume
+from node.dicom.files import find_dicom_files
+from node.dicom.volume import AIR_HU, load_series_volume
 from tests.conftest import phantom_truth_on_source_slices
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -298,8 +298,8 @@ def test_tilted_phantom_truth_survives_the_grid_and_back_onto_its_source_slices(
 
 @pytest.mark.slow
 def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
-    from inference.phantom import make_phantom
-    from node.ct_series import write_ct_series
+    from inference.phantoms.generator import make_phantom
+    from inference.phantoms.dicom_series import write_ct_series
 
     phantom = make_phantom(4, slice_thickness_mm=5.0, pixel_spacing_mm=2.2, matrix=96)
     write_ct_series(phantom, tmp_path)
@@ -314,7 +314,7 @@ def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
 
 
 def test_slice_extents_and_source_volumes_follow_uneven_spacing(tmp_path):
-    from node.series_volume import slice_extents_mm
+    from node.dicom.volume import slice_extents_mm
 
     np.testing.assert_allclose(slice_extents_mm([0.0, 2.0, 4.0, 10.0]), [2.0, 2.0, 4.0, 6.0])
     np.testing.assert_allclose(slice_extents_mm([10.0, 0.0, 4.0, 2.0]), [6.0, 2.0, 4.0, 2.0])  # any order

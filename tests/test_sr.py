@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
 
-from inference.labels import REGIONS
-from node.seg import build_seg, region_volumes_from_seg, structure_code
-from node.sr import build_sr
+from inference.vocabulary import REGIONS
+from node.results.seg import build_seg, region_volumes_from_seg, structure_code
+from node.results.sr import build_sr
 from tests.dicom_validation import validate
 from tests.output_fixtures import (
     MODEL, ct_volume, hand_made_normative, region_labels, region_voxel_volumes_cm3, write_ct_series,

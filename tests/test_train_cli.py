@@ -6,10 +6,10 @@ import csv
 import SimpleITK as sitk
 
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from inference.phantom import make_phantom
+from inference.phantoms.generator import make_phantom
 from inference.training import TrainConfig
 from node.cli import build_parser, main
-from node.commands.train import train_config
+from node.cli.train import train_config
 
 
 TINY_BUDGET = ["--epochs", "1", "--iterations", "1", "--batch-size", "1", "--patch", "32,32,32",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference.checkpoint import load_checkpoint, read_checkpoint
-from inference.labels import REGIONS, left_right_permutation, region_by_key
+from inference.vocabulary import REGIONS, left_right_permutation, region_by_key
 from inference.training import (TrainConfig, TrainingCase, k_fold_split, learning_rate_at,
                                 random_flip, random_rotation, sample_patch, segmentation_loss, train)
 

@@ -1,0 +1,85 @@
+"""The vocabulary every part of lobevol shares: the version and the 10 brain regions.
+
+The single source of truth for the code version (setup.cfg reads it from here),
+the label values, region keys and names (fixed by DESIGN.md). Every other module
+(training, the SEG and SR writers, the normative reference, CSV files) takes them
+from here; ``node``, ``inference`` and ``normative`` may all import it, and it
+imports nothing of ours and nothing heavy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+#: lobevol's version, written in every checkpoint and derived DICOM object.
+__version__ = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One labelled region.
+
+    Attributes:
+        value: label value in label maps (1..10; 0 is background).
+        key: identifier used in JSON and CSV files.
+        name: human-readable name.
+        structure: the anatomical structure without laterality
+            ("frontal lobe", "cerebellum", ...).
+        laterality: "right", "left" or None for unpaired structures.
+        rgb: display colour (0-255), used by overlays, montages, the PDF
+            and the SEG's recommended display colour.
+    """
+
+    value: int
+    key: str
+    name: str
+    structure: str
+    laterality: Optional[str]
+    rgb: tuple[int, int, int]
+
+
+REGIONS: tuple[Region, ...] = (
+    Region(1, "right_frontal_lobe", "Right frontal lobe", "frontal lobe", "right", (230, 25, 75)),
+    Region(2, "left_frontal_lobe", "Left frontal lobe", "frontal lobe", "left", (245, 130, 48)),
+    Region(3, "right_parietal_lobe", "Right parietal lobe", "parietal lobe", "right", (60, 180, 75)),
+    Region(4, "left_parietal_lobe", "Left parietal lobe", "parietal lobe", "left", (170, 255, 195)),
+    Region(5, "right_occipital_lobe", "Right occipital lobe", "occipital lobe", "right", (0, 130, 200)),
+    Region(6, "left_occipital_lobe", "Left occipital lobe", "occipital lobe", "left", (70, 240, 240)),
+    Region(7, "right_temporal_lobe", "Right temporal lobe", "temporal lobe", "right", (145, 30, 180)),
+    Region(8, "left_temporal_lobe", "Left temporal lobe", "temporal lobe", "left", (240, 50, 230)),
+    Region(9, "cerebellum", "Cerebellum", "cerebellum", None, (255, 225, 25)),
+    Region(10, "brainstem", "Brainstem", "brainstem", None, (128, 128, 0)),
+)
+
+REGION_KEYS: tuple[str, ...] = tuple(r.key for r in REGIONS)
+NUM_CLASSES: int = len(REGIONS) + 1  # background + 10 regions
+
+#: Paired lobes as (structure, right key, left key), for asymmetry indices.
+LOBE_PAIRS: tuple[tuple[str, str, str], ...] = tuple(
+    (r.structure, r.key, left.key)
+    for r in REGIONS
+    for left in REGIONS
+    if r.laterality == "right" and left.laterality == "left" and left.structure == r.structure
+)
+
+
+def region_by_key(key: str) -> Region:
+    """Return the region with this key, or raise KeyError naming the valid keys."""
+    for region in REGIONS:
+        if region.key == key:
+            return region
+    raise KeyError(f"unknown region key {key!r}; valid keys: {', '.join(REGION_KEYS)}")
+
+
+def left_right_permutation() -> list[int]:
+    """Label value -> label value after a left-right mirror: right and left lobes swap (an involution).
+
+    Used by training's flips (labels) and prediction's flip test-time augmentation (channels).
+    """
+    permutation = list(range(NUM_CLASSES))
+    by_side = {(r.structure, r.laterality): r.value for r in REGIONS}
+    for region in REGIONS:
+        if region.laterality in ("right", "left"):
+            other = "left" if region.laterality == "right" else "right"
+            permutation[region.value] = by_side[(region.structure, other)]
+    return permutation

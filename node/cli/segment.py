@@ -1,0 +1,188 @@
+"""``lobevol segment``: analyse DICOM studies (or one image) offline, without the node."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from node.cli._options import add_config_option, add_device_options
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+EPILOG = """\
+examples:
+  lobevol segment /media/cd/DICOM --out results
+      every study found under the folder (any nesting, any file names; non-DICOM
+      files are ignored): results/<study uid>/{seg,sr,report,key_*}.dcm, report.pdf,
+      labels.nii.gz, volumes.json, volumes.csv, and results/volumes.csv for all studies
+  lobevol segment scan.nii.gz --out results --sex F --age 2.1
+      a NIfTI image in HU: only the plain files and the PDF (no DICOM study to write into)
+  lobevol segment incoming/ --out results --seg labelmap --no-overlays --z-threshold 2.5
+  lobevol segment /media/cd/DICOM --dry-run
+      which series of each study would be analysed, and why the others would not
+  lobevol segment incoming/ --out results --config config.ini
+      the node's [selection] rules and [outputs] settings (options given here win)
+
+Series selection: per study, the thinnest soft-tissue head CT series (ORIGINAL axial,
+slices <= 5 mm, covering a head) is analysed; the summary says why others were skipped.
+A tilted or unevenly spaced series is resampled for the model; volumes are counted on
+the source images, which the SEG references.
+
+Each study gets one summary line. The exit status is 1 when no study could be
+analysed; the message gives each study's reason (e.g. why no series was chosen).
+Not for clinical use: the bundled model was trained on synthetic phantoms.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="analyse DICOM studies or an image: SEG, SR, PDF, key images, volumes",
+        description=(
+            "Find the head CT studies under INPUT, pick each study's best head CT series, segment the "
+            "10 brain regions, measure their volumes, compare them with the normative reference and "
+            "write the results: DICOM SEG, TID 1500 SR, PDF report (also as Encapsulated PDF) and "
+            "key images, all in the source study; plus the label map (NIfTI) and volumes (JSON, CSV)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", type=Path,
+                        help="folder of DICOM files (one or several studies), or an image file (.nii, .nii.gz, .mha, .nrrd)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (created; required unless --dry-run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only list each study's series and which one would be analysed, with the reasons "
+                             "(no model, nothing written)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    add_device_options(parser, tta=True)
+    add_config_option(parser, default=None,
+                      help="take the [selection] and [outputs] settings of a node config file (config.ini); "
+                           "the options below override them")
+    parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default=None,
+                        help="DICOM SEG type (default binary: what most viewers display)")
+    parser.add_argument("--no-sr", action="store_true", help="do not write the TID 1500 SR")
+    parser.add_argument("--no-pdf", action="store_true", help="do not write the PDF report")
+    parser.add_argument("--no-overlays", action="store_true", help="do not write the Secondary Capture key images")
+    parser.add_argument("--reference", type=Path, default=None, help="normative reference file (default: bundled)")
+    parser.add_argument("--z-threshold", type=float, default=None, help="flag volumes with |z| above this (default 2)")
+    parser.add_argument("--max-gap-factor", type=float, default=None, metavar="F",
+                        help="refuse a series whose largest slice gap exceeds F x its median spacing (default 2)")
+    parser.add_argument("--sex", choices=("M", "F"), default=None, help="patient sex, for image input")
+    parser.add_argument("--age", type=float, default=None, metavar="YEARS", help="age at scan in years, for image input")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not args.input.exists():
+        raise FileNotFoundError(f"input {args.input} does not exist")
+    if args.dry_run:
+        if args.input.is_file():
+            raise ValueError("--dry-run lists the series of DICOM studies: give a folder")
+        return _list_selection(args, settings)
+    if args.out is None:
+        raise ValueError("--out DIR is required (the folder for the results)")
+    if args.input.is_file():
+        if not args.input.name.lower().endswith(IMAGE_SUFFIXES):
+            raise ValueError(
+                f"{args.input} is a file but not an image ({', '.join(IMAGE_SUFFIXES)}); "
+                "give a folder for DICOM input"
+            )
+        return _segment_image(args, settings)
+    if args.sex or args.age is not None:
+        raise ValueError("--sex and --age apply to image input; DICOM studies carry their own")
+    return _segment_dicom(args, settings)
+
+
+def _settings(args: argparse.Namespace):
+    """PipelineSettings: the config file's (or the defaults), with the options given on the command line."""
+    import dataclasses
+
+    from node.pipeline import PipelineSettings
+
+    if args.config is not None:
+        from node.config import load_config
+
+        settings = load_config(args.config).pipeline_settings()
+    else:
+        settings = PipelineSettings()
+    changes = {}
+    if args.seg is not None:
+        changes["seg_type"] = args.seg
+    if args.no_sr or args.seg == "none":
+        changes["write_sr"] = False
+    if args.no_pdf:
+        changes["write_pdf"] = False
+    if args.no_overlays:
+        changes["write_overlays"] = False
+    for option, field_name in (("reference", "reference_path"), ("z_threshold", "z_threshold"),
+                               ("max_gap_factor", "max_gap_factor")):
+        if getattr(args, option) is not None:
+            changes[field_name] = getattr(args, option)
+    return dataclasses.replace(settings, **changes)
+
+
+def _segmenter(args):
+    from inference.predict import Segmenter
+
+    return Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta,
+                     refine_surface=args.refine_surface)
+
+
+def _segment_image(args, settings) -> int:
+    import SimpleITK as sitk
+
+    from node.pipeline import analyse_image
+
+    image = sitk.ReadImage(str(args.input))
+    case_id = args.input.name.split(".")[0]
+    outcome = analyse_image(image, args.out / case_id, _segmenter(args), settings, case_id=case_id,
+                            sex=args.sex, age_years=args.age)
+    print(outcome.summary)
+    return 0
+
+
+def _list_selection(args, settings) -> int:
+    """Print every study's series with the selection's verdict on each."""
+    from node.dicom.files import find_dicom_files, group_by_study
+    from node.dicom.selection import select_series
+
+    studies = group_by_study(find_dicom_files(args.input))
+    if not studies:
+        raise ValueError(f"no DICOM files found under {args.input}")
+    chosen = 0
+    for study_uid, series in studies.items():
+        selection = select_series(series, settings.selection)
+        verdict = f"would analyse {selection.labels[selection.chosen]}" if selection.chosen else "nothing to analyse"
+        print(f"study {study_uid}: {verdict}")
+        for uid in sorted(selection.reasons, key=lambda uid: uid != selection.chosen):
+            print(f"  {selection.labels[uid]}, {len(series[uid])} instance(s): {selection.reasons[uid]}")
+        chosen += selection.chosen is not None
+    if not chosen:
+        raise RuntimeError(f"none of the {len(studies)} study(ies) has a series to analyse")
+    return 0
+
+
+def _segment_dicom(args, settings) -> int:
+    from tqdm import tqdm
+
+    from node.dicom.files import find_dicom_files, group_by_study
+    from node.pipeline import analyse_study, write_volumes_csv
+
+    studies = group_by_study(find_dicom_files(args.input))
+    if not studies:
+        raise ValueError(f"no DICOM files found under {args.input}")
+    segmenter = _segmenter(args)
+    outcomes = []
+    for study_uid, series in tqdm(studies.items(), desc="studies", unit="study", disable=len(studies) < 2):
+        instances = [header for headers in series.values() for header in headers]
+        outcome = analyse_study(instances, args.out / study_uid, segmenter, settings)
+        tqdm.write(outcome.summary)
+        outcomes.append(outcome)
+    done = [o for o in outcomes if o.status == "done"]
+    if len(studies) > 1 and done:
+        path = write_volumes_csv(args.out / "volumes.csv", [o.volumes_row for o in done])
+        print(f"volumes of {len(done)} studies: {path}")
+    if not done:
+        reasons = "; ".join(f"study {o.study_uid}: {o.reason}" for o in outcomes)
+        raise RuntimeError(f"no study could be analysed ({reasons})")
+    return 0

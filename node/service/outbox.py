@@ -1,0 +1,87 @@
+"""Delivering results from the persisted outbox, with exponential backoff.
+
+The outbox rows live in the job database (written with the analysis outcome,
+see :meth:`node.service.jobs.JobStore.finish_analysis`), so a restart resumes delivery
+where it stopped. :meth:`Outbox.deliver_due` sends every due item, one
+association per destination:
+  - a destination that is down (or breaks the association) is retried after
+    ``RetryPolicy.delay_after(attempts)`` seconds; after ``max_attempts`` the
+    item ends as failed and its job fails with the reason: never an endless loop;
+  - a destination that refuses a SOP class (some PACS refuse SEG) gets the
+    other objects; the refusal is recorded and shown in the job's reason.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from node.config import NodeConfig
+from node.service.jobs import JobStore, OutboxItem
+from node.service.scu import PeerUnavailable, store_files
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """Sends due outbox items of ``jobs`` with the node's AE title and TLS settings."""
+
+    def __init__(self, config: NodeConfig, jobs: JobStore):
+        self.config, self.jobs = config, jobs
+
+    def deliver_due(self, now: float | None = None) -> int:
+        """Try every due item once; returns how many items were attempted."""
+        due = self.jobs.due_deliveries(now)
+        by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in due:
+            by_destination[item.destination].append(item)
+        for destination, items in by_destination.items():
+            self._deliver(destination, items)
+        for job_id in sorted({item.job_id for item in due}):
+            state = self.jobs.settle_delivery(job_id)
+            if state != "sending":
+                job = self.jobs.get(job_id)
+                log.log(logging.INFO if state == "done" else logging.WARNING, "job %d (study %s): %s, %s",
+                        job_id, job.study_uid, state, job.reason)
+        return len(due)
+
+    def _deliver(self, destination: str, items: list[OutboxItem]) -> None:
+        remote = self.config.remotes.get(destination)
+        if remote is None or not remote.may_receive:
+            for item in items:
+                self.jobs.record_delivery(item.id, "failed", f"{destination} is no longer a destination in the config")
+            return
+        present = [i for i in items if Path(i.path).is_file()]
+        for item in items:
+            if item not in present:
+                self.jobs.record_delivery(item.id, "failed", "result file is missing (removed by retention?)")
+        if not present:
+            return
+        try:
+            results = store_files(remote, [Path(i.path) for i in present], self.config.ae_title, self.config.tls)
+        except PeerUnavailable as error:
+            log.warning("results for %s not sent: %s", destination, error)
+            for item in present:
+                self._postpone(item, str(error))
+            return
+        sent = 0
+        for item, result in zip(present, results):
+            if result.outcome == "sent":
+                self.jobs.record_delivery(item.id, "sent", result.detail)
+                sent += 1
+            elif result.outcome == "refused":
+                log.warning("job %d: %s", item.job_id, result.detail)
+                self.jobs.record_delivery(item.id, "refused", result.detail)
+            else:
+                self._postpone(item, result.detail)
+        log.info("sent %d of %d result object(s) to %s", sent, len(present), destination)
+
+    def _postpone(self, item: OutboxItem, detail: str) -> None:
+        attempts = item.attempts + 1
+        policy = self.config.retry
+        if attempts >= policy.max_attempts:
+            self.jobs.record_delivery(item.id, "failed", f"{detail} (gave up after {attempts} attempts)")
+            return
+        delay = policy.delay_after(attempts)
+        self.jobs.postpone_delivery(item.id, f"{detail} (attempt {attempts}, next in {delay:g} s)", time.time() + delay)

@@ -1,0 +1,232 @@
+"""The node's SCP: Verification and Storage of every storage SOP class, into the spool.
+
+Admission (at association time, before any data): the called AE title must be
+ours and the calling AE title must be a remote with ``may_send = yes`` (and,
+when ``check_host = yes``, call from that remote's address). Others are
+rejected with A-ASSOCIATE-RJ "rejected-permanent, service user, calling (or
+called) AE title not recognised" and logged. pynetdicom rejects associations
+beyond ``max_associations`` itself (rejected-transient, local limit exceeded).
+
+C-STORE status codes we answer (PS3.4 Annex B.2.3):
+  0x0000  stored in the spool (file fsynced and renamed, job updated), or a SOP
+          class we do not need (not CT): acknowledged, counted and logged, not kept
+  0xA700  out of resources: the instance is larger than max_instance_mb, the
+          study already has max_instances_per_study instances, or the spool's
+          disk is above its high-water mark
+  0xA900  dataset does not match SOP class: a Study/Series/SOP Instance UID is
+          missing or invalid, or the SOP Instance UID differs from the request's
+  0xC210  cannot understand: the dataset cannot be decoded
+  0xC211  cannot understand: writing to the spool failed (disk error)
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage, DeflatedExplicitVRLittleEndian, EnhancedCTImageStorage, ExplicitVRBigEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+    JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    LegacyConvertedEnhancedCTImageStorage, RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import NodeConfig
+from node.service.jobs import JobStore
+from node.service.spool import Spool, check_uid
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes we accept: those pydicom (with pylibjpeg) decodes.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+#: SOP classes we keep; every other storage SOP class is acknowledged and ignored (counted in the job).
+KEPT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_DECODE = 0xC210
+CANNOT_STORE = 0xC211
+
+# A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, calling / called AE not recognised.
+REJECT_CALLING = (0x01, 0x01, 0x03)
+REJECT_CALLED = (0x01, 0x01, 0x07)
+
+
+def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str, address: str) -> tuple[tuple[int, int, int], str] | None:
+    """Why an association must be rejected ((result, source, diagnostic), reason), or None to accept it."""
+    calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
+    if called_ae != config.ae_title:
+        return REJECT_CALLED, f"called AE title {called_ae!r} is not ours ({config.ae_title})"
+    remote = config.remotes.get(calling_ae)
+    if remote is None:
+        return REJECT_CALLING, f"calling AE title {calling_ae!r} is not in the remote table"
+    if not remote.may_send:
+        return REJECT_CALLING, f"calling AE title {calling_ae!r} may not send to us (may_send = no)"
+    if remote.check_host and address not in _addresses(remote.host):
+        return REJECT_CALLING, f"calling AE title {calling_ae!r} called from {address}, not from {remote.host}"
+    return None
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return {host}
+
+
+@dataclass
+class AssociationTally:
+    """What one association brought, logged when it ends."""
+
+    calling_ae: str
+    stored: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    refused: int = 0
+
+
+class StorageSCP:
+    """Verification + Storage SCP writing into a :class:`Spool` and recording in a :class:`JobStore`."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, jobs: JobStore):
+        self.config, self.spool, self.jobs = config, spool, jobs
+        self._server = None
+        self._tallies: dict[int, AssociationTally] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port we listen on (the real one when the config asks for port 0)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Listen (non-blocking); associations are served on pynetdicom's threads."""
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server((self.config.bind_address, self.config.port), block=False,
+                                       evt_handlers=handlers, ssl_context=self.config.tls.server_context())
+        log.info("listening as %s on %s:%d%s", self.config.ae_title, self.config.bind_address, self.port,
+                 " (TLS)" if self.config.tls.enabled else "")
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association events ------------------------------------------------------------------
+
+    def _on_requested(self, event) -> None:
+        primitive = event.assoc.requestor.primitive
+        calling = primitive.calling_ae_title
+        address = event.assoc.requestor.address
+        refusal = admission_refusal(self.config, calling, primitive.called_ae_title, address)
+        if refusal is not None:
+            (result, source, diagnostic), reason = refusal
+            log.warning("association from %s rejected: %s", address, reason)
+            event.assoc.acse.send_reject(result, source, diagnostic)
+            # As pynetdicom does for its own rejections: wait until the DUL has sent the
+            # A-ASSOCIATE-RJ and the peer closed, else the socket closes first (an abort).
+            event.assoc.kill()
+
+    def _on_accepted(self, event) -> None:
+        calling = event.assoc.requestor.ae_title.strip()
+        with self._lock:
+            self._tallies[id(event.assoc)] = AssociationTally(calling)
+        log.info("association from %s (%s) accepted", calling, event.assoc.requestor.address)
+
+    def _on_rejected(self, event) -> None:
+        log.warning("association from %s rejected by the association limits (max %d)",
+                    event.assoc.requestor.address, self.config.max_associations)
+
+    def _on_ended(self, event) -> None:
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is not None and (tally.stored or tally.ignored or tally.refused):
+            log.info("association from %s ended: %d stored (%d duplicate), %d ignored (not CT), %d refused",
+                     tally.calling_ae, tally.stored, tally.duplicates, tally.ignored, tally.refused)
+
+    # -- C-STORE -----------------------------------------------------------------------------
+
+    def _on_store(self, event) -> Dataset | int:
+        tally = self._tallies.get(id(event.assoc)) or AssociationTally(event.assoc.requestor.ae_title.strip())
+        status = self._store(event, tally)
+        if isinstance(status, Dataset):
+            tally.refused += 1
+        return status
+
+    def _store(self, event, tally: AssociationTally) -> Dataset | int:
+        size = event.request.DataSet.getbuffer().nbytes
+        if size > self.config.max_instance_bytes:
+            return _refusal(OUT_OF_RESOURCES, f"instance of {size / 2**20:.0f} MiB is above max_instance_mb")
+        used = self.spool.disk_used_percent()
+        if used > self.config.disk_high_water_percent:
+            log.error("spool disk %.0f%% full (high-water mark %.0f%%): refusing new instances", used,
+                      self.config.disk_high_water_percent)
+            return _refusal(OUT_OF_RESOURCES, "spool disk above its high-water mark")
+        try:
+            dataset = event.dataset
+            study_uid = check_uid(dataset.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = check_uid(dataset.get("SeriesInstanceUID"), "Series Instance UID")
+            sop_uid = check_uid(dataset.get("SOPInstanceUID"), "SOP Instance UID")
+        except ValueError as error:
+            log.warning("instance from %s refused: %s", tally.calling_ae, error)
+            return _refusal(DATASET_DOES_NOT_MATCH, str(error))
+        except Exception as error:  # pydicom raises many types on corrupt data
+            log.warning("instance from %s cannot be decoded: %s", tally.calling_ae, error)
+            return _refusal(CANNOT_DECODE, "dataset cannot be decoded")
+        if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
+            return _refusal(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request's")
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if self.config.log_patient_identifiers:
+            log.debug("study %s: patient %s, id %s", study_uid, dataset.get("PatientName"), dataset.get("PatientID"))
+        if sop_class not in KEPT_SOP_CLASSES:
+            self.jobs.record_ignored(study_uid, tally.calling_ae)
+            tally.ignored += 1
+            log.debug("study %s: ignored a %s instance", study_uid, getattr(event.request.AffectedSOPClassUID, "name", sop_class))
+            return SUCCESS
+        if (not self.jobs.has_instance(sop_uid)
+                and self.jobs.study_instance_count(study_uid) >= self.config.max_instances_per_study):
+            log.warning("study %s refused an instance: already %d instances (max_instances_per_study)",
+                        study_uid, self.config.max_instances_per_study)
+            return _refusal(OUT_OF_RESOURCES, "study has max_instances_per_study instances")
+        try:
+            path, replaced = self.spool.write_instance(event.encoded_dataset(), study_uid, series_uid, sop_uid)
+        except OSError as error:
+            log.error("study %s: writing an instance to the spool failed: %s", study_uid, error)
+            return _refusal(CANNOT_STORE, "writing to the spool failed")
+        self.jobs.record_instance(study_uid, series_uid, sop_class, sop_uid, path, size, tally.calling_ae)
+        tally.stored += 1
+        tally.duplicates += int(replaced)
+        return SUCCESS
+
+
+def _refusal(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (LO: at most 64 characters)."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]
+    return response
