@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 APT_PACKAGES := dcmtk dicom3tools orthanc poppler-utils
 
-.PHONY: install install-peers run demo demo-segment test test-fast bench bench-node clean
+.PHONY: install install-peers run demo demo-segment test test-fast bench bench-node bench-receive clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: install
 
 bench-node: install install-peers
 	$(PY) benchmarks/node_roundtrip.py
+
+# Receive speed: storescu -> storescp, Orthanc and lobevol serve, side by side in one run.
+bench-receive: install install-peers
+	$(PY) benchmarks/receive.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

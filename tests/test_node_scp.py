@@ -66,6 +66,33 @@ def test_series_is_spooled_by_uid_and_a_resend_replaces_it(scp_factory, series):
     assert not list(scp.spool.incoming.rglob("*.tmp"))
 
 
+def test_concurrent_associations_are_stored_and_queued_in_shared_commits(scp_factory, series, tmp_path):
+    import subprocess
+
+    from tests.node_peers import tool
+
+    copies = []
+    for n in range(4):  # four studies, as four scanners would send them at once
+        study, series_uid = generate_uid(), generate_uid()
+        folder = tmp_path / f"study{n}"
+        folder.mkdir()
+        for path in series:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(folder / path.name)
+        copies.append(sorted(folder.iterdir()))
+    scp = scp_factory()
+    senders = [subprocess.Popen([tool("storescu", "dcmtk"), "-aet", "PACS", "-aec", "LOBEVOL", "127.0.0.1",
+                                 str(scp.port), *map(str, files)], stderr=subprocess.PIPE) for files in copies]
+    for sender in senders:
+        assert sender.wait(120) == 0, sender.stderr.read().decode()[-2000:]
+    total = 4 * len(series)
+    assert len(_spooled(scp)) == total
+    assert sorted(job.instances for job in scp.jobs.jobs()) == [len(series)] * 4
+    assert scp.committer.items == total and 1 <= scp.committer.batches <= total
+
+
 @pytest.mark.parametrize("calling, called, reason", [
     ("STRANGER", "LOBEVOL", "Calling AE Title Not Recognized"),
     ("VIEWER", "LOBEVOL", "Calling AE Title Not Recognized"),   # known, but may_send = no

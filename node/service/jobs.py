@@ -136,6 +136,19 @@ class OutboxItem:
 
 
 @dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance written to the spool, to record in its study's job (what :meth:`JobStore.record_instances` takes)."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    size: int  # bytes
+    origin_ae: str
+
+
+@dataclass(frozen=True)
 class Delivery:
     """A result file to queue for a destination (what :meth:`JobStore.finish_analysis` takes)."""
 
@@ -201,18 +214,31 @@ class JobStore:
     def record_instance(self, study_uid: str, series_uid: str, sop_class_uid: str, sop_instance_uid: str,
                         path: Path, size: int, origin_ae: str) -> int:
         """Record a spooled instance in its study's open job (created when there is none); returns the job id."""
+        received = ReceivedInstance(study_uid, series_uid, sop_class_uid, sop_instance_uid, str(path), size, origin_ae)
+        return self.record_instances([received])[0]
+
+    def record_instances(self, received: Sequence[ReceivedInstance]) -> list[int]:
+        """Record spooled instances in one transaction (one commit, one fsync); returns each one's job id.
+
+        The instances may belong to several studies; each goes to its study's open
+        job, created when there is none. Either all are recorded or none.
+        """
         now = time.time()
+        job_ids = []
         with self._transaction() as db:
-            job_id = self._open_job(db, study_uid, origin_ae, now)
-            previous = db.execute("SELECT job_id FROM instances WHERE sop_instance_uid = ?",
-                                  (sop_instance_uid,)).fetchone()
-            db.execute(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, path, "
-                "size, received_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), size, now, job_id))
-            if previous is None or previous["job_id"] != job_id:
-                db.execute("UPDATE jobs SET instances = instances + 1 WHERE id = ?", (job_id,))
-        return job_id
+            for instance in received:
+                job_id = self._open_job(db, instance.study_uid, instance.origin_ae, now)
+                previous = db.execute("SELECT job_id FROM instances WHERE sop_instance_uid = ?",
+                                      (instance.sop_instance_uid,)).fetchone()
+                db.execute(
+                    "INSERT OR REPLACE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, path, "
+                    "size, received_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (instance.sop_instance_uid, instance.study_uid, instance.series_uid, instance.sop_class_uid,
+                     instance.path, instance.size, now, job_id))
+                if previous is None or previous["job_id"] != job_id:
+                    db.execute("UPDATE jobs SET instances = instances + 1 WHERE id = ?", (job_id,))
+                job_ids.append(job_id)
+        return job_ids
 
     def record_ignored(self, study_uid: str, origin_ae: str) -> int:
         """Count an instance we do not need (not CT) in its study's open job; returns the job id."""

@@ -5,10 +5,13 @@ Layout under the spool folder:
   jobs/<job id>/<series uid>/<sop instance uid>.dcm           a job's frozen input (hard links)
 
 A file is complete or absent: :meth:`Spool.write_instance` writes a temporary
-file, fsyncs it, renames it over the final name and fsyncs the folder, so a
-crash (even kill -9 or a power cut) never leaves half an instance under a final
-name. Paths are built from UIDs checked against the DICOM UID grammar (digits
-and dots), never from other attributes, so no received value can name a path.
+file, fsyncs it, renames it over the final name and fsyncs the folder (and the
+parent of every folder it created), so a crash (even kill -9 or a power cut)
+never leaves half an instance under a final name, nor loses an acknowledged one.
+:meth:`Spool.write_file` leaves the folder fsyncs to the caller, so that the
+instances of many associations share them (``node.service.committer``).
+Paths are built from UIDs checked against the DICOM UID grammar (digits and
+dots), never from other attributes, so no received value can name a path.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 #: DICOM UID grammar (PS3.5 9.1): components of digits separated by dots, at most 64 characters.
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -50,14 +55,25 @@ class Spool:
                 / f"{check_uid(sop_instance_uid, 'SOP Instance UID')}.dcm")
 
     def write_instance(self, data: bytes, study_uid: str, series_uid: str, sop_instance_uid: str) -> tuple[Path, bool]:
-        """Write one instance (DICOM file bytes) atomically.
+        """Write one instance (DICOM file bytes) atomically and durably (its folders fsynced too).
 
         Returns:
             (path, replaced): ``replaced`` is True when an earlier copy of the same
             SOP instance was replaced (a duplicate keeps one file, the latest).
         """
+        written = self.write_file(data, study_uid, series_uid, sop_instance_uid)
+        sync_folders(written.folders)
+        return written.path, written.replaced
+
+    def write_file(self, data: bytes | memoryview, study_uid: str, series_uid: str,
+                   sop_instance_uid: str) -> "SpooledFile":
+        """Write one instance: the file's bytes fsynced, then renamed over its final name.
+
+        The rename is durable only once :func:`sync_folders` ran on the returned
+        ``folders``; until then a power cut may lose the file (never leave half of it).
+        """
         path = self.instance_path(study_uid, series_uid, sop_instance_uid)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folders = self._make_folders(path.parent)
         replaced = path.exists()
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer thread
         try:
@@ -69,8 +85,18 @@ class Spool:
         finally:
             if temporary.exists():
                 temporary.unlink()
-        _fsync_folder(path.parent)
-        return path, replaced
+        return SpooledFile(path, replaced, (path.parent, *folders))
+
+    def _make_folders(self, folder: Path) -> tuple[Path, ...]:
+        """Create ``folder`` and its missing parents below the spool; returns the folders whose entries changed."""
+        changed = []
+        missing = [folder, *folder.parents]
+        missing = missing[:missing.index(self.incoming)] if self.incoming in missing else [folder]
+        for level in reversed(missing):
+            if not level.is_dir():
+                level.mkdir(exist_ok=True)  # another association may create it at the same time
+                changed.append(level.parent)
+        return tuple(changed)
 
     def study_folder(self, study_uid: str) -> Path:
         return self.incoming / check_uid(study_uid, "Study Instance UID")
@@ -94,7 +120,7 @@ class Spool:
                 if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
                 shutil.copy2(source, target)
-        _fsync_folder(folder)
+        sync_folders([folder])
         return folder
 
     def job_input(self, job_id: int) -> Path:
@@ -112,10 +138,20 @@ class Spool:
         return 100.0 * usage.used / usage.total if usage.total else 100.0
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable: fsync the folder entry (POSIX)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+@dataclass(frozen=True)
+class SpooledFile:
+    """An instance written by :meth:`Spool.write_file`, not yet durable until ``folders`` are fsynced."""
+
+    path: Path
+    replaced: bool  # an earlier copy of the same SOP instance was replaced
+    folders: tuple[Path, ...]  # folders whose entries changed (the rename, created sub-folders)
+
+
+def sync_folders(folders: Iterable[Path]) -> None:
+    """Make renames and new entries in ``folders`` durable: fsync each folder once (POSIX)."""
+    for folder in dict.fromkeys(folders):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
