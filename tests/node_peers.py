@@ -90,49 +90,75 @@ class StoreSCP:
 
 
 class Orthanc:
-    """An Orthanc server in a temporary folder, knowing the node as modality ``lobevol``."""
+    """An Orthanc server in a temporary folder, knowing the node as modality ``lobevol`` when ``node_port`` is given.
 
-    def __init__(self, folder: Path, node_port: int, ae_title: str = "PACS", node_ae: str = "LOBEVOL"):
+    ``extra`` is merged into Orthanc's configuration (plugins, users...);
+    ``credentials`` (user, password) are sent with every REST call.
+    """
+
+    def __init__(self, folder: Path, node_port: int | None = None, ae_title: str = "PACS", node_ae: str = "LOBEVOL",
+                 *, extra: dict | None = None, credentials: tuple[str, str] | None = None):
         self.folder = Path(folder)
         self.dicom_port, self.http_port = free_port(), free_port()
         self.config = {
             "Name": "lobevol-test", "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"), "DicomAet": ae_title, "DicomPort": self.dicom_port,
             "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomModalities": {"lobevol": [node_ae, "127.0.0.1", node_port]},
+            "DicomModalities": {"lobevol": [node_ae, "127.0.0.1", node_port]} if node_port else {},
             "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True,
         }
+        self.config.update(extra or {})
+        self.credentials = credentials
         self.process: subprocess.Popen | None = None
+        self.log = None
 
-    def start(self) -> "Orthanc":
+    def start(self, timeout_s: float = 30) -> "Orthanc":
+        """Start (again, on the same folders, after :meth:`stop` or :meth:`kill`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "orthanc.json"
         config.write_text(json.dumps(self.config))
-        self.log = open(self.folder / "orthanc.log", "wb")
+        self.log = open(self.folder / "orthanc.log", "ab")
         self.process = subprocess.Popen([tool("Orthanc", "orthanc"), str(config)], stdout=self.log,
                                         stderr=subprocess.STDOUT)
-        wait_for(self._up, 30, "Orthanc's REST API", 0.2)
+        wait_for(self._up, timeout_s, "Orthanc's REST API", 0.2)
         return self
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+            raise AssertionError(f"Orthanc exited: {self.log_text()[-2000:]}")
         try:
             self.get("/system")
             return True
         except OSError:
             return False
 
+    def log_text(self) -> str:
+        return (self.folder / "orthanc.log").read_text(errors="replace")
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
+    def _request(self, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        request = urllib.request.Request(self.url(path), data=body)
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        if self.credentials:
+            import base64
+
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return request
+
     def get(self, path: str):
-        with urllib.request.urlopen(self.url(path), timeout=30) as response:
+        with urllib.request.urlopen(self._request(path), timeout=30) as response:
             return json.loads(response.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self._request(path), timeout=30) as response:
+            return response.read()
+
     def post(self, path: str, body: bytes, content_type: str = "application/json"):
-        request = urllib.request.Request(self.url(path), data=body, headers={"Content-Type": content_type})
-        with urllib.request.urlopen(request, timeout=300) as response:
+        with urllib.request.urlopen(self._request(path, body, content_type), timeout=300) as response:
             return json.loads(response.read() or b"null")
 
     def upload(self, path: Path) -> dict:
@@ -141,9 +167,19 @@ class Orthanc:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(20)
+            self.process.wait(30)
+        self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown of any kind."""
+        self.process.kill()
+        self.process.wait(10)
         self.process = None
         self.log.close()
+        self.log = None
 
 
 def write_node_config(folder: Path, *, port: int, pacs_port: int, stability_s: float = 1.0, model: Path | None = None,

@@ -19,6 +19,11 @@ finds every job in a state it can resume from: ``processing`` goes back to
 ``selected`` (:meth:`JobStore.recover`), the outbox resumes where it stopped.
 The outbox rows are written in the same transaction that ends the analysis, so
 results are never produced without being queued for sending.
+
+Jobs of a study held by a PACS that analyses in place (the Orthanc plugin,
+``node/service/orthanc_plugin.py``) start in ``selected`` (the PACS says when
+the study is complete) with a ``source_id`` (its id in that PACS): their input is
+fetched from there, and fetched again when they are retried.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_instance_at REAL NOT NULL,
     finished_at REAL,
     images_removed INTEGER NOT NULL DEFAULT 0,
-    results_removed INTEGER NOT NULL DEFAULT 0
+    results_removed INTEGER NOT NULL DEFAULT 0,
+    source_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid);
@@ -117,6 +123,7 @@ class Job:
     finished_at: float | None
     images_removed: bool
     results_removed: bool
+    source_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,11 @@ class JobStore:
             raise FileNotFoundError(f"job database {self.path} does not exist (has the node run with this config?)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)  # IF NOT EXISTS: idempotent, its own transaction
+        db = self._connection()
+        db.executescript(SCHEMA)  # IF NOT EXISTS: idempotent, its own transaction
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "source_id" not in columns:  # a database made before jobs could come from a PACS
+            db.execute("ALTER TABLE jobs ADD COLUMN source_id TEXT")
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -262,6 +273,33 @@ class JobStore:
         db.execute("UPDATE jobs SET last_instance_at = ?, updated_at = ?, origin_ae = ? WHERE id = ?",
                    (now, now, origin_ae, row["id"]))
         return int(row["id"])
+
+    def record_complete_study(self, study_uid: str, source_id: str, origin: str) -> tuple[int, bool]:
+        """A study its PACS reports complete (``source_id``: its id there): a selected job whose input is to fetch.
+
+        Returns (job id, created): a job of the same study still waiting for its
+        input takes the report instead (its fetch will see every instance).
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM jobs WHERE source_id = ? AND state = 'selected' AND input_ready = 0 "
+                             "ORDER BY id DESC LIMIT 1", (source_id,)).fetchone()
+            if row is not None:
+                return int(row["id"]), False
+            earlier = db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid = ?", (study_uid,)).fetchone()[0]
+            cursor = db.execute(
+                "INSERT INTO jobs (study_uid, state, origin_ae, created_at, updated_at, last_instance_at, source_id) "
+                "VALUES (?, 'selected', ?, ?, ?, ?, ?)", (study_uid, origin, now, now, now, source_id))
+            job_id = int(cursor.lastrowid)
+            self._event(db, job_id, "selected", "study complete in the PACS"
+                        + (f", run {earlier + 1} of this study" if earlier else ""))
+        return job_id, True
+
+    def record_fetched_input(self, job_id: int, instances: int, ignored: int) -> None:
+        """The job's input is fetched from its PACS: ``instances`` kept, ``ignored`` not needed (not CT)."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET instances = ?, ignored = ?, input_ready = 1, updated_at = ? WHERE id = ?",
+                       (instances, ignored, time.time(), job_id))
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -373,6 +411,11 @@ class JobStore:
                 db.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job_id,))
                 self._set_state(db, job_id, "sending", "retry requested")
                 return f"{failed} undelivered result(s) queued again"
+        if job.source_id is not None:  # the PACS still holds the study: fetch it again
+            with self._transaction() as db:
+                db.execute("UPDATE jobs SET finished_at = NULL, input_ready = 0 WHERE id = ?", (job_id,))
+                self._set_state(db, job_id, "selected", "retry requested")
+            return "analysis queued again (the study is fetched again)"
         if job.images_removed or not job.input_ready:
             raise ValueError(f"job {job_id}: its input images are gone (retention); send the study again")
         with self._transaction() as db:

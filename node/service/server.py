@@ -202,18 +202,23 @@ class Node:
 
     def apply_retention(self, now: float | None = None) -> tuple[int, int]:
         """Delete expired received images and result folders; returns (jobs whose images, whose results went)."""
-        now = time.time() if now is None else now
-        images = self.jobs.expired_images(now - self.config.images_retention_s)
-        for job in images:
-            self.spool.remove_job_input(job.id)
-            if self.jobs.study_is_idle(job.study_uid):
-                self.spool.remove_study(job.study_uid)
-                self.jobs.forget_study_instances(job.study_uid)
-            self.jobs.mark_images_removed(job.id)
-        results = self.jobs.expired_results(now - self.config.results_retention_s)
-        for job in results:
-            shutil.rmtree(self.config.results_dir / str(job.id), ignore_errors=True)
-            self.jobs.mark_results_removed(job.id)
-        if images or results:
-            log.info("retention: removed the images of %d job(s) and the results of %d", len(images), len(results))
-        return len(images), len(results)
+        return apply_retention(self.jobs, self.spool, self.config, now)
+
+
+def apply_retention(jobs: JobStore, spool: Spool, config: NodeConfig, now: float | None = None) -> tuple[int, int]:
+    """Delete expired received images and result folders (``[retention]``); returns (jobs whose images, whose results went)."""
+    now = time.time() if now is None else now
+    images = jobs.expired_images(now - config.images_retention_s)
+    for job in images:
+        spool.remove_job_input(job.id)
+        if jobs.study_is_idle(job.study_uid):
+            spool.remove_study(job.study_uid)
+            jobs.forget_study_instances(job.study_uid)
+        jobs.mark_images_removed(job.id)
+    results = jobs.expired_results(now - config.results_retention_s)
+    for job in results:
+        shutil.rmtree(config.results_dir / str(job.id), ignore_errors=True)
+        jobs.mark_results_removed(job.id)
+    if images or results:
+        log.info("retention: removed the images of %d job(s) and the results of %d", len(images), len(results))
+    return len(images), len(results)

@@ -1,0 +1,546 @@
+"""lobevol inside Orthanc: the Python plugin (Debian ``orthanc-python``) that analyses each stable study in place.
+
+Orthanc loads this file with its ``PythonScript`` option; the ``Lobevol`` section
+of Orthanc's configuration says where the rest is::
+
+    "Plugins": ["/usr/share/orthanc/plugins/libOrthancPython.so"],
+    "PythonScript": "/path/to/lobevol/node/service/orthanc_plugin.py",
+    "StableAge": 15,
+    "Lobevol": {
+        "Configuration": "/path/to/lobevol/config.ini",
+        "SitePackages": ["/path/to/lobevol/.venv/lib/python3.11/site-packages"],
+        "WorkerPython": "/usr/bin/python3.11"
+    }
+
+Relative paths resolve against the folder of Orthanc's configuration file.
+``SitePackages`` are appended to Orthanc's ``sys.path`` (plainly: their ``.pth``
+files are not run, so an editable install of another checkout cannot shadow
+this one); ``WorkerPython`` (default: the interpreter Orthanc embeds,
+``/usr/bin/python3.11`` on Debian) runs the worker process with the same
+``sys.path``. From lobevol's config.ini only what applies inside Orthanc is
+used: ``[storage]`` (job database, job inputs, results), ``[inference]``,
+``[outputs]``, ``[selection]``, ``[retry]`` (storing results into Orthanc) and
+``[retention]``; the network sections (``[node]``, ``[series]``, ``[results]``,
+``[tls]``, ``[remote ...]``) are not used: Orthanc receives, and its
+``StableAge`` replaces ``stability_s``.
+
+How a study goes through it (the node's job queue, states and reasons):
+
+- Orthanc's stable-study event puts the study's id on an in-memory queue and
+  returns at once; the *intake* thread records a ``selected`` job in the SQLite
+  queue (one transaction).
+- The *processor* thread fetches the job's input through Orthanc's REST API,
+  called in-process (no HTTP, no credentials): the CT series' instances, written
+  under ``[storage] spool/jobs/<job>/``. A study whose every series was made by
+  lobevol, or whose lobevol results were stored after its last image, ends as
+  ``skipped`` with that reason (storing our results makes the study stable
+  again: that event must not start a second analysis). A study without CT is
+  skipped too.
+- The worker process (``node/service/worker.py``: the model loaded once, a crash
+  fails one job) runs the node's analysis (``node/pipeline.py``): series
+  selection, segmentation, SEG, SR, PDF, key images.
+- The results go to the outbox (destination ``ORTHANC``) in the transaction that
+  ends the analysis, then each is stored into the source study with ``POST
+  /instances``, unless an instance with its SOP Instance UID is already in
+  Orthanc; failures are retried with the ``[retry]`` backoff.
+
+After a restart (even a ``kill -9`` of Orthanc, which the worker survives only
+long enough to notice and exit) a job caught in processing is analysed again and
+the outbox resumes: nothing is stored twice. REST routes (behind Orthanc's own
+authentication): ``GET /lobevol/jobs`` (counts, recent jobs with their states
+and reasons; ``?state=failed&limit=50``), ``GET /lobevol/jobs/<id>`` (one job's
+history and deliveries), ``POST /lobevol/jobs/<id>/retry``.
+
+A configuration error never stops Orthanc: it is logged, the plugin stays idle
+and its routes answer 503 with the error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+try:
+    import orthanc  # only inside Orthanc's embedded interpreter
+except ImportError:
+    orthanc = None
+
+log = logging.getLogger("lobevol.orthanc")
+
+#: The section of Orthanc's configuration this plugin reads.
+SECTION = "Lobevol"
+#: The outbox destination of results stored back into Orthanc.
+DESTINATION = "ORTHANC"
+#: Manufacturer of every object lobevol writes (node/results/derived.py; not imported: see _bootstrap).
+MANUFACTURER = "lobevol"
+REPOSITORY = Path(__file__).resolve().parents[2]
+IDLE_PERIOD_S = 1.0
+WORKER_RESTART_DELAY_S = 5.0
+RETENTION_PERIOD_S = 60.0
+
+
+class ConfigurationError(ValueError):
+    """The plugin's settings are unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """The ``Lobevol`` section of Orthanc's configuration.
+
+    Attributes:
+        configuration: lobevol's config.ini.
+        site_packages: folders appended to ``sys.path`` (lobevol's dependencies).
+        worker_python: the interpreter of the worker process.
+        test_segmenter: ``module:Class`` of a model-free segmenter (tests only; logged loudly).
+    """
+
+    configuration: Path
+    site_packages: tuple[Path, ...] = ()
+    worker_python: Path = Path(sys.base_exec_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    test_segmenter: str = ""
+
+    KEYS = ("Configuration", "SitePackages", "WorkerPython", "TestSegmenter")
+
+    @classmethod
+    def from_orthanc(cls, configuration: Mapping[str, Any], base: Path) -> "PluginSettings":
+        """Read and check the section; relative paths resolve against ``base`` (Orthanc's configuration folder)."""
+        section = configuration.get(SECTION)
+        if not isinstance(section, Mapping):
+            raise ConfigurationError(f'Orthanc\'s configuration has no "{SECTION}" section (an object) naming '
+                                     f'lobevol\'s "Configuration" file')
+        unknown = sorted(set(section) - set(cls.KEYS))
+        if unknown:
+            raise ConfigurationError(f'"{SECTION}": unknown key(s) {", ".join(unknown)}; known: {", ".join(cls.KEYS)}')
+
+        def path(value: Any, key: str) -> Path:
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigurationError(f'"{SECTION}" "{key}" must be a path (a non-empty string), got {value!r}')
+            resolved = Path(value).expanduser()
+            return resolved if resolved.is_absolute() else (base / resolved).resolve()
+
+        if "Configuration" not in section:
+            raise ConfigurationError(f'"{SECTION}" has no "Configuration" (the path of lobevol\'s config.ini)')
+        settings = cls(configuration=path(section["Configuration"], "Configuration"))
+        packages = section.get("SitePackages", [])
+        if isinstance(packages, str):
+            packages = [packages]
+        if not isinstance(packages, list):
+            raise ConfigurationError(f'"{SECTION}" "SitePackages" must be a list of folders, got {packages!r}')
+        folders = tuple(path(p, "SitePackages") for p in packages)
+        for folder in folders:
+            if not folder.is_dir():
+                raise ConfigurationError(f'"{SECTION}" "SitePackages": {folder} is not a folder')
+        python = path(section["WorkerPython"], "WorkerPython") if "WorkerPython" in section else settings.worker_python
+        if not python.is_file():
+            raise ConfigurationError(f'"{SECTION}" "WorkerPython": {python} does not exist (the worker process\'s '
+                                     f'Python, the same version as Orthanc\'s: {sys.version.split()[0]})')
+        if not settings.configuration.is_file():
+            raise ConfigurationError(f'"{SECTION}" "Configuration": {settings.configuration} does not exist')
+        test_segmenter = section.get("TestSegmenter", "")
+        if not isinstance(test_segmenter, str) or (test_segmenter and ":" not in test_segmenter):
+            raise ConfigurationError(f'"{SECTION}" "TestSegmenter" must be "module:Class", got {test_segmenter!r}')
+        return cls(settings.configuration, folders, python, test_segmenter.strip())
+
+
+def already_analysed(series: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a study need not be analysed (its series as Orthanc lists them), or None.
+
+    Every series made by lobevol: nothing to analyse. lobevol series updated no
+    earlier than the study's last other series: its results are in it already
+    (new images after them start a new analysis, as in the node).
+    """
+    ours = [s for s in series if _manufacturer(s) == MANUFACTURER]
+    if not ours:
+        return None
+    others = [s for s in series if _manufacturer(s) != MANUFACTURER]
+    if not others:
+        return f"every series of the study ({len(ours)}) was made by lobevol: nothing to analyse"
+    if max(s.get("LastUpdate", "") for s in ours) >= max(s.get("LastUpdate", "") for s in others):
+        return (f"its results are already in the study ({len(ours)} lobevol series stored after its last image); "
+                "send new images to analyse it again")
+    return None
+
+
+def _manufacturer(series: Mapping[str, Any]) -> str:
+    return str(series.get("MainDicomTags", {}).get("Manufacturer", "")).strip().lower()
+
+
+class OrthancStudies:
+    """The few Orthanc REST calls the plugin makes, in-process (``orthanc.RestApiGet``/``Post``)."""
+
+    def __init__(self, api):
+        self.api = api
+
+    def _get(self, uri: str) -> Any:
+        return json.loads(self.api.RestApiGet(uri))
+
+    def study(self, study_id: str) -> dict:
+        return self._get(f"/studies/{study_id}")
+
+    def series(self, study_id: str) -> list[dict]:
+        return self._get(f"/studies/{study_id}/series")
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self.api.RestApiGet(f"/instances/{instance_id}/file")
+
+    def origin(self, instance_id: str) -> str:
+        """The AE title that sent the instance to Orthanc, else how it came (e.g. RestApi)."""
+        for name in ("RemoteAET", "Origin"):
+            try:
+                value = self.api.RestApiGet(f"/instances/{instance_id}/metadata/{name}").decode().strip()
+            except Exception:  # absent metadata is an error answer
+                continue
+            if value:
+                return value
+        return "unknown"
+
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        matches = json.loads(self.api.RestApiPost("/tools/lookup", sop_instance_uid))
+        return any(m.get("Type") == "Instance" for m in matches)
+
+    def store(self, data: bytes) -> str:
+        """Store one DICOM file; returns Orthanc's instance id."""
+        return json.loads(self.api.RestApiPost("/instances", data))["ID"]
+
+
+class LobevolPlugin:
+    """The plugin's threads and routes on one lobevol configuration.
+
+    Args:
+        studies: REST access to Orthanc.
+        config: lobevol's configuration (``node.config.NodeConfig``).
+        factory: picklable callable returning the segmenter, called once in the worker process.
+    """
+
+    def __init__(self, studies: OrthancStudies, config, factory: Callable[[], object]):
+        from node.service.jobs import JobStore
+        from node.service.spool import Spool
+        from node.service.worker import Worker
+
+        self.studies, self.config = studies, config
+        self.jobs = JobStore(config.database)
+        self.spool = Spool(config.spool_dir)
+        config.results_dir.mkdir(parents=True, exist_ok=True)
+        self.worker = Worker(factory, config.pipeline_settings())
+        self._stable: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- Orthanc's events ---------------------------------------------------------------------
+
+    def on_change(self, change_type, level, resource_id: str) -> None:
+        """Orthanc's change callback: queue stable studies, start and stop with Orthanc. Never blocks."""
+        if change_type == orthanc.ChangeType.STABLE_STUDY:
+            self._stable.put(resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            self.start()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            self.stop()
+
+    def start(self) -> None:
+        resumed = self.jobs.recover()
+        if resumed:
+            log.warning("lobevol: resuming %d job(s) interrupted by the last stop: %s", len(resumed), resumed)
+        for name, target in (("intake", self._intake_loop), ("processor", self._process_loop)):
+            thread = threading.Thread(target=target, name=f"lobevol-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Checkpoint the running job (it runs again at the next start) and stop the worker."""
+        self._stopping.set()
+        self._stable.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)
+        self._threads.clear()
+        self.worker.stop()
+
+    # -- intake: stable studies become jobs ---------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        while not self._stopping.is_set():
+            study_id = self._stable.get()
+            if study_id is None:
+                return
+            try:
+                self.record(study_id)
+            except Exception:  # one odd study must not stop the intake
+                log.exception("lobevol: cannot record stable study %s", study_id)
+
+    def record(self, study_id: str) -> int:
+        """Record a stable study as a selected job; returns the job id."""
+        study = self.studies.study(study_id)
+        study_uid = study["MainDicomTags"]["StudyInstanceUID"]
+        instances = self.studies.series(study_id)[0]["Instances"] if study.get("Series") else []
+        origin = self.studies.origin(instances[0]) if instances else "unknown"
+        job_id, created = self.jobs.record_complete_study(study_uid, study_id, origin)
+        if created:
+            log.info("lobevol: job %d (study %s): selected, stable in Orthanc", job_id, study_uid)
+        return job_id
+
+    # -- processing: fetch, analyse, store ----------------------------------------------------
+
+    def _process_loop(self) -> None:
+        next_retention = 0.0
+        while not self._stopping.is_set():
+            try:
+                if not self.worker.alive and not self._start_worker():
+                    continue
+                for job_id in self.jobs.jobs_needing_input():
+                    self.fetch(job_id)
+                self.store_due()
+                job = self.jobs.claim_next()
+                if job is not None:
+                    self.process(job)
+                    continue
+                if time.monotonic() >= next_retention:
+                    from node.service.server import apply_retention
+
+                    apply_retention(self.jobs, self.spool, self.config)
+                    next_retention = time.monotonic() + RETENTION_PERIOD_S
+            except Exception:  # a bug must not stop the plugin silently
+                log.exception("lobevol: processing error")
+            self._stopping.wait(IDLE_PERIOD_S if self._stable.empty() else 0.05)
+
+    def _start_worker(self) -> bool:
+        try:
+            log.warning("lobevol: worker ready: %s", self.worker.start())
+            return True
+        except RuntimeError as error:
+            log.error("lobevol: cannot start the worker: %s; trying again in %g s", error, WORKER_RESTART_DELAY_S)
+            self._stopping.wait(WORKER_RESTART_DELAY_S)
+            return False
+
+    def fetch(self, job_id: int) -> None:
+        """Write the job's CT instances from Orthanc into its input folder, or end it (skipped, failed)."""
+        job = self.jobs.get(job_id)
+        try:
+            series = self.studies.series(job.source_id)
+        except Exception as error:
+            self.jobs.finish_analysis(job_id, "failed", f"the study is no longer in Orthanc ({error})", "", None, [])
+            return
+        reason = already_analysed(series)
+        ct = [s for s in series if s["MainDicomTags"].get("Modality") == "CT" and _manufacturer(s) != MANUFACTURER]
+        ignored = sum(len(s["Instances"]) for s in series if s not in ct)
+        if reason is None and not ct:
+            modalities = sorted({s["MainDicomTags"].get("Modality", "?") for s in series})
+            reason = f"no CT series in the study ({len(series)} series: {', '.join(modalities)})"
+        if reason is not None:
+            self.jobs.record_fetched_input(job_id, 0, ignored)
+            self.jobs.finish_analysis(job_id, "skipped", reason, "", None, [])
+            log.info("lobevol: job %d (study %s): skipped, %s", job_id, job.study_uid, reason)
+            return
+        folder = self.spool.job_input(job_id)
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted earlier fetch: start again
+        count = 0
+        for one in ct:
+            target = folder / one["ID"]
+            target.mkdir(parents=True)
+            for instance_id in one["Instances"]:
+                _write_durably(target / f"{instance_id}.dcm", self.studies.instance_file(instance_id))
+                count += 1
+        self.jobs.record_fetched_input(job_id, count, ignored)
+        log.info("lobevol: job %d (study %s): %d CT instance(s) fetched from Orthanc", job_id, job.study_uid, count)
+
+    def process(self, job) -> None:
+        from node.service.jobs import Delivery
+        from node.service.scu import read_file_header
+        from node.service.worker import JobRequest, WorkerCrashed, WorkerStopped
+
+        output = self.config.results_dir / str(job.id)
+        request = JobRequest(job.id, str(self.spool.job_input(job.id)), str(output))
+        log.info("lobevol: job %d (study %s): processing (attempt %d)", job.id, job.study_uid, job.attempts)
+        try:
+            outcome = self.worker.run(request, self.config.job_timeout_s, self._stopping.is_set, 0.0)
+        except WorkerStopped as error:
+            self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
+            return
+        except WorkerCrashed as error:
+            log.error("lobevol: job %d (study %s): failed, %s", job.id, job.study_uid, error)
+            self.jobs.finish_analysis(job.id, "failed", str(error), "", str(output), [])
+            return
+        deliveries = []
+        if outcome.status == "done":
+            headers = [read_file_header(Path(p)) for p in outcome.result_files]
+            deliveries = [Delivery(DESTINATION, str(h.path), h.sop_class_uid, h.sop_instance_uid) for h in headers]
+        state = self.jobs.finish_analysis(job.id, outcome.status, outcome.reason, outcome.summary, str(output),
+                                          deliveries)
+        log.info("lobevol: job %d (study %s): %s%s", job.id, job.study_uid, state,
+                 f", {outcome.reason}" if outcome.reason else "")
+        self.store_due()
+
+    def store_due(self) -> None:
+        """Store due results into Orthanc (once each: an instance already there is not stored again)."""
+        jobs = set()
+        for item in self.jobs.due_deliveries():
+            if item.destination != DESTINATION:
+                continue  # not ours (a queue shared with a node would be a misconfiguration)
+            jobs.add(item.job_id)
+            try:
+                if self.studies.instance_exists(item.sop_instance_uid):
+                    self.jobs.record_delivery(item.id, "sent", "already in Orthanc")
+                    continue
+                instance_id = self.studies.store(Path(item.path).read_bytes())
+                self.jobs.record_delivery(item.id, "sent", f"stored as Orthanc instance {instance_id}")
+            except Exception as error:
+                detail = f"{type(error).__name__}: {error}"
+                if item.attempts + 1 >= self.config.retry.max_attempts:
+                    self.jobs.record_delivery(item.id, "failed", detail)
+                else:
+                    self.jobs.postpone_delivery(item.id, detail,
+                                                time.time() + self.config.retry.delay_after(item.attempts + 1))
+        for job_id in sorted(jobs):
+            state = self.jobs.settle_delivery(job_id)
+            if state != "sending":
+                log.info("lobevol: job %d: %s, %s", job_id, state, self.jobs.get(job_id).reason)
+
+    # -- REST routes --------------------------------------------------------------------------
+
+    def jobs_answer(self, arguments: Mapping[str, str]) -> dict:
+        from node.service.jobs import STATES
+
+        states = [s for s in arguments.get("state", "").split(",") if s]
+        for state in states:
+            if state not in STATES:
+                raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
+        limit = int(arguments.get("limit", "20"))
+        counts = self.jobs.counts()
+        return {"counts": {s: counts.get(s, 0) for s in STATES},
+                "jobs": [_job_json(j) for j in self.jobs.jobs(limit=limit, states=states or None)]}
+
+    def job_answer(self, job_id: int) -> dict:
+        answer = _job_json(self.jobs.get(job_id))
+        answer["history"] = [{"at": at, "state": state, "message": message}
+                             for at, state, message in self.jobs.events(job_id)]
+        answer["deliveries"] = [{"file": Path(i.path).name, "sop_instance_uid": i.sop_instance_uid,
+                                 "state": i.state, "attempts": i.attempts, "detail": i.detail}
+                                for i in self.jobs.outbox(job_id)]
+        return answer
+
+    def retry_answer(self, job_id: int) -> dict:
+        return {"job": job_id, "retry": self.jobs.retry(job_id)}
+
+
+def _job_json(job) -> dict:
+    return {"id": job.id, "state": job.state, "reason": job.reason, "summary": job.summary,
+            "study_uid": job.study_uid, "orthanc_study": job.source_id, "origin": job.origin_ae,
+            "instances": job.instances, "ignored": job.ignored, "attempts": job.attempts,
+            "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at}
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """The job's input survives a power cut once the job says it is ready (fsync before that)."""
+    import os
+
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# -- inside Orthanc ----------------------------------------------------------------------------
+
+class _OrthancLog(logging.Handler):
+    """Python logging into Orthanc's log (info shows with Orthanc's --verbose)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            orthanc.LogError(message)
+        elif record.levelno >= logging.WARNING:
+            orthanc.LogWarning(message)
+        else:
+            orthanc.LogInfo(message)
+
+
+def _send_error(output, status: int, message: str) -> None:
+    body = json.dumps({"error": message})  # orthanc-python 4.0 takes a str and its length
+    output.SendHttpStatus(status, body, len(body.encode()))
+
+
+def _bootstrap(api) -> LobevolPlugin:
+    """Settings, sys.path, lobevol's configuration and the plugin; ConfigurationError says what is wrong."""
+    import multiprocessing
+
+    base = Path(api.GetConfigurationPath() or ".")
+    base = base if base.is_dir() else base.parent
+    settings = PluginSettings.from_orthanc(json.loads(api.GetConfiguration()), base)
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p != here]  # Orthanc puts node/service first: its modules are not top-level
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+    sys.path.extend(str(p) for p in settings.site_packages if str(p) not in sys.path)
+    try:
+        from node.config import load_config
+        from node.service.worker import segmenter_factory
+    except ImportError as error:
+        raise ConfigurationError(f"cannot import lobevol's dependencies ({error}): give their site-packages "
+                                 f'folder in "{SECTION}" "SitePackages"') from None
+    try:
+        config = load_config(settings.configuration)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"lobevol configuration: {error}") from None
+    multiprocessing.set_executable(str(settings.worker_python))  # sys.executable is Orthanc itself
+    if settings.test_segmenter:
+        import importlib
+
+        module, _, name = settings.test_segmenter.partition(":")
+        log.warning('lobevol: "TestSegmenter" %s: results come from a test stand-in, not from a model',
+                    settings.test_segmenter)
+        factory = getattr(importlib.import_module(module), name)
+    else:
+        factory = segmenter_factory(config)
+    return LobevolPlugin(OrthancStudies(api), config, factory)
+
+
+def _register(api) -> None:
+    """Called at import inside Orthanc: the plugin, or an idle plugin whose routes report why."""
+    handler = _OrthancLog()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("lobevol", "node", "inference", "normative"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        plugin, problem = _bootstrap(api), None
+    except Exception as error:  # whatever it is, Orthanc must start
+        plugin, problem = None, f"{error}" if isinstance(error, ConfigurationError) else f"{type(error).__name__}: {error}"
+        log.error("lobevol: the plugin stays idle: %s", problem)
+    if plugin is not None:
+        api.RegisterOnChangeCallback(plugin.on_change)
+        log.warning("lobevol: plugin loaded (job database %s)", plugin.config.database)
+
+    def route(answer: Callable[[Sequence[str], Mapping[str, str]], dict], methods: tuple[str, ...]):
+        def callback(output, uri, **request):
+            if request.get("method") not in methods:
+                output.SendMethodNotAllowed(",".join(methods))
+                return
+            if plugin is None:
+                _send_error(output, 503, f"lobevol is idle: {problem}")
+                return
+            try:
+                body = answer(request.get("groups", ()), request.get("get", {}))
+            except ValueError as error:
+                _send_error(output, 404 if "there is no job" in str(error) else 409, str(error))
+                return
+            output.AnswerBuffer(json.dumps(body, indent=2), "application/json")
+        return callback
+
+    api.RegisterRestCallback("/lobevol/jobs", route(lambda groups, arguments: plugin.jobs_answer(arguments), ("GET",)))
+    api.RegisterRestCallback("/lobevol/jobs/([0-9]+)",
+                             route(lambda groups, arguments: plugin.job_answer(int(groups[0])), ("GET",)))
+    api.RegisterRestCallback("/lobevol/jobs/([0-9]+)/retry",
+                             route(lambda groups, arguments: plugin.retry_answer(int(groups[0])), ("POST",)))
+
+
+if orthanc is not None and __name__ != "node.service.orthanc_plugin":
+    _register(orthanc)

@@ -1,0 +1,282 @@
+"""lobevol as an Orthanc Python plugin (node/service/orthanc_plugin.py), with a real Orthanc and orthanc-python.
+
+Each test starts Orthanc with the plugin on a lobevol configuration in a temporary
+folder; the segmenter is the model-free stand-in (the plumbing is under test, not
+the model), and StableAge is 1 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage, generate_uid
+
+from node.cli import main
+from node.service.orthanc_plugin import PluginSettings, already_analysed
+from tests.dicom_validation import validate
+from tests.node_peers import Orthanc, storescu, wait_for
+from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
+
+PLUGIN = Path(__file__).resolve().parents[1] / "node" / "service" / "orthanc_plugin.py"
+ORTHANC_PYTHON = "/usr/share/orthanc/plugins/libOrthancPython.so"
+SITE_PACKAGES = [str(p) for p in map(Path, __import__("sys").path) if p.name == "site-packages" and p.is_dir()]
+EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR")
+FINAL = ("done", "skipped", "failed")
+
+
+class SlowSegmenter(PartitionSegmenter):
+    """The stand-in, taking long enough to kill Orthanc while it computes."""
+
+    def segment(self, image):
+        time.sleep(6)
+        return super().segment(image)
+
+
+def lobevol_config(folder: Path, overlays: bool = False) -> Path:
+    """A config.ini for the plugin: only the sections that apply inside Orthanc (and a network one it ignores)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.ini"
+    path.write_text(f"""\
+[storage]
+spool = spool
+results = results
+database = jobs.sqlite
+[inference]
+device = cpu
+threads = 1
+[outputs]
+overlays = {'yes' if overlays else 'no'}
+[retry]
+first_delay_s = 0.5
+max_delay_s = 2
+[remote SOMEPACS]
+host = 127.0.0.1
+port = 4242
+""")
+    return path
+
+
+def plugin_orthanc(folder: Path, config: Path, segmenter: str = "tests.output_fixtures:PartitionSegmenter",
+                   **extra) -> Orthanc:
+    lobevol = {"Configuration": str(config), "SitePackages": SITE_PACKAGES, "TestSegmenter": segmenter}
+    settings = {"Plugins": [ORTHANC_PYTHON], "PythonScript": str(PLUGIN), "StableAge": 1, "Lobevol": lobevol}
+    settings.update(extra.pop("settings", {}))
+    return Orthanc(folder, extra=settings, **extra)
+
+
+def lobevol_jobs(orthanc: Orthanc, query: str = "") -> dict:
+    return orthanc.get(f"/lobevol/jobs{query}")
+
+
+def study_modalities(orthanc: Orthanc, study_id: str) -> Counter:
+    return Counter(orthanc.get(f"/instances/{i['ID']}/simplified-tags")["Modality"]
+                   for i in orthanc.get(f"/studies/{study_id}/instances"))
+
+
+def wait_for_job(orthanc: Orthanc, timeout_s: float = 60, count: int = 1) -> list[dict]:
+    """The first ``count`` jobs once all have ended (oldest first)."""
+    def ended():
+        jobs = lobevol_jobs(orthanc, "?limit=100")["jobs"][::-1]
+        return jobs[:count] if len(jobs) >= count and all(j["state"] in FINAL for j in jobs[:count]) else None
+    return wait_for(ended, timeout_s, f"{count} lobevol job(s) to end", 0.3)
+
+
+def check_results_valid(orthanc: Orthanc, study_id: str, tmp_path: Path) -> None:
+    """SEG, SR and Encapsulated PDF of the study pass dciodvfy."""
+    checked = 0
+    for instance in orthanc.get(f"/studies/{study_id}/instances"):
+        tags = orthanc.get(f"/instances/{instance['ID']}/simplified-tags")
+        if tags["Modality"] not in ("SEG", "SR", "DOC"):
+            continue
+        path = tmp_path / f"{tags['Modality']}-{instance['ID']}.dcm"
+        path.write_bytes(orthanc.get_bytes(f"/instances/{instance['ID']}/file"))
+        result = validate(path)
+        assert result.errors == [], result.output
+        assert result.unexplained_warnings(EXPLAINED_WARNINGS) == [], result.output
+        assert tags["StudyInstanceUID"] == orthanc.get(f"/studies/{study_id}")["MainDicomTags"]["StudyInstanceUID"]
+        checked += 1
+    assert checked == 3
+
+
+@pytest.fixture(scope="module")
+def head_study(tmp_path_factory) -> list[Path]:
+    return write_ct_series(tmp_path_factory.mktemp("study") / "ct", region_labels((20, 40, 40)))
+
+
+# -- unit checks (no Orthanc) ------------------------------------------------------------------
+
+def test_already_analysed_tells_our_series_and_fresh_images_apart():
+    ct = {"MainDicomTags": {"Manufacturer": "TestVendor", "Modality": "CT"}, "LastUpdate": "20261202T100000"}
+    seg = {"MainDicomTags": {"Manufacturer": "lobevol", "Modality": "SEG"}, "LastUpdate": "20261202T100100"}
+    assert already_analysed([ct]) is None
+    assert "already in the study" in already_analysed([ct, seg])
+    assert "every series" in already_analysed([seg])
+    assert already_analysed([dict(ct, LastUpdate="20261202T100200"), seg]) is None  # new images after ours
+
+
+def test_plugin_settings_name_what_is_wrong(tmp_path):
+    config = lobevol_config(tmp_path)
+    with pytest.raises(ValueError, match='no "Lobevol" section'):
+        PluginSettings.from_orthanc({}, tmp_path)
+    with pytest.raises(ValueError, match="unknown key.*Confguration"):
+        PluginSettings.from_orthanc({"Lobevol": {"Confguration": "x"}}, tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        PluginSettings.from_orthanc({"Lobevol": {"Configuration": "missing.ini"}}, tmp_path)
+    with pytest.raises(ValueError, match="SitePackages.*not a folder"):
+        PluginSettings.from_orthanc({"Lobevol": {"Configuration": "config.ini", "SitePackages": ["nope"]}}, tmp_path)
+    settings = PluginSettings.from_orthanc({"Lobevol": {"Configuration": "config.ini"}}, tmp_path)
+    assert settings.configuration == config and settings.worker_python.is_file()
+
+
+# -- with a real Orthanc -----------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_rest_upload_comes_back_with_valid_results_in_the_same_study_once(tmp_path, head_study, capsys):
+    config = lobevol_config(tmp_path / "lobevol", overlays=True)
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config).start()
+    try:
+        study_id = {orthanc.upload(p)["ParentStudy"] for p in head_study}.pop()
+        job, = wait_for_job(orthanc)
+        assert job["state"] == "done", job["reason"]
+        assert job["orthanc_study"] == study_id and job["origin"] == "RestApi" and job["instances"] == len(head_study)
+        assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1, "OT": 3}
+        check_results_valid(orthanc, study_id, tmp_path)
+        # Storing the results made the study stable again: that job must not analyse it a second time.
+        echo = wait_for_job(orthanc, count=2)[1]
+        assert echo["state"] == "skipped" and "already in the study" in echo["reason"], echo
+        detail = orthanc.get(f"/lobevol/jobs/{job['id']}")
+        assert [h["state"] for h in detail["history"]] == ["selected", "processing", "sending", "done"]
+        assert all(d["state"] == "sent" for d in detail["deliveries"]) and len(detail["deliveries"]) == 6
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            orthanc.post(f"/lobevol/jobs/{job['id']}/retry", b"")
+        assert refused.value.code == 409 and b"only failed jobs" in refused.value.read()
+        assert study_modalities(orthanc, study_id)["SEG"] == 1
+    finally:
+        orthanc.stop()
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "done 1" in out and "skipped 1" in out and "already in the study" in out
+
+
+@pytest.mark.integration
+def test_c_store_to_orthanc_with_authentication(tmp_path, head_study):
+    config = lobevol_config(tmp_path / "lobevol")
+    users = {"AuthenticationEnabled": True, "RegisteredUsers": {"radiology": "s3cret"}}
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config, settings=users, credentials=("radiology", "s3cret"))
+    orthanc.start()
+    try:
+        storescu(orthanc.dicom_port, head_study, calling="SCANNER", called="PACS")
+        job, = wait_for_job(orthanc)
+        assert job["state"] == "done" and job["origin"] == "SCANNER", job
+        assert study_modalities(orthanc, job["orthanc_study"]) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
+        check_results_valid(orthanc, job["orthanc_study"], tmp_path)
+        anonymous = Orthanc(tmp_path / "unused")
+        anonymous.http_port = orthanc.http_port
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            anonymous.get("/lobevol/jobs")
+        assert refused.value.code == 401
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.integration
+def test_kill_9_mid_analysis_and_restart_end_with_one_set_of_results(tmp_path, head_study):
+    config = lobevol_config(tmp_path / "lobevol")
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config, "tests.test_orthanc_plugin:SlowSegmenter").start()
+    try:
+        study_id = {orthanc.upload(p)["ParentStudy"] for p in head_study}.pop()
+        wait_for(lambda: lobevol_jobs(orthanc)["counts"]["processing"] == 1, 60, "the analysis to start", 0.2)
+        worker = _worker_pids(orthanc.process.pid)
+        assert worker, "no worker process under Orthanc"
+        orthanc.kill()
+        wait_for(lambda: not any(_alive(p) for p in worker), 10, "the orphaned worker to exit")
+        orthanc.start()
+        job, = wait_for_job(orthanc, 90)
+        assert job["state"] == "done" and job["attempts"] == 2, job
+        history = orthanc.get(f"/lobevol/jobs/{job['id']}")["history"]
+        assert "resumed after a restart" in [h["message"] for h in history]
+        assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.integration
+def test_non_head_and_mr_studies_are_skipped_with_their_reason(tmp_path, head_study):
+    chest = _rewritten(head_study, tmp_path / "chest", BodyPartExamined="CHEST", SeriesDescription="CHEST 5MM",
+                       StudyDescription="CT CHEST")
+    mr = _rewritten(head_study, tmp_path / "mr", Modality="MR", SOPClassUID=MRImageStorage)
+    config = lobevol_config(tmp_path / "lobevol")
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config).start()
+    try:
+        for path in chest:
+            orthanc.upload(path)
+        wait_for_job(orthanc)
+        for path in mr:
+            orthanc.upload(path)
+        first, second = wait_for_job(orthanc, count=2)
+        assert first["state"] == "skipped" and "no suitable head CT series" in first["reason"], first
+        assert second["state"] == "skipped" and second["reason"].startswith("no CT series in the study"), second
+        assert "MR" in second["reason"] and second["ignored"] == len(mr)
+        assert lobevol_jobs(orthanc, "?state=skipped")["counts"]["skipped"] == 2
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.integration
+def test_a_bad_lobevol_configuration_leaves_orthanc_running_and_the_plugin_idle(tmp_path, head_study):
+    config = lobevol_config(tmp_path / "lobevol")
+    config.write_text(config.read_text().replace("device = cpu", "device = tpu"))
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config).start()
+    try:
+        orthanc.upload(head_study[0])  # Orthanc itself works
+        with pytest.raises(urllib.error.HTTPError) as idle:
+            lobevol_jobs(orthanc)
+        assert idle.value.code == 503 and b"device = 'tpu'" in idle.value.read()
+        assert "the plugin stays idle" in orthanc.log_text() and "tpu" in orthanc.log_text()
+    finally:
+        orthanc.stop()
+
+
+def _rewritten(paths: list[Path], folder: Path, **attributes) -> list[Path]:
+    """A copy of a series as a new study, with ``attributes`` changed."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    written = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(folder / path.name)
+        written.append(folder / path.name)
+    return written
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """Child processes of ``parent`` (the plugin's worker), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state not in ("Z", "X")
