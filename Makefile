@@ -1,14 +1,15 @@
 # lobevol: two commands on a fresh machine.
 #   make run   installs (into .venv) and runs the DICOM node on its embedded default (config.ini)
+#   make run-orthanc  the same analysis inside Orthanc (its Python plugin), on loopback, database in var/orthanc
 #   make test  installs (into .venv, plus the DICOM peers via apt when root) and runs the tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-APT_PACKAGES := dcmtk dicom3tools orthanc poppler-utils
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python poppler-utils
 
-.PHONY: install install-peers run demo demo-segment test test-fast bench bench-node bench-receive clean
+.PHONY: install install-peers run run-orthanc demo demo-segment test test-fast bench bench-node bench-receive clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,7 @@ install: $(VENV)/.installed
 install-peers:
 	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump Orthanc pdftoppm; do \
 	  command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	[ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || missing="$$missing orthanc-python"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing DICOM peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
@@ -34,6 +36,10 @@ install-peers:
 
 run: install
 	$(VENV)/bin/lobevol serve --config config.ini
+
+# Orthanc (apt: orthanc, orthanc-python) with lobevol as its Python plugin; prints the URL.
+run-orthanc: install install-peers
+	$(VENV)/bin/lobevol orthanc --config config.ini
 
 # The node's whole loop on loopback (node + DCMTK storescp as PACS + a phantom study).
 demo: install

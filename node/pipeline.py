@@ -26,10 +26,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import pydicom
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs only PipelineSettings (~100 MB less)
+    import SimpleITK as sitk
 
 from inference.vocabulary import REGION_KEYS
 from node.dicom.selection import SelectionRules
@@ -324,6 +326,8 @@ def write_volumes_csv(path: Path, rows: Sequence[dict]) -> Path:
 
 def write_plain_files(out_dir: Path, case_id: str, segmentation, normative, notes: Sequence[str]) -> list[Path]:
     """labels.nii.gz, volumes.json and volumes.csv for research use."""
+    import SimpleITK as sitk
+
     labels_path = out_dir / "labels.nii.gz"
     sitk.WriteImage(segmentation.labels, str(labels_path), useCompression=True)
     summary = {

@@ -130,8 +130,46 @@ def test_plugin_settings_name_what_is_wrong(tmp_path):
         PluginSettings.from_orthanc({"Lobevol": {"Configuration": "missing.ini"}}, tmp_path)
     with pytest.raises(ValueError, match="SitePackages.*not a folder"):
         PluginSettings.from_orthanc({"Lobevol": {"Configuration": "config.ini", "SitePackages": ["nope"]}}, tmp_path)
+    (tmp_path / "lib" / "python3.7" / "site-packages").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is for python3.7, but Orthanc embeds"):
+        PluginSettings.from_orthanc({"Lobevol": {"Configuration": "config.ini",
+                                                 "SitePackages": "lib/python3.7/site-packages"}}, tmp_path)
     settings = PluginSettings.from_orthanc({"Lobevol": {"Configuration": "config.ini"}}, tmp_path)
     assert settings.configuration == config and settings.worker_python.is_file()
+
+
+def test_plugin_jobs_and_node_jobs_share_a_database_without_crossing(tmp_path):
+    from node.service.jobs import Delivery, JobStore
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    node_job = jobs.record_instance("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.1.1", tmp_path / "a.dcm",
+                                    10, "PACS")
+    jobs.select_stable(0.0, now=time.time() + 1)
+    jobs.mark_input_ready(node_job)
+    pacs_job, created = jobs.record_complete_study("1.2.4", "orthanc-id", "RestApi")
+    assert created and jobs.record_complete_study("1.2.4", "orthanc-id", "RestApi") == (pacs_job, False)
+    assert jobs.jobs_needing_input() == [] and jobs.jobs_needing_input(from_pacs=True) == [pacs_job]
+    jobs.record_fetched_input(pacs_job, 20, 1)
+    assert jobs.claim_next(from_pacs=True).id == pacs_job and jobs.claim_next(from_pacs=True) is None
+    assert jobs.recover() == [] and jobs.recover(from_pacs=True) == [pacs_job]
+    assert jobs.claim_next(from_pacs=True).attempts == 2
+    jobs.finish_analysis(pacs_job, "done", "", "", None, [Delivery("ORTHANC", "seg.dcm", "1.2", "1.2.4.9")])
+    assert jobs.due_deliveries() == [] and len(jobs.due_deliveries(from_pacs=True)) == 1
+    assert jobs.next_delivery_time() is None and jobs.claim_next().id == node_job
+    item, = jobs.due_deliveries(from_pacs=True)
+    jobs.record_delivery(item.id, "failed", "Orthanc refused it")
+    assert jobs.settle_delivery(pacs_job) == "failed"
+    assert "1 undelivered result(s) queued again" in jobs.retry(pacs_job)
+    # A failed analysis of a study in a PACS fetches it again on retry (the PACS holds its images).
+    other, _ = jobs.record_complete_study("1.2.5", "other-id", "SCANNER")
+    jobs.record_fetched_input(other, 5, 0)
+    assert jobs.claim_next(from_pacs=True).id == other
+    jobs.finish_analysis(other, "failed", "analysis error", "", None, [])
+    assert "fetched again" in jobs.retry(other)
+    assert jobs.jobs_needing_input(from_pacs=True) == [other]
+    assert jobs.latest_job_of_source("other-id").id == other and jobs.cursor("x") is None
+    jobs.set_cursor("x", 41)
+    assert jobs.cursor("x") == 41
 
 
 # -- with a real Orthanc -----------------------------------------------------------------------
@@ -280,3 +318,32 @@ def _alive(pid: int) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
     return state not in ("Z", "X")
+
+
+@pytest.mark.integration
+def test_a_study_interrupted_before_it_was_stable_is_analysed_after_a_restart(tmp_path, head_study):
+    """Orthanc's stability timers live in memory: killed during StableAge, it never sends that study's event."""
+    config = lobevol_config(tmp_path / "lobevol")
+    orthanc = plugin_orthanc(tmp_path / "orthanc", config, settings={"StableAge": 3}).start()
+    try:
+        wait_for(lambda: "worker ready" in orthanc.log_text(), 30, "the plugin's worker")
+        study_id = {orthanc.upload(p)["ParentStudy"] for p in head_study}.pop()
+        orthanc.kill()
+        assert lobevol_jobs_from_database(config) == []
+        orthanc.start()
+        job, = wait_for_job(orthanc, 60)
+        assert job["state"] == "done" and job["orthanc_study"] == study_id, job
+        assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
+        orthanc.stop()
+        orthanc.start()  # nothing new: the catch-up queues nothing
+        time.sleep(5)
+        assert lobevol_jobs(orthanc)["counts"]["done"] == 1 and len(lobevol_jobs(orthanc)["jobs"]) <= 2
+    finally:
+        orthanc.stop()
+
+
+def lobevol_jobs_from_database(config: Path) -> list:
+    from node.config import load_config
+    from node.service.jobs import JobStore
+
+    return JobStore(load_config(config).database).jobs()

@@ -21,7 +21,7 @@ from inference.vocabulary import __version__
 #: Subcommands listed first in ``--help``, in this order (the daily work of a node);
 #: every other module of this package follows alphabetically.
 COMMAND_ORDER: tuple[str, ...] = (
-    "serve", "status", "echo", "send", "retry", "config", "demo", "segment", "normative",
+    "serve", "orthanc", "status", "echo", "send", "retry", "config", "demo", "segment", "normative",
     "phantom", "train", "evaluate", "compare", "run",
 )
 
@@ -46,6 +46,7 @@ age and sex (Xi et al. 2025, Front. Neurol. 16:1573060).
 EPILOG = """\
 examples:
   lobevol serve --config config.ini             the DICOM node (what make run starts)
+  lobevol orthanc --config config.ini           Orthanc with lobevol inside it (make run-orthanc)
   lobevol demo                                  node + PACS + phantom on loopback, in one command
   lobevol run                                   phantom -> segment -> volumes vs truth
   lobevol phantom --out phantoms --count 3 --seed 1 --montage

@@ -99,6 +99,10 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
@@ -295,6 +299,20 @@ class JobStore:
                         + (f", run {earlier + 1} of this study" if earlier else ""))
         return job_id, True
 
+    def latest_job_of_source(self, source_id: str) -> Job | None:
+        row = self._connection().execute("SELECT * FROM jobs WHERE source_id = ? ORDER BY id DESC LIMIT 1",
+                                         (source_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def cursor(self, name: str) -> int | None:
+        """A position kept for a PACS's change log (e.g. the last Orthanc change seen), None when never set."""
+        row = self._connection().execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row["value"])
+
+    def set_cursor(self, name: str, value: int) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO cursors (name, value) VALUES (?, ?)", (name, int(value)))
+
     def record_fetched_input(self, job_id: int, instances: int, ignored: int) -> None:
         """The job's input is fetched from its PACS: ``instances`` kept, ``ignored`` not needed (not CT)."""
         with self._transaction() as db:
@@ -333,18 +351,25 @@ class JobStore:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET input_ready = 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
 
-    def jobs_needing_input(self) -> list[int]:
-        """Selected jobs whose input folder was not (completely) built yet, e.g. after a crash."""
-        rows = self._connection().execute("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 0")
+    def jobs_needing_input(self, *, from_pacs: bool = False) -> list[int]:
+        """Selected jobs whose input folder was not (completely) built yet, e.g. after a crash.
+
+        ``from_pacs``: jobs of studies analysed in place in a PACS (with a source_id), else the node's own.
+        """
+        rows = self._connection().execute("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 0 AND "
+                                          + _SOURCE[from_pacs])
         return [int(r["id"]) for r in rows]
 
     # -- processing --------------------------------------------------------------------------
 
-    def claim_next(self) -> Job | None:
-        """The oldest selected job with its input ready, moved to processing; None when there is none."""
+    def claim_next(self, *, from_pacs: bool = False) -> Job | None:
+        """The oldest selected job with its input ready, moved to processing; None when there is none.
+
+        ``from_pacs`` as in :meth:`jobs_needing_input`: a node and the Orthanc plugin may share one database.
+        """
         with self._transaction() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 1 "
-                             "ORDER BY id LIMIT 1").fetchone()
+            row = db.execute("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 1 AND "
+                             f"{_SOURCE[from_pacs]} ORDER BY id LIMIT 1").fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
@@ -373,10 +398,10 @@ class JobStore:
             self._set_state(db, job_id, status, reason, final=True)
             return status
 
-    def recover(self) -> list[int]:
+    def recover(self, *, from_pacs: bool = False) -> list[int]:
         """After a restart: jobs caught in processing go back to selected (their last safe state)."""
         with self._transaction() as db:
-            rows = db.execute("SELECT id FROM jobs WHERE state = 'processing'").fetchall()
+            rows = db.execute(f"SELECT id FROM jobs WHERE state = 'processing' AND {_SOURCE[from_pacs]}").fetchall()
             for row in rows:
                 self._set_state(db, row["id"], "selected", "resumed after a restart")
         return [int(r["id"]) for r in rows]
@@ -425,14 +450,16 @@ class JobStore:
 
     # -- outbox ------------------------------------------------------------------------------
 
-    def due_deliveries(self, now: float | None = None) -> list[OutboxItem]:
+    def due_deliveries(self, now: float | None = None, *, from_pacs: bool = False) -> list[OutboxItem]:
         now = time.time() if now is None else now
         rows = self._connection().execute(
-            "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id", (now,)).fetchall()
+            "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? AND job_id IN "
+            f"(SELECT id FROM jobs WHERE {_SOURCE[from_pacs]}) ORDER BY id", (now,)).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
-    def next_delivery_time(self) -> float | None:
-        row = self._connection().execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+    def next_delivery_time(self, *, from_pacs: bool = False) -> float | None:
+        row = self._connection().execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' AND job_id IN "
+                                         f"(SELECT id FROM jobs WHERE {_SOURCE[from_pacs]})").fetchone()
         return row[0]
 
     def record_delivery(self, item_id: int, state: str, detail: str = "") -> None:
@@ -539,6 +566,10 @@ class JobStore:
         db.execute("UPDATE jobs SET state = ?, reason = ?, updated_at = ?, finished_at = ? WHERE id = ?",
                    (state, reason, now, now if final else None, job_id))
         self._event(db, job_id, state, reason)
+
+
+#: The node's own jobs, or those of studies analysed in place in a PACS (``from_pacs``).
+_SOURCE = {False: "source_id IS NULL", True: "source_id IS NOT NULL"}
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -84,6 +85,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 IDLE_PERIOD_S = 1.0
 WORKER_RESTART_DELAY_S = 5.0
 RETENTION_PERIOD_S = 60.0
+#: The job database's cursor on Orthanc's change log (the last change seen at the last start).
+CHANGES_CURSOR = "orthanc-changes"
 
 
 class ConfigurationError(ValueError):
@@ -134,9 +137,14 @@ class PluginSettings:
         if not isinstance(packages, list):
             raise ConfigurationError(f'"{SECTION}" "SitePackages" must be a list of folders, got {packages!r}')
         folders = tuple(path(p, "SitePackages") for p in packages)
+        running = f"python{sys.version_info[0]}.{sys.version_info[1]}"
         for folder in folders:
             if not folder.is_dir():
                 raise ConfigurationError(f'"{SECTION}" "SitePackages": {folder} is not a folder')
+            built_for = re.search(r"python\d+\.\d+", str(folder))
+            if built_for and built_for.group(0) != running:
+                raise ConfigurationError(f'"{SECTION}" "SitePackages": {folder} is for {built_for.group(0)}, but '
+                                         f'Orthanc embeds {running} (a venv of that version is needed)')
         python = path(section["WorkerPython"], "WorkerPython") if "WorkerPython" in section else settings.worker_python
         if not python.is_file():
             raise ConfigurationError(f'"{SECTION}" "WorkerPython": {python} does not exist (the worker process\'s '
@@ -201,6 +209,19 @@ class OrthancStudies:
                 return value
         return "unknown"
 
+    def changes(self, since: int, limit: int = 1000) -> dict:
+        """Orthanc's change log after ``since``: {"Changes": [...], "Done": bool, "Last": seq}."""
+        return self._get(f"/changes?since={since}&limit={limit}")
+
+    def last_change(self) -> int:
+        return int(self._get("/changes?last")["Last"])
+
+    def parent_study(self, series_id: str) -> str:
+        return self._get(f"/series/{series_id}")["ParentStudy"]
+
+    def instance_count(self, study_id: str) -> int:
+        return len(self._get(f"/studies/{study_id}/instances"))
+
     def instance_exists(self, sop_instance_uid: str) -> bool:
         matches = json.loads(self.api.RestApiPost("/tools/lookup", sop_instance_uid))
         return any(m.get("Type") == "Instance" for m in matches)
@@ -219,12 +240,12 @@ class LobevolPlugin:
         factory: picklable callable returning the segmenter, called once in the worker process.
     """
 
-    def __init__(self, studies: OrthancStudies, config, factory: Callable[[], object]):
+    def __init__(self, studies: OrthancStudies, config, factory: Callable[[], object], stable_age_s: float = 60.0):
         from node.service.jobs import JobStore
         from node.service.spool import Spool
         from node.service.worker import Worker
 
-        self.studies, self.config = studies, config
+        self.studies, self.config, self.stable_age_s = studies, config, stable_age_s
         self.jobs = JobStore(config.database)
         self.spool = Spool(config.spool_dir)
         config.results_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +253,7 @@ class LobevolPlugin:
         self._stable: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._catch_up_timer: threading.Timer | None = None
 
     # -- Orthanc's events ---------------------------------------------------------------------
 
@@ -245,7 +267,7 @@ class LobevolPlugin:
             self.stop()
 
     def start(self) -> None:
-        resumed = self.jobs.recover()
+        resumed = self.jobs.recover(from_pacs=True)
         if resumed:
             log.warning("lobevol: resuming %d job(s) interrupted by the last stop: %s", len(resumed), resumed)
         for name, target in (("intake", self._intake_loop), ("processor", self._process_loop)):
@@ -257,14 +279,75 @@ class LobevolPlugin:
         """Checkpoint the running job (it runs again at the next start) and stop the worker."""
         self._stopping.set()
         self._stable.put(None)
+        if self._catch_up_timer is not None:
+            self._catch_up_timer.cancel()
         for thread in self._threads:
             thread.join(timeout_s)
         self._threads.clear()
         self.worker.stop()
 
+    # -- catching up: studies Orthanc received while no stable event could reach us ------------
+
+    def _changed_since_last_start(self) -> list[str]:
+        """Studies with new series in Orthanc's change log since the last start (the first start: none).
+
+        Orthanc keeps its stability timers in memory: a study still receiving
+        when Orthanc stopped (or was killed), or whose stable event was queued
+        but not yet recorded, gets no stable event after a restart.
+        """
+        cursor, last = self.jobs.cursor(CHANGES_CURSOR), self.studies.last_change()
+        studies: dict[str, None] = {}
+        while cursor is not None and cursor < last:
+            page = self.studies.changes(cursor)
+            for change in page["Changes"]:
+                if change["ChangeType"] in ("NewStudy", "StableStudy"):
+                    studies[change["ID"]] = None
+                elif change["ChangeType"] == "NewSeries":
+                    try:
+                        studies[self.studies.parent_study(change["ID"])] = None
+                    except Exception:  # the series was deleted since
+                        pass
+            cursor = int(page["Last"])
+            if page["Done"] or not page["Changes"]:
+                break
+        self.jobs.set_cursor(CHANGES_CURSOR, last)
+        return list(studies)
+
+    def _catch_up(self, study_ids: Sequence[str]) -> None:
+        """Queue the studies whose latest job did not see their current instances."""
+        from node.service.jobs import FINAL_STATES
+
+        queued = 0
+        for study_id in study_ids:
+            try:
+                latest = self.jobs.latest_job_of_source(study_id)
+                if latest is not None and (latest.state not in FINAL_STATES or latest.instances + latest.ignored
+                                           == self.studies.instance_count(study_id)):
+                    continue  # in the queue, or nothing arrived since its job looked at it
+                if not self.studies.study(study_id).get("IsStable", True):
+                    continue  # still receiving: its stable event will come
+            except Exception:  # deleted since
+                continue
+            self._stable.put(study_id)
+            queued += 1
+        if queued:
+            log.warning("lobevol: %d study(ies) received while no stable event could reach the plugin: queued",
+                        queued)
+
     # -- intake: stable studies become jobs ---------------------------------------------------
 
     def _intake_loop(self) -> None:
+        try:
+            changed = self._changed_since_last_start()
+        except Exception:
+            log.exception("lobevol: cannot read Orthanc's change log; studies received while stopped wait for "
+                          "new images")
+            changed = []
+        if changed:
+            # As Orthanc would have: complete once quiet for StableAge from now.
+            self._catch_up_timer = threading.Timer(self.stable_age_s, self._catch_up, (changed,))
+            self._catch_up_timer.daemon = True
+            self._catch_up_timer.start()
         while not self._stopping.is_set():
             study_id = self._stable.get()
             if study_id is None:
@@ -293,10 +376,10 @@ class LobevolPlugin:
             try:
                 if not self.worker.alive and not self._start_worker():
                     continue
-                for job_id in self.jobs.jobs_needing_input():
+                for job_id in self.jobs.jobs_needing_input(from_pacs=True):
                     self.fetch(job_id)
                 self.store_due()
-                job = self.jobs.claim_next()
+                job = self.jobs.claim_next(from_pacs=True)
                 if job is not None:
                     self.process(job)
                     continue
@@ -341,12 +424,18 @@ class LobevolPlugin:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted earlier fetch: start again
         count = 0
-        for one in ct:
-            target = folder / one["ID"]
-            target.mkdir(parents=True)
-            for instance_id in one["Instances"]:
-                _write_durably(target / f"{instance_id}.dcm", self.studies.instance_file(instance_id))
-                count += 1
+        try:
+            for one in ct:
+                target = folder / one["ID"]
+                target.mkdir(parents=True)
+                for instance_id in one["Instances"]:
+                    _write_durably(target / f"{instance_id}.dcm", self.studies.instance_file(instance_id))
+                    count += 1
+        except Exception as error:  # deleted meanwhile, disk full...: the job says so; a retry fetches again
+            reason = f"cannot fetch the study from Orthanc: {type(error).__name__}: {error}"
+            self.jobs.finish_analysis(job_id, "failed", reason, "", None, [])
+            log.error("lobevol: job %d (study %s): failed, %s", job_id, job.study_uid, reason)
+            return
         self.jobs.record_fetched_input(job_id, count, ignored)
         log.info("lobevol: job %d (study %s): %d CT instance(s) fetched from Orthanc", job_id, job.study_uid, count)
 
@@ -380,9 +469,10 @@ class LobevolPlugin:
     def store_due(self) -> None:
         """Store due results into Orthanc (once each: an instance already there is not stored again)."""
         jobs = set()
-        for item in self.jobs.due_deliveries():
+        for item in self.jobs.due_deliveries(from_pacs=True):
             if item.destination != DESTINATION:
-                continue  # not ours (a queue shared with a node would be a misconfiguration)
+                self.jobs.record_delivery(item.id, "failed", f"{item.destination} is not Orthanc")
+                continue
             jobs.add(item.job_id)
             try:
                 if self.studies.instance_exists(item.sop_instance_uid):
@@ -498,7 +588,8 @@ def _bootstrap(api) -> LobevolPlugin:
         factory = getattr(importlib.import_module(module), name)
     else:
         factory = segmenter_factory(config)
-    return LobevolPlugin(OrthancStudies(api), config, factory)
+    stable_age = json.loads(api.GetConfiguration()).get("StableAge", 60)
+    return LobevolPlugin(OrthancStudies(api), config, factory, float(stable_age))
 
 
 def _register(api) -> None:
