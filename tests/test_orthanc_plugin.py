@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 import urllib.error
 from collections import Counter
@@ -18,7 +19,8 @@ import pytest
 from pydicom.uid import MRImageStorage, generate_uid
 
 from node.cli import main
-from node.service.orthanc_plugin import PluginSettings, already_analysed
+from node.config import load_config
+from node.service.orthanc_plugin import PluginSettings, already_analysed, load_applicable_config
 from tests.dicom_validation import validate
 from tests.node_peers import Orthanc, storescu, wait_for
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
@@ -39,7 +41,7 @@ class SlowSegmenter(PartitionSegmenter):
 
 
 def lobevol_config(folder: Path, overlays: bool = False) -> Path:
-    """A config.ini for the plugin: only the sections that apply inside Orthanc (and a network one it ignores)."""
+    """A config.ini for the plugin (and for ``lobevol status``), with a network section the plugin does not read."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.ini"
     path.write_text(f"""\
@@ -172,6 +174,19 @@ def test_plugin_jobs_and_node_jobs_share_a_database_without_crossing(tmp_path):
     assert jobs.cursor("x") == 41
 
 
+def test_only_the_sections_that_apply_inside_orthanc_are_read(tmp_path):
+    config = lobevol_config(tmp_path)
+    config.write_text(config.read_text() + "[tls]\nenabled = yes\n[node]\nport = not a port\n")
+    with pytest.raises(ValueError):
+        load_config(config)  # a node could not run on it
+    loaded = load_applicable_config(config)
+    assert loaded.database == tmp_path / "jobs.sqlite" and loaded.threads == 1 and not loaded.tls.enabled
+    assert loaded.remotes == {} and loaded.pipeline_settings().write_overlays is False
+    config.write_text(config.read_text().replace("threads = 1", "threads = none"))
+    with pytest.raises(ValueError, match=r"\[inference\] threads"):
+        load_applicable_config(config)
+
+
 # -- with a real Orthanc -----------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -239,6 +254,16 @@ def test_kill_9_mid_analysis_and_restart_end_with_one_set_of_results(tmp_path, h
         assert job["state"] == "done" and job["attempts"] == 2, job
         history = orthanc.get(f"/lobevol/jobs/{job['id']}")["history"]
         assert "resumed after a restart" in [h["message"] for h in history]
+        assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
+        # Killed after Orthanc stored the results but before the queue recorded it: they are not stored again.
+        orthanc.kill()
+        with sqlite3.connect(tmp_path / "lobevol" / "jobs.sqlite") as db:
+            db.execute("UPDATE outbox SET state = 'pending', attempts = 0, detail = ''")
+            db.execute("UPDATE jobs SET state = 'sending', finished_at = NULL WHERE id = ?", (job["id"],))
+        orthanc.start()
+        wait_for(lambda: orthanc.get(f"/lobevol/jobs/{job['id']}")["state"] == "done", 30, "the outbox to resume")
+        deliveries = orthanc.get(f"/lobevol/jobs/{job['id']}")["deliveries"]
+        assert [d["detail"] for d in deliveries] == ["already in Orthanc"] * 3, deliveries
         assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
     finally:
         orthanc.stop()

@@ -85,6 +85,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 IDLE_PERIOD_S = 1.0
 WORKER_RESTART_DELAY_S = 5.0
 RETENTION_PERIOD_S = 60.0
+#: The sections of lobevol's config.ini that apply inside Orthanc; the others (network) are not read.
+APPLICABLE_SECTIONS = ("storage", "inference", "outputs", "selection", "retry", "retention")
 #: The job database's cursor on Orthanc's change log (the last change seen at the last start).
 CHANGES_CURSOR = "orthanc-changes"
 
@@ -551,6 +553,29 @@ class _OrthancLog(logging.Handler):
             orthanc.LogInfo(message)
 
 
+def load_applicable_config(path: Path):
+    """lobevol's configuration from only the sections that apply inside Orthanc (:data:`APPLICABLE_SECTIONS`).
+
+    The others keep their defaults, unread: a node's [tls] files or [remote] table need not exist here.
+    """
+    import configparser
+
+    from node.config import config_from_parser
+
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file {path} does not exist")
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    parser.optionxform = str  # as load_config: a key's wrong case is a typo to report
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as error:
+        raise ValueError(f"{path}: {error}") from None
+    for name in parser.sections():
+        if name not in APPLICABLE_SECTIONS:
+            parser.remove_section(name)
+    return config_from_parser(parser, path.resolve().parent, source=path)
+
+
 def _send_error(output, status: int, message: str) -> None:
     body = json.dumps({"error": message})  # orthanc-python 4.0 takes a str and its length
     output.SendHttpStatus(status, body, len(body.encode()))
@@ -569,13 +594,12 @@ def _bootstrap(api) -> LobevolPlugin:
         sys.path.insert(0, str(REPOSITORY))
     sys.path.extend(str(p) for p in settings.site_packages if str(p) not in sys.path)
     try:
-        from node.config import load_config
         from node.service.worker import segmenter_factory
     except ImportError as error:
         raise ConfigurationError(f"cannot import lobevol's dependencies ({error}): give their site-packages "
                                  f'folder in "{SECTION}" "SitePackages"') from None
     try:
-        config = load_config(settings.configuration)
+        config = load_applicable_config(settings.configuration)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"lobevol configuration: {error}") from None
     multiprocessing.set_executable(str(settings.worker_python))  # sys.executable is Orthanc itself
