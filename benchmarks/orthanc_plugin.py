@@ -59,6 +59,9 @@ def main() -> int:
     plain = Orthanc(work / "plain").start()
     time.sleep(2)
     plain_rss = resident_bytes(plain.process.pid)
+    for path in files:  # what Orthanc itself takes to receive the series
+        plain.upload(path)
+    plain_peak = peak_memory_bytes(plain.process.pid)
     plain.stop()
 
     settings = orthanc_configuration(work / "orthanc", config, http_port=0, dicom_port=0, aet="PACS",
@@ -98,9 +101,9 @@ def main() -> int:
         print("  series in the study: " + ", ".join(sorted(s["MainDicomTags"]["Modality"] for s in stored)))
         orthanc_pid = orthanc.process.pid
         worker = max((p for p in peaks if p != orthanc_pid), key=lambda p: peaks[p], default=None)
-        print(f"memory: Orthanc alone {plain_rss / 2**20:.0f} MiB resident; with the plugin loaded (idle) "
-              f"{idle_rss / 2**20:.0f} MiB; peaks during the run: Orthanc {peaks[orthanc_pid] / 2**30:.2f} GiB, "
-              f"worker {peaks.get(worker, 0) / 2**30:.2f} GiB")
+        print(f"memory: Orthanc alone {plain_rss / 2**20:.0f} MiB resident idle, peak {plain_peak / 2**30:.2f} GiB "
+              f"receiving the series; with the plugin loaded {idle_rss / 2**20:.0f} MiB idle, peaks during the run: "
+              f"Orthanc {peaks[orthanc_pid] / 2**30:.2f} GiB, worker {peaks.get(worker, 0) / 2**30:.2f} GiB")
     finally:
         orthanc.stop()
         if not args.keep:

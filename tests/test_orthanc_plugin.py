@@ -197,6 +197,7 @@ def test_rest_upload_comes_back_with_valid_results_in_the_same_study_once(tmp_pa
         study_id = {orthanc.upload(p)["ParentStudy"] for p in head_study}.pop()
         job, = wait_for_job(orthanc)
         assert job["state"] == "done", job["reason"]
+        assert lobevol_jobs(orthanc)["worker"] == "ready: PartitionSegmenter"
         assert job["orthanc_study"] == study_id and job["origin"] == "RestApi" and job["instances"] == len(head_study)
         assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1, "OT": 3}
         check_results_valid(orthanc, study_id, tmp_path)

@@ -256,6 +256,7 @@ class LobevolPlugin:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._catch_up_timer: threading.Timer | None = None
+        self.worker_status = "starting"
 
     # -- Orthanc's events ---------------------------------------------------------------------
 
@@ -396,9 +397,12 @@ class LobevolPlugin:
 
     def _start_worker(self) -> bool:
         try:
-            log.warning("lobevol: worker ready: %s", self.worker.start())
+            self.worker_status = "loading the model"
+            self.worker_status = f"ready: {self.worker.start()}"
+            log.warning("lobevol: worker %s", self.worker_status)
             return True
         except RuntimeError as error:
+            self.worker_status = f"cannot start: {error}"
             log.error("lobevol: cannot start the worker: %s; trying again in %g s", error, WORKER_RESTART_DELAY_S)
             self._stopping.wait(WORKER_RESTART_DELAY_S)
             return False
@@ -505,7 +509,7 @@ class LobevolPlugin:
                 raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
         limit = int(arguments.get("limit", "20"))
         counts = self.jobs.counts()
-        return {"counts": {s: counts.get(s, 0) for s in STATES},
+        return {"worker": self.worker_status, "counts": {s: counts.get(s, 0) for s in STATES},
                 "jobs": [_job_json(j) for j in self.jobs.jobs(limit=limit, states=states or None)]}
 
     def job_answer(self, job_id: int) -> dict:
