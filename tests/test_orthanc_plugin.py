@@ -240,21 +240,27 @@ def test_c_store_to_orthanc_with_authentication(tmp_path, head_study):
 
 
 @pytest.mark.integration
-def test_kill_9_mid_analysis_and_restart_end_with_one_set_of_results(tmp_path, head_study):
+def test_stop_and_kill_9_mid_analysis_and_restarts_end_with_one_set_of_results(tmp_path, head_study):
     config = lobevol_config(tmp_path / "lobevol")
     orthanc = plugin_orthanc(tmp_path / "orthanc", config, "tests.test_orthanc_plugin:SlowSegmenter").start()
     try:
         study_id = {orthanc.upload(p)["ParentStudy"] for p in head_study}.pop()
         wait_for(lambda: lobevol_jobs(orthanc)["counts"]["processing"] == 1, 60, "the analysis to start", 0.2)
+        stopping = time.monotonic()
+        orthanc.stop()  # SIGTERM: the running job is checkpointed, Orthanc does not wait for it
+        assert time.monotonic() - stopping < 5
+        orthanc.start()
+        wait_for(lambda: lobevol_jobs(orthanc)["counts"]["processing"] == 1, 60, "the analysis to resume", 0.2)
         worker = _worker_pids(orthanc.process.pid)
         assert worker, "no worker process under Orthanc"
         orthanc.kill()
         wait_for(lambda: not any(_alive(p) for p in worker), 10, "the orphaned worker to exit")
         orthanc.start()
         job, = wait_for_job(orthanc, 90)
-        assert job["state"] == "done" and job["attempts"] == 2, job
-        history = orthanc.get(f"/lobevol/jobs/{job['id']}")["history"]
-        assert "resumed after a restart" in [h["message"] for h in history]
+        assert job["state"] == "done" and job["attempts"] == 3, job
+        messages = [h["message"] for h in orthanc.get(f"/lobevol/jobs/{job['id']}")["history"]]
+        assert any(m.startswith("checkpointed at shutdown") for m in messages), messages
+        assert "resumed after a restart" in messages
         assert study_modalities(orthanc, study_id) == {"CT": len(head_study), "SEG": 1, "SR": 1, "DOC": 1}
         # Killed after Orthanc stored the results but before the queue recorded it: they are not stored again.
         orthanc.kill()
