@@ -79,8 +79,6 @@ log = logging.getLogger("lobevol.orthanc")
 SECTION = "Lobevol"
 #: The outbox destination of results stored back into Orthanc.
 DESTINATION = "ORTHANC"
-#: Manufacturer of every object lobevol writes (node/results/derived.py; not imported: see _bootstrap).
-MANUFACTURER = "lobevol"
 REPOSITORY = Path(__file__).resolve().parents[2]
 IDLE_PERIOD_S = 1.0
 WORKER_RESTART_DELAY_S = 5.0
@@ -166,10 +164,10 @@ def already_analysed(series: Sequence[Mapping[str, Any]]) -> str | None:
     earlier than the study's last other series: its results are in it already
     (new images after them start a new analysis, as in the node).
     """
-    ours = [s for s in series if _manufacturer(s) == MANUFACTURER]
+    ours = [s for s in series if made_by_lobevol(s)]
     if not ours:
         return None
-    others = [s for s in series if _manufacturer(s) != MANUFACTURER]
+    others = [s for s in series if not made_by_lobevol(s)]
     if not others:
         return f"every series of the study ({len(ours)}) was made by lobevol: nothing to analyse"
     if max(s.get("LastUpdate", "") for s in ours) >= max(s.get("LastUpdate", "") for s in others):
@@ -178,8 +176,11 @@ def already_analysed(series: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _manufacturer(series: Mapping[str, Any]) -> str:
-    return str(series.get("MainDicomTags", {}).get("Manufacturer", "")).strip().lower()
+def made_by_lobevol(series: Mapping[str, Any]) -> bool:
+    """Whether a series (as Orthanc lists it) holds lobevol's results: its Manufacturer is ours."""
+    from node.results.derived import MANUFACTURER
+
+    return str(series.get("MainDicomTags", {}).get("Manufacturer", "")).strip() == MANUFACTURER
 
 
 class OrthancStudies:
@@ -416,7 +417,7 @@ class LobevolPlugin:
             self.jobs.finish_analysis(job_id, "failed", f"the study is no longer in Orthanc ({error})", "", None, [])
             return
         reason = already_analysed(series)
-        ct = [s for s in series if s["MainDicomTags"].get("Modality") == "CT" and _manufacturer(s) != MANUFACTURER]
+        ct = [s for s in series if s["MainDicomTags"].get("Modality") == "CT" and not made_by_lobevol(s)]
         ignored = sum(len(s["Instances"]) for s in series if s not in ct)
         if reason is None and not ct:
             modalities = sorted({s["MainDicomTags"].get("Modality", "?") for s in series})
