@@ -98,6 +98,22 @@ def test_labelmap_seg_round_trip(study, tmp_path):
     )
 
 
+def test_labelmap_background_is_the_padding_value_not_a_segment(study):
+    """Supplement 243: background pixels carry the Pixel Padding Value; the Segment Sequence lists the regions.
+
+    Item i of the sequence is segment i + 1, in label order, with its region's
+    colour (OHIF colours by position: a background item shifted every colour).
+    """
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL, labelmap=True)
+    assert seg.PixelPaddingValue == 0
+    assert [int(item.SegmentNumber) for item in seg.SegmentSequence] == list(range(1, 11))
+    for item, region in zip(seg.SegmentSequence, REGIONS):
+        assert (item.SegmentLabel, item.TrackingID) == (region.name, region.key)
+        rgb = hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.array(rgb) - np.array(region.rgb)).max() <= 2
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -126,6 +142,31 @@ def test_binary_seg_passes_dciodvfy(study, tmp_path):
     build_seg(volume, labels, MODEL).save_as(path)
     result = validate(path)
     assert result.errors == [], result.output
+    assert result.warnings == [], result.output
+
+
+@pytest.mark.integration
+def test_labelmap_seg_passes_dciodvfy_but_for_what_supplement_243_changed(study, tmp_path):
+    """dciodvfy (dicom3tools 2022) has no Label Map Segmentation IOD: check it as a Segmentation.
+
+    The SOP class is set to Segmentation Storage for the check; the only
+    complaints allowed are the two Supplement 243 made legal for LABELMAP:
+    the Segmentation Type value itself, and no per-frame Segment
+    Identification (a label map frame holds every segment).
+    """
+    volume, labels = study
+    seg = build_seg(volume, labels, MODEL, labelmap=True)
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    path = tmp_path / "labelmap-as-seg.dcm"
+    seg.save_as(path)
+    result = validate(path)
+    unexplained = [
+        e for e in result.errors
+        if "Unrecognized enumerated value = <LABELMAP>" not in e
+        and "SegmentIdentificationSequence(0062,000a)> - Missing attribute for Type 1 Required" not in e
+    ]
+    assert unexplained == [], result.output
+    assert any("<LABELMAP>" in e for e in result.errors), result.output  # the check did run on our file
     assert result.warnings == [], result.output
 
 

@@ -22,9 +22,12 @@ Choices:
   :func:`segment_numbers_by_key` find them.
 - BINARY is written uncompressed (every viewer reads it); LABELMAP with RLE
   Lossless (a 140-slice 512 x 512 series: 0.8 MB instead of 34 MB).
-- LABELMAP (Label Map Segmentation Storage, 2024) has a background segment
-  0 added by highdicom; dicom3tools' dciodvfy predates this SOP class and
-  cannot validate it.
+- LABELMAP (Label Map Segmentation Storage, Supplement 243, 2024): the
+  background is the Pixel Padding Value (0), not a segment, so the Segment
+  Sequence describes the regions only. highdicom 0.28 adds a "Background"
+  item numbered 0; we drop it, because viewers that colour segments by their
+  position in the sequence (OHIF 3.x) would then paint every region in its
+  predecessor's colour. dicom3tools' dciodvfy (2022) predates this SOP class.
 """
 from __future__ import annotations
 
@@ -210,7 +213,23 @@ def build_seg(
         transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
     )
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
+    if labelmap:
+        _drop_background_segment(seg)
     return seg
+
+
+def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
+    """Remove the Segment Sequence item highdicom writes for the background of a LABELMAP.
+
+    Supplement 243 marks background pixels by the Pixel Padding Value; a
+    segment item for them is not what the standard describes, and viewers
+    that index segments by position shift every colour by one.
+    """
+    padding = int(seg.PixelPaddingValue)
+    kept = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != padding]
+    if len(kept) != len(seg.SegmentSequence) - 1:
+        raise ValueError(f"expected one background segment numbered {padding} in the LABELMAP SEG")
+    seg.SegmentSequence = kept
 
 
 def _renumber_segments(
@@ -227,7 +246,8 @@ def _renumber_segments(
 def segment_numbers_by_key(seg: pydicom.Dataset) -> dict[str, int]:
     """Map region key -> segment number in a SEG we wrote (via its Tracking ID).
 
-    A LABELMAP SEG's background segment (number 0, no Tracking ID) is left out.
+    A background segment (number 0, no Tracking ID, as other writers of
+    LABELMAP put it) is left out.
     """
     return {
         str(item.TrackingID): int(item.SegmentNumber)
