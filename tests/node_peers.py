@@ -8,8 +8,10 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -87,6 +89,98 @@ class StoreSCP:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class CountingSCP:
+    """A PACS (pynetdicom, in this process) that records every C-STORE it answers, re-sends included.
+
+    Unlike a folder of files named by SOP Instance UID, which a re-send overwrites,
+    :attr:`receipts` keeps one entry per C-STORE, so a duplicate delivery shows.
+    ``on_store(dataset, receipts)`` is called (in the SCP's thread) after the
+    receipt is recorded and before success is answered: a test can kill the
+    sender there, after "the PACS stored it" and before the sender hears so.
+    """
+
+    def __init__(self, port: int | None = None, ae_title: str = "PACS",
+                 on_store: Callable[[pydicom.Dataset, list], None] | None = None):
+        self.port, self.ae_title, self.on_store = port or free_port(), ae_title, on_store
+        self.receipts: list[tuple[str, str, str]] = []  # (Study, SOP Class, SOP Instance UID) per C-STORE
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self) -> "CountingSCP":
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax)
+        ae.maximum_associations = 32
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self
+
+    def _store(self, event) -> int:
+        dataset = event.dataset
+        with self._lock:
+            self.receipts.append((str(dataset.StudyInstanceUID), str(dataset.SOPClassUID),
+                                  str(dataset.SOPInstanceUID)))
+            snapshot = list(self.receipts)
+        if self.on_store is not None:
+            self.on_store(dataset, snapshot)
+        return 0x0000
+
+    def counts(self) -> Counter:
+        """C-STOREs received per SOP Instance UID."""
+        with self._lock:
+            return Counter(uid for _, _, uid in self.receipts)
+
+    def by_study(self) -> dict[str, list[tuple[str, str]]]:
+        """(SOP Class, SOP Instance UID) of every receipt, per study."""
+        studies: dict[str, list[tuple[str, str]]] = {}
+        with self._lock:
+            for study, sop_class, uid in self.receipts:
+                studies.setdefault(study, []).append((sop_class, uid))
+        return studies
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> "CountingSCP":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+#: ``lobevol serve`` in a subprocess takes its stand-in segmenter from this variable (test-only hook).
+STAND_IN_SEGMENTER = {"LOBEVOL_TEST_SEGMENTER": "tests.output_fixtures:PartitionSegmenter"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def serve(config: Path, log: Path, environment: dict[str, str] | None = None) -> subprocess.Popen:
+    """``lobevol serve`` as a subprocess (model-free PartitionSegmenter), once it listens."""
+    import os
+    import sys
+
+    from node.config import load_config
+
+    process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                               env={**os.environ, **STAND_IN_SEGMENTER, **(environment or {})})
+    port = load_config(config).port
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"lobevol serve exited {process.returncode}: {Path(log).read_text()[-3000:]}")
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 120, "lobevol serve to listen")
+    return process
 
 
 class Orthanc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from node.config import load_config
 from node.pipeline import PipelineSettings
 from node.service.server import Node
-from node.service.worker import JobRequest, Worker, WorkerCrashed, WorkerStopped
+from node.service.worker import MAX_WORKER_CRASHES, JobRequest, Worker, WorkerCrashed, WorkerStopped
 from tests.node_peers import StoreSCP, free_port, storescu, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 
@@ -92,26 +93,81 @@ def test_unloadable_model_is_reported_at_start():
         worker.start()
 
 
+class PoisonStudySegmenter(PartitionSegmenter):
+    """SIGKILLed on images of exactly ``poison_slices`` slices; analyses every other study."""
+
+    def __init__(self, poison_slices: int):
+        self.poison_slices = poison_slices
+
+    def segment(self, image):
+        if image.GetSize()[2] == self.poison_slices:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().segment(image)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_worker_crash_fails_one_job_and_the_node_goes_on(tmp_path):
+def test_a_job_the_worker_crashed_in_is_analysed_again_by_a_new_worker(tmp_path):
     marker = tmp_path / "crash"
     marker.touch()
-    first = write_ct_series(tmp_path / "a", region_labels((20, 32, 32)))
-    second = write_ct_series(tmp_path / "b", region_labels((20, 32, 32)))
+    study = write_ct_series(tmp_path / "a", region_labels((20, 32, 32)))
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         node = Node(load_config(config), functools.partial(CrashingSegmenter, str(marker)))
         node.start()
         try:
-            storescu(node.port, first)
-            crashed = wait_for(lambda: next(iter(node.jobs.jobs(states=["failed"])), None), 60, "the crashed job")
-            assert "worker process ended unexpectedly (exit code 11)" in crashed.reason
-            storescu(node.port, second)
-            wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the next job after the crash")
+            storescu(node.port, study)
+            job = wait_for(lambda: next(iter(node.jobs.jobs(states=["done", "failed"])), None), 90, "the job")
         finally:
             node.stop()
-        assert {ds.StudyInstanceUID for ds in pacs.received()} == {pydicom.dcmread(second[0]).StudyInstanceUID}
+        assert job.state == "done", job.reason
+        assert (job.crashes, job.attempts) == (1, 2)
+        messages = [message for _, _, message in node.jobs.events(job.id)]
+        assert any("worker process ended unexpectedly (exit code 11)" in m and "analysed again (crash 1 of at most 3)"
+                   in m for m in messages)
+        assert {ds.StudyInstanceUID for ds in pacs.received()} == {pydicom.dcmread(study[0]).StudyInstanceUID}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_study_that_always_kills_the_worker_fails_after_max_crashes_and_the_node_goes_on(tmp_path):
+    poison = write_ct_series(tmp_path / "a", region_labels((21, 32, 32)))
+    healthy = write_ct_series(tmp_path / "b", region_labels((20, 32, 32)))
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
+        node = Node(load_config(config), functools.partial(PoisonStudySegmenter, 21))
+        node.start()
+        try:
+            storescu(node.port, poison)
+            failed = wait_for(lambda: next(iter(node.jobs.jobs(states=["failed"])), None), 120, "the poison job")
+            storescu(node.port, healthy)
+            wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the next job after the poison study")
+        finally:
+            node.stop()
+        assert (failed.crashes, failed.attempts) == (MAX_WORKER_CRASHES, MAX_WORKER_CRASHES)
+        assert "exit code -9" in failed.reason and f"crashed {MAX_WORKER_CRASHES} times" in failed.reason
+        assert {ds.StudyInstanceUID for ds in pacs.received()} == {pydicom.dcmread(healthy[0]).StudyInstanceUID}
+
+
+def test_a_crash_counts_against_the_job_until_max_crashes_and_a_retry_resets_it(tmp_path):
+    from node.service.jobs import JobStore
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs.record_instance("1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.1.1", tmp_path / "x.dcm", 1, "PACS")
+    (job_id,) = jobs.select_stable(0)
+    jobs.mark_input_ready(job_id)
+    for crash in (1, 2):
+        assert jobs.claim_next().id == job_id
+        assert jobs.record_crash(job_id, "killed", max_crashes=3) == "selected"
+        assert jobs.get(job_id).crashes == crash
+    assert jobs.claim_next().id == job_id
+    assert jobs.record_crash(job_id, "killed", max_crashes=3) == "failed"
+    job = jobs.get(job_id)
+    assert job.state == "failed" and "crashed 3 times" in job.reason and job.finished_at is not None
+    assert jobs.claim_next() is None  # a failed job is not picked up again
+    assert jobs.retry(job_id) == "analysis queued again" and jobs.get(job_id).crashes == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        jobs.record_crash(job_id, "killed", max_crashes=0)
 
 
 @pytest.mark.integration

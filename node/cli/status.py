@@ -69,7 +69,7 @@ def describe_job(jobs, job_id: int) -> str:
              f"  study       {job.study_uid}",
              f"  from        {job.origin_ae}",
              f"  instances   {job.instances} received, {job.ignored} ignored (not CT)",
-             f"  attempts    {job.attempts}",
+             f"  attempts    {job.attempts}" + (f" ({job.crashes} ended by a worker crash)" if job.crashes else ""),
              f"  results     {job.results_dir or '-'}" + (" (removed by retention)" if job.results_removed else "")]
     if job.summary:
         lines.append(f"  summary     {job.summary}")

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     images_removed INTEGER NOT NULL DEFAULT 0,
     results_removed INTEGER NOT NULL DEFAULT 0,
-    source_id TEXT
+    source_id TEXT,
+    crashes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid);
@@ -105,6 +106,9 @@ CREATE TABLE IF NOT EXISTS cursors (
 );
 """
 
+#: Columns added to ``jobs`` after the first release, added to older databases when opened.
+ADDED_JOB_COLUMNS = {"source_id": "TEXT", "crashes": "INTEGER NOT NULL DEFAULT 0"}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -128,6 +132,7 @@ class Job:
     images_removed: bool
     results_removed: bool
     source_id: str | None = None
+    crashes: int = 0  # times the worker process died while analysing this job
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,9 @@ class JobStore:
         db = self._connection()
         db.executescript(SCHEMA)  # IF NOT EXISTS: idempotent, its own transaction
         columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-        if "source_id" not in columns:  # a database made before jobs could come from a PACS
-            db.execute("ALTER TABLE jobs ADD COLUMN source_id TEXT")
+        for name, definition in ADDED_JOB_COLUMNS.items():
+            if name not in columns:  # a database made by an earlier version
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -398,6 +404,26 @@ class JobStore:
             self._set_state(db, job_id, status, reason, final=True)
             return status
 
+    def record_crash(self, job_id: int, reason: str, max_crashes: int) -> str:
+        """The worker died while analysing the job (killed, out of memory, a segfault); returns the new state.
+
+        The job goes back to selected, to be analysed again by a fresh worker,
+        until it has crashed ``max_crashes`` times: it then fails, naming the
+        crashes, so that one study that always crashes the worker cannot loop.
+        """
+        if max_crashes < 1:
+            raise ValueError(f"max_crashes must be at least 1, got {max_crashes}")
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET crashes = crashes + 1 WHERE id = ?", (job_id,))
+            crashes = db.execute("SELECT crashes FROM jobs WHERE id = ?", (job_id,)).fetchone()["crashes"]
+            if crashes >= max_crashes:
+                self._set_state(db, job_id, "failed", f"{reason}; the worker crashed {crashes} times on this study "
+                                f"(max_crashes = {max_crashes}): not analysed again", final=True)
+                return "failed"
+            self._set_state(db, job_id, "selected", f"{reason}; analysed again (crash {crashes} of at most "
+                            f"{max_crashes})")
+            return "selected"
+
     def recover(self, *, from_pacs: bool = False) -> list[int]:
         """After a restart: jobs caught in processing go back to selected (their last safe state)."""
         with self._transaction() as db:
@@ -443,8 +469,8 @@ class JobStore:
             return "analysis queued again (the study is fetched again)"
         if job.images_removed or not job.input_ready:
             raise ValueError(f"job {job_id}: its input images are gone (retention); send the study again")
-        with self._transaction() as db:
-            db.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job_id,))
+        with self._transaction() as db:  # an operator's retry gives a study that crashed the worker a fresh count
+            db.execute("UPDATE jobs SET finished_at = NULL, crashes = 0 WHERE id = ?", (job_id,))
             self._set_state(db, job_id, "selected", "retry requested")
         return "analysis queued again"
 

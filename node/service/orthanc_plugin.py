@@ -449,7 +449,7 @@ class LobevolPlugin:
     def process(self, job) -> None:
         from node.service.jobs import Delivery
         from node.service.scu import read_file_header
-        from node.service.worker import JobRequest, WorkerCrashed, WorkerStopped
+        from node.service.worker import MAX_WORKER_CRASHES, JobRequest, WorkerCrashed, WorkerStopped, WorkerTimedOut
 
         output = self.config.results_dir / str(job.id)
         request = JobRequest(job.id, str(self.spool.job_input(job.id)), str(output))
@@ -459,9 +459,15 @@ class LobevolPlugin:
         except WorkerStopped as error:
             self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
             return
-        except WorkerCrashed as error:
+        except WorkerTimedOut as error:
             log.error("lobevol: job %d (study %s): failed, %s", job.id, job.study_uid, error)
             self.jobs.finish_analysis(job.id, "failed", str(error), "", str(output), [])
+            return
+        except WorkerCrashed as error:  # killed, out of memory: analysed again, up to MAX_WORKER_CRASHES
+            state = self.jobs.record_crash(job.id, str(error), MAX_WORKER_CRASHES)
+            log.error("lobevol: job %d (study %s): %s; %s", job.id, job.study_uid, error,
+                      "analysed again by a new worker" if state == "selected" else
+                      f"failed after {MAX_WORKER_CRASHES} crashes")
             return
         deliveries = []
         if outcome.status == "done":

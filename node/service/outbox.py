@@ -3,7 +3,11 @@
 The outbox rows live in the job database (written with the analysis outcome,
 see :meth:`node.service.jobs.JobStore.finish_analysis`), so a restart resumes delivery
 where it stopped. :meth:`Outbox.deliver_due` sends every due item, one
-association per destination:
+association per destination, and commits each item's outcome as soon as the
+destination answers its C-STORE. Delivery is therefore at-least-once: a crash
+between the destination's answer and that commit re-sends the one object in
+flight, with the same SOP Instance UID (the file is sent as it was written), so
+a PACS that stores by SOP Instance UID keeps one copy:
   - a destination that is down (or breaks the association) is retried after
     ``RetryPolicy.delay_after(attempts)`` seconds; after ``max_attempts`` the
     item ends as failed and its job fails with the reason: never an endless loop;
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.service.jobs import JobStore, OutboxItem
-from node.service.scu import PeerUnavailable, store_files
+from node.service.scu import PeerUnavailable, StoreResult, store_files
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +62,32 @@ class Outbox:
                 self.jobs.record_delivery(item.id, "failed", "result file is missing (removed by retention?)")
         if not present:
             return
+        outcomes: list[str] = []
+
+        def record(result: StoreResult) -> None:
+            # Called as each file's C-STORE is answered: its outcome is committed before the
+            # next file goes, so a crash re-sends at most the file in flight.
+            self._record(present[len(outcomes)], result)
+            outcomes.append(result.outcome)
+
         try:
-            results = store_files(remote, [Path(i.path) for i in present], self.config.ae_title, self.config.tls)
+            store_files(remote, [Path(i.path) for i in present], self.config.ae_title, self.config.tls,
+                        progress=record)
         except PeerUnavailable as error:
             log.warning("results for %s not sent: %s", destination, error)
-            for item in present:
+            for item in present[len(outcomes):]:
                 self._postpone(item, str(error))
             return
-        sent = 0
-        for item, result in zip(present, results):
-            if result.outcome == "sent":
-                self.jobs.record_delivery(item.id, "sent", result.detail)
-                sent += 1
-            elif result.outcome == "refused":
-                log.warning("job %d: %s", item.job_id, result.detail)
-                self.jobs.record_delivery(item.id, "refused", result.detail)
-            else:
-                self._postpone(item, result.detail)
-        log.info("sent %d of %d result object(s) to %s", sent, len(present), destination)
+        log.info("sent %d of %d result object(s) to %s", outcomes.count("sent"), len(present), destination)
+
+    def _record(self, item: OutboxItem, result: StoreResult) -> None:
+        if result.outcome == "sent":
+            self.jobs.record_delivery(item.id, "sent", result.detail)
+        elif result.outcome == "refused":
+            log.warning("job %d: %s", item.job_id, result.detail)
+            self.jobs.record_delivery(item.id, "refused", result.detail)
+        else:
+            self._postpone(item, result.detail)
 
     def _postpone(self, item: OutboxItem, detail: str) -> None:
         attempts = item.attempts + 1

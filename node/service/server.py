@@ -6,7 +6,8 @@
     get their input frozen; retention runs every minute;
   - a processing thread: hands selected jobs to the worker process one at a
     time and records each outcome (results go to the outbox in the same
-    transaction);
+    transaction); a job whose analysis the worker died in is analysed again by
+    a fresh worker, up to MAX_WORKER_CRASHES crashes;
   - a sending thread: delivers due outbox items.
 
 :meth:`Node.stop` (SIGTERM in ``lobevol serve``) stops accepting associations
@@ -28,7 +29,9 @@ from node.service.outbox import Outbox
 from node.service.scp import StorageSCP
 from node.service.scu import read_file_header
 from node.service.spool import Spool
-from node.service.worker import JobRequest, Worker, WorkerCrashed, WorkerStopped, segmenter_factory
+from node.service.worker import (
+    MAX_WORKER_CRASHES, JobRequest, Worker, WorkerCrashed, WorkerStopped, WorkerTimedOut, segmenter_factory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +167,15 @@ class Node:
         except WorkerStopped as error:
             self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
             return
-        except WorkerCrashed as error:
+        except WorkerTimedOut as error:
             log.error("job %d (study %s): failed, %s", job.id, job.study_uid, error)
             self.jobs.finish_analysis(job.id, "failed", str(error), "", str(output), [])
+            return
+        except WorkerCrashed as error:
+            state = self.jobs.record_crash(job.id, str(error), MAX_WORKER_CRASHES)
+            log.error("job %d (study %s): %s; %s", job.id, job.study_uid, error,
+                      "analysed again by a new worker" if state == "selected" else
+                      f"failed after {MAX_WORKER_CRASHES} crashes")
             return
         deliveries, reason = [], outcome.reason
         if outcome.status == "done":

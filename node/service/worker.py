@@ -1,9 +1,11 @@
 """The inference worker: a separate process that loads the model once and analyses jobs one at a time.
 
 The network process keeps receiving while the worker computes, and a crash
-in the worker (a segfault, out of memory, kill) fails the one job it was
-running, not the node: :class:`Worker` notices the dead process, reports
-:class:`WorkerCrashed`, and the node starts a fresh worker for the next job.
+in the worker (a segfault, the kernel's out-of-memory killer, kill -9) costs
+the node nothing but that analysis: :class:`Worker` notices the dead process
+and reports :class:`WorkerCrashed`; the node counts the crash against the job,
+starts a fresh worker and analyses the job again, until the job has crashed
+the worker ``max_crashes`` times (then it fails, naming the crashes).
 
 The worker never touches the job database: it gets a :class:`JobRequest`
 through a pipe and answers a :class:`JobOutcome`; the node records it. When
@@ -26,6 +28,8 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
+#: A job that kills the worker this many times fails (one poison study must not crash it forever).
+MAX_WORKER_CRASHES = 3
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class JobOutcome:
 
 class WorkerCrashed(RuntimeError):
     """The worker process ended or was stopped while analysing a job."""
+
+
+class WorkerTimedOut(WorkerCrashed):
+    """The job ran longer than its time limit; the worker process was killed."""
 
 
 class WorkerStopped(RuntimeError):
@@ -158,7 +166,7 @@ class Worker:
                 raise WorkerCrashed(f"the worker process ended unexpectedly (exit code {code}) during the analysis")
             if time.monotonic() - started > timeout_s:
                 self.kill()
-                raise WorkerCrashed(f"the analysis took longer than job_timeout_s ({timeout_s:g} s) and was stopped")
+                raise WorkerTimedOut(f"the analysis took longer than job_timeout_s ({timeout_s:g} s) and was stopped")
             if stop_deadline is None and stop_requested():
                 stop_deadline = time.monotonic() + grace_s
                 log.info("shutting down: letting job %d finish for up to %g s", request.job_id, grace_s)
