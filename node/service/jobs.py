@@ -464,7 +464,7 @@ class JobStore:
                 return f"{failed} undelivered result(s) queued again"
         if job.source_id is not None:  # the PACS still holds the study: fetch it again
             with self._transaction() as db:
-                db.execute("UPDATE jobs SET finished_at = NULL, input_ready = 0 WHERE id = ?", (job_id,))
+                db.execute("UPDATE jobs SET finished_at = NULL, input_ready = 0, crashes = 0 WHERE id = ?", (job_id,))
                 self._set_state(db, job_id, "selected", "retry requested")
             return "analysis queued again (the study is fetched again)"
         if job.images_removed or not job.input_ready:
