@@ -26,7 +26,8 @@ REMOTE_PREFIX = "remote "
 KNOWN: dict[str, dict[str, str]] = {
     "node": {
         "ae_title": "LOBEVOL", "bind_address": "127.0.0.1", "port": "11112", "max_associations": "8",
-        "log_patient_identifiers": "no", "shutdown_grace_s": "120",
+        "log_patient_identifiers": "no", "shutdown_grace_s": "120", "association_request_timeout_s": "10",
+        "network_timeout_s": "60", "max_pending_connections": "32",
     },
     "storage": {
         "spool": "var/spool", "results": "var/results", "database": "var/lobevol.sqlite",
@@ -146,6 +147,9 @@ class NodeConfig:
     max_associations: int = 8
     log_patient_identifiers: bool = False
     shutdown_grace_s: float = 120.0
+    association_request_timeout_s: float = 10.0
+    network_timeout_s: float = 60.0
+    max_pending_connections: int = 32
     spool_dir: Path = Path("var/spool")
     results_dir: Path = Path("var/results")
     database: Path = Path("var/lobevol.sqlite")
@@ -200,7 +204,8 @@ class NodeConfig:
         """The effective settings, one per line (what ``lobevol config check`` prints)."""
         lines = [f"configuration: {self.source or '(built-in defaults)'}"]
         for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
-                     "shutdown_grace_s", "spool_dir", "results_dir", "database", "max_instance_bytes",
+                     "shutdown_grace_s", "association_request_timeout_s", "network_timeout_s",
+                     "max_pending_connections", "spool_dir", "results_dir", "database", "max_instance_bytes",
                      "max_instances_per_study", "disk_high_water_percent", "stability_s", "device", "threads",
                      "model", "tta", "refine_surface", "job_timeout_s", "send_to_origin", "extra_destinations",
                      "images_retention_s", "results_retention_s"):
@@ -289,6 +294,9 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         max_associations=values.integer("node", "max_associations", 1, 1000),
         log_patient_identifiers=values.flag("node", "log_patient_identifiers"),
         shutdown_grace_s=values.number("node", "shutdown_grace_s", 0),
+        association_request_timeout_s=values.number("node", "association_request_timeout_s", 0.1, 600),
+        network_timeout_s=values.number("node", "network_timeout_s", 0.1, 3600),
+        max_pending_connections=values.integer("node", "max_pending_connections", 1, 1000),
         spool_dir=_resolve(base, values.text("storage", "spool")),
         results_dir=_resolve(base, values.text("storage", "results")),
         database=_resolve(base, values.text("storage", "database")),

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -12,7 +15,8 @@ from node.config import NodeConfig, RemoteAE
 from node.service.jobs import JobStore
 from node.service.scp import StorageSCP
 from node.service.spool import Spool
-from tests.node_peers import storescu
+from tests.node_peers import storescu, wait_for
+from tests.raw_dicom import associate_rq, closed_by_peer, connect, pdu, read_pdu_type
 from tests.output_fixtures import region_labels, write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -165,3 +169,105 @@ def test_associations_beyond_the_limit_are_rejected_transiently(scp_factory, ser
     finally:
         held.release()
     storescu(scp.port, series[:1])  # free again
+
+
+def _echo(port: int, calling: str = "PACS"):
+    """A C-ECHO association; returns the (established or rejected) association after release."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="LOBEVOL")
+
+
+def test_fifty_callers_at_once_get_all_eight_slots_and_the_rest_a_transient_rejection(scp_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    scp = scp_factory(max_associations=8)
+    release = threading.Event()
+
+    def call(_):
+        assoc = _echo(scp.port)
+        if assoc.is_established:
+            release.wait(30)  # hold the slot until every caller had its answer
+            assoc.release()
+            return "served"
+        rejection = assoc.acceptor.primitive
+        return "transient" if assoc.is_rejected and (rejection.result, rejection.diagnostic) == (0x02, 0x02) else "other"
+
+    with ThreadPoolExecutor(50) as pool:
+        futures = [pool.submit(call, n) for n in range(50)]
+        wait_for(lambda: sum(f.done() for f in futures) == 42, 60, "42 callers answered")
+        release.set()
+        outcomes = [f.result() for f in futures]
+    assert outcomes.count("served") == 8 and outcomes.count("transient") == 42
+    assert _echo(scp.port).is_established  # the slots came back
+
+
+@pytest.mark.parametrize("sent", [
+    b"",                                          # connects, says nothing
+    associate_rq(b"STRANGER")[:40],               # half an A-ASSOCIATE-RQ from an unknown AE, then silence
+    pdu(0x04, b"", length=100_000)[:6] + b"x",    # a P-DATA header announcing 100 kB, one byte of it
+], ids=["silent", "half-associate-rq", "half-pdu"])
+def test_stalled_connections_hold_no_slot_and_are_closed_after_the_request_timeout(scp_factory, series, caplog, sent):
+    caplog.set_level(logging.INFO, logger="node")
+    scp = scp_factory(max_associations=2, association_request_timeout_s=1.0)
+    stalled = [connect(scp.port) for _ in range(8)]
+    for sock in stalled:
+        sock.sendall(sent)
+    storescu(scp.port, series[:2])  # served at once: the 8 stalled callers hold no slot
+    assert len(_spooled(scp)) == 2
+    ports = [sock.getsockname()[1] for sock in stalled]
+    assert all(closed_by_peer(sock, 5) for sock in stalled)  # 1 s timeout, reaper every 0.25 s
+    for sock in stalled:
+        sock.close()
+    wait_for(lambda: caplog.text.count("no complete association request within 1 s") >= 8, 5, "the log lines")
+    assert all(f"connection from 127.0.0.1:{port} closed" in caplog.text for port in ports)
+
+
+def test_a_trickling_caller_is_cut_off_at_the_request_timeout(scp_factory):
+    scp = scp_factory(association_request_timeout_s=1.0)
+    sock = connect(scp.port)
+    started = time.monotonic()
+    request = associate_rq()
+    with pytest.raises(OSError):
+        for byte in request:  # one byte every 0.2 s: each read progresses, the request never completes
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - started > 10:
+                break
+    assert time.monotonic() - started < 5
+    sock.close()
+
+
+def test_a_full_house_is_logged_with_who_holds_the_slots(scp_factory, caplog):
+    scp = scp_factory(max_associations=1)
+    held = _echo(scp.port)
+    try:
+        assert held.is_established
+        assert _echo(scp.port).is_rejected
+    finally:
+        held.release()
+    holder_port = held.requestor.port
+    assert f"all 1 association slots are held (PACS@127.0.0.1:{holder_port} for" in caplog.text
+
+
+@pytest.mark.parametrize("calling", [b"EVIL\r\nINFO ok", b"A\x1b[2JB", b"NUL\x00AE", b"\x85NEL\x7f"])
+def test_control_characters_from_the_network_are_escaped_in_the_log(scp_factory, caplog, calling):
+    from node.logsafe import PrintableFormatter
+
+    caplog.set_level(logging.INFO)
+    scp = scp_factory()
+    sock = connect(scp.port)
+    sock.sendall(associate_rq(calling))
+    assert read_pdu_type(sock) in (0x03, 0x07)  # rejected (not in the remote table) or aborted (pynetdicom)
+    sock.close()
+    wait_for(lambda: "rejected" in caplog.text or "Unable to decode" in caplog.text, 5, "the refusal logged")
+    formatter = PrintableFormatter("%(levelname)s %(name)s: %(message)s")
+    for record in caplog.records:
+        first, *rest = formatter.format(record).split("\n")
+        assert all(line.startswith("  | ") for line in rest), rest  # a traceback cannot forge a record
+        for line in (first, *rest):
+            assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in line), line

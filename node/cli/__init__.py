@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from inference.vocabulary import __version__
+from node.logsafe import PrintableFormatter
 
 #: Subcommands listed first in ``--help``, in this order (the daily work of a node);
 #: every other module of this package follows alphabetically.
@@ -81,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    # Logged values come from the network too (AE titles, UIDs): control characters escaped.
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        handlers=[handler])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

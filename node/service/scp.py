@@ -4,8 +4,12 @@ Admission (at association time, before any data): the called AE title must be
 ours and the calling AE title must be a remote with ``may_send = yes`` (and,
 when ``check_host = yes``, call from that remote's address). Others are
 rejected with A-ASSOCIATE-RJ "rejected-permanent, service user, calling (or
-called) AE title not recognised" and logged. pynetdicom rejects associations
-beyond ``max_associations`` itself (rejected-transient, local limit exceeded).
+called) AE title not recognised" and logged. An admitted caller takes one of
+``max_associations`` slots; when all are held it is rejected transient (local
+limit exceeded) and the log names the holders. Connections that are not yet
+associated hold no slot, and are closed when their A-ASSOCIATE-RQ is not complete
+after ``association_request_timeout_s``; every read and write on an accepted socket
+times out after ``network_timeout_s`` (node.service.connections).
 
 C-STORE status codes we answer (PS3.4 Annex B.2.3):
   0x0000  stored in the spool (file fsynced and renamed, folder fsynced, job
@@ -39,7 +43,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeConfig
+from node.logsafe import printable
 from node.service.committer import InstanceCommitter
+from node.service.connections import ConnectionGuard, GuardedAssociationServer
 from node.service.jobs import JobStore
 from node.service.spool import Spool, check_uid
 
@@ -68,6 +74,8 @@ MAX_PDU_BYTES = 256 * 1024
 # A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, calling / called AE not recognised.
 REJECT_CALLING = (0x01, 0x01, 0x03)
 REJECT_CALLED = (0x01, 0x01, 0x07)
+# A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded.
+REJECT_BUSY = (0x02, 0x03, 0x02)
 
 
 def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str, address: str) -> tuple[tuple[int, int, int], str] | None:
@@ -112,6 +120,7 @@ class StorageSCP:
         self._server = None
         self._tallies: dict[int, AssociationTally] = {}
         self._lock = threading.Lock()
+        self.connections = ConnectionGuard(config.max_associations, config.association_request_timeout_s)
 
     @property
     def port(self) -> int:
@@ -123,12 +132,18 @@ class StorageSCP:
     def start(self) -> None:
         """Listen (non-blocking); associations are served on pynetdicom's threads."""
         ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_associations = self.config.max_associations
+        # pynetdicom's count includes connections not yet associated: ours (ConnectionGuard) hands out the
+        # max_associations slots; its own only bounds the threads of connections still asking.
+        ae.maximum_associations = self.config.max_associations + self.config.max_pending_connections
+        ae.acse_timeout = self.config.association_request_timeout_s  # also the ARTIM timer
+        ae.network_timeout = self.config.network_timeout_s  # idle time of an association
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         handlers = [
+            (evt.EVT_CONN_OPEN, lambda event: self.connections.opened(event.assoc, event.address)),
+            (evt.EVT_CONN_CLOSE, lambda event: self.connections.closed(event.assoc)),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -137,8 +152,14 @@ class StorageSCP:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server((self.config.bind_address, self.config.port), block=False,
-                                       evt_handlers=handlers, ssl_context=self.config.tls.server_context())
+        server = ae.make_server((self.config.bind_address, self.config.port), evt_handlers=handlers,
+                                ssl_context=self.config.tls.server_context(), server_class=GuardedAssociationServer)
+        server.network_timeout_s = self.config.network_timeout_s
+        # What AE.start_server(block=False) does, with our server class (it cannot take one).
+        ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="lobevol-scp-accept", daemon=True).start()
+        self._server = server
+        self.connections.start()
         log.info("listening as %s on %s:%d%s", self.config.ae_title, self.config.bind_address, self.port,
                  " (TLS)" if self.config.tls.enabled else "")
 
@@ -147,6 +168,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self.connections.stop()
 
     # -- association events ------------------------------------------------------------------
 
@@ -154,7 +176,12 @@ class StorageSCP:
         primitive = event.assoc.requestor.primitive
         calling = primitive.calling_ae_title
         address = event.assoc.requestor.address
+        self.connections.requested(event.assoc, calling)
         refusal = admission_refusal(self.config, calling, primitive.called_ae_title, address)
+        if refusal is None:
+            busy = self.connections.admit(event.assoc)
+            if busy is not None:
+                refusal = REJECT_BUSY, f"calling AE title {printable(calling.strip())!r}: {busy}"
         if refusal is not None:
             (result, source, diagnostic), reason = refusal
             log.warning("association from %s rejected: %s", address, reason)
@@ -166,12 +193,13 @@ class StorageSCP:
     def _on_accepted(self, event) -> None:
         calling = event.assoc.requestor.ae_title.strip()
         with self._lock:
-            self._tallies[id(event.assoc)] = AssociationTally(calling)
+            self._tallies[id(event.assoc)] = AssociationTally(calling)  # admitted: a configured AE title
         log.info("association from %s (%s) accepted", calling, event.assoc.requestor.address)
 
     def _on_rejected(self, event) -> None:
-        log.warning("association from %s rejected by the association limits (max %d)",
-                    event.assoc.requestor.address, self.config.max_associations)
+        log.warning("association from %s rejected by the connection limit (%d associations + %d not yet "
+                    "associated): %s", event.assoc.requestor.address, self.config.max_associations,
+                    self.config.max_pending_connections, "; ".join(self.connections.holders()))
 
     def _on_ended(self, event) -> None:
         with self._lock:
