@@ -13,6 +13,7 @@ import configparser
 import dataclasses
 import re
 import ssl
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -48,6 +49,75 @@ PIPELINE_SECTIONS = ("selection", "outputs")
 REMOTE_KEYS = {"host": None, "port": None, "may_send": "no", "may_receive": "no", "check_host": "no"}
 
 
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class StowSettings:
+    """A DICOMweb server that takes our results by STOW-RS (PS3.18 10.5).
+
+    Secrets are never in the config file: the password or the bearer token is
+    read from a file (its first line) at each delivery, so a token rotated by
+    another program is picked up without a restart.
+
+    Attributes:
+        url: the DICOMweb service root, e.g. ``https://pacs.example.org/dicom-web``
+            (we POST to ``{url}/studies``).
+        username: HTTP basic authentication user (with ``password_file``).
+        password_file: file holding that user's password.
+        token_file: file holding a bearer token (instead of basic authentication).
+        ca_certificates: CA bundle (PEM) that verifies an https server; None: the system's CAs.
+        timeout_s: seconds to wait for the connection and for the answer to each request.
+    """
+
+    url: str
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+    ca_certificates: Path | None = None
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"stow_url {self.url!r} is not an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("stow_url must not hold credentials: use stow_username with stow_password_file, "
+                             "or stow_token_file")
+        if parts.query or parts.fragment:
+            raise ValueError(f"stow_url {self.url!r}: the DICOMweb root takes no query or fragment")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("basic authentication needs both stow_username and stow_password_file")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError("give either basic authentication (stow_username) or a bearer token (stow_token_file), "
+                             "not both")
+        if self.authenticated and parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+            raise ValueError(f"stow_url {self.url!r}: credentials would cross the network in clear; use https://")
+        if self.ca_certificates is not None and parts.scheme != "https":
+            raise ValueError("stow_ca_certificates applies to an https:// stow_url only")
+        for name in ("password_file", "token_file", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"stow_{name} {path} does not exist")
+        if not self.timeout_s > 0:
+            raise ValueError(f"stow_timeout_s {self.timeout_s:g} must be more than 0")
+
+    @property
+    def authenticated(self) -> bool:
+        return self.password_file is not None or self.token_file is not None
+
+    def describe(self) -> str:
+        """The URL and how we authenticate, without any secret."""
+        if self.username is not None:
+            auth = f"basic auth as {self.username}, password from {self.password_file}"
+        elif self.token_file is not None:
+            auth = f"bearer token from {self.token_file}"
+        else:
+            auth = "no authentication"
+        ca = f", CAs {self.ca_certificates}" if self.ca_certificates else ""
+        return f"STOW-RS {self.url} ({auth}{ca})"
+
+
 @dataclass(frozen=True)
 class RemoteAE:
     """A peer we know: who may send to us and who may receive our results.
@@ -59,6 +129,8 @@ class RemoteAE:
         may_send: it may open associations to us (C-STORE, C-ECHO).
         may_receive: we may send results to it.
         check_host: refuse its AE title when the association comes from another address.
+        stow: results go to this DICOMweb server by STOW-RS instead of by C-STORE; host and
+            port may then be left out (they are needed only for check_host and C-ECHO).
     """
 
     ae_title: str
@@ -67,9 +139,14 @@ class RemoteAE:
     may_send: bool = False
     may_receive: bool = False
     check_host: bool = False
+    stow: StowSettings | None = None
 
     def __post_init__(self) -> None:
         _check_ae_title(self.ae_title, f"remote {self.ae_title!r}")
+        if self.stow is not None and not self.host.strip() and not self.port:
+            if self.check_host:
+                raise ValueError(f"remote {self.ae_title}: check_host needs a host")
+            return  # reached by DICOMweb only
         if not self.host.strip():
             raise ValueError(f"remote {self.ae_title}: host is empty")
         if not 1 <= self.port <= 65535:

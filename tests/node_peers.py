@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -187,11 +188,13 @@ class Orthanc:
     """An Orthanc server in a temporary folder, knowing the node as modality ``lobevol`` when ``node_port`` is given.
 
     ``extra`` is merged into Orthanc's configuration (plugins, users...);
-    ``credentials`` (user, password) are sent with every REST call.
+    ``credentials`` (user, password) are sent with every REST call; with ``"SslEnabled"`` in
+    ``extra``, REST calls use https and trust ``ca_certificates``.
     """
 
     def __init__(self, folder: Path, node_port: int | None = None, ae_title: str = "PACS", node_ae: str = "LOBEVOL",
-                 *, extra: dict | None = None, credentials: tuple[str, str] | None = None):
+                 *, extra: dict | None = None, credentials: tuple[str, str] | None = None,
+                 ca_certificates: Path | None = None):
         self.folder = Path(folder)
         self.dicom_port, self.http_port = free_port(), free_port()
         self.config = {
@@ -203,6 +206,7 @@ class Orthanc:
         }
         self.config.update(extra or {})
         self.credentials = credentials
+        self.ssl_context = ssl.create_default_context(cafile=str(ca_certificates)) if ca_certificates else None
         self.process: subprocess.Popen | None = None
         self.log = None
 
@@ -230,7 +234,8 @@ class Orthanc:
         return (self.folder / "orthanc.log").read_text(errors="replace")
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+        scheme = "https" if self.config.get("SslEnabled") else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}{path}"
 
     def _request(self, path: str, body: bytes | None = None, content_type: str = "application/json"):
         request = urllib.request.Request(self.url(path), data=body)
@@ -244,15 +249,16 @@ class Orthanc:
         return request
 
     def get(self, path: str):
-        with urllib.request.urlopen(self._request(path), timeout=30) as response:
+        with urllib.request.urlopen(self._request(path), timeout=30, context=self.ssl_context) as response:
             return json.loads(response.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self._request(path), timeout=30) as response:
+        with urllib.request.urlopen(self._request(path), timeout=30, context=self.ssl_context) as response:
             return response.read()
 
     def post(self, path: str, body: bytes, content_type: str = "application/json"):
-        with urllib.request.urlopen(self._request(path, body, content_type), timeout=300) as response:
+        with urllib.request.urlopen(self._request(path, body, content_type), timeout=300,
+                                    context=self.ssl_context) as response:
             return json.loads(response.read() or b"null")
 
     def upload(self, path: Path) -> dict:
@@ -274,6 +280,16 @@ class Orthanc:
         self.process = None
         self.log.close()
         self.log = None
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_settings(**extra) -> dict:
+    """Orthanc configuration entries enabling its DICOMweb plugin at /dicom-web/ (plus ``extra``)."""
+    if not DICOMWEB_PLUGIN.is_file():
+        raise RuntimeError(f"{DICOMWEB_PLUGIN} not found: install orthanc-dicomweb (apt-get install orthanc-dicomweb)")
+    return {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **extra}
 
 
 def write_node_config(folder: Path, *, port: int, pacs_port: int, stability_s: float = 1.0, model: Path | None = None,
@@ -331,3 +347,65 @@ def tiny_checkpoint(path: Path) -> Path:
     )
     save_checkpoint(path, model, meta)
     return path
+
+
+class TLSTerminator:
+    """https on a free loopback port in front of a plain-http server on ``target_port`` (bytes forwarded as they come).
+
+    Debian 12's Orthanc (1.10.1) crashes in its web server on the first https
+    request (SslEnabled), so tests put this in front of its http port instead.
+    """
+
+    def __init__(self, certificate: Path, private_key: Path, target_port: int):
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(certificate), str(private_key))
+        self.target_port, self.port = target_port, free_port()
+        self.listener: socket.socket | None = None
+
+    def start(self) -> "TLSTerminator":
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed by stop()
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import threading
+
+        try:
+            secure = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # the client did not trust us: its problem to report
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=_pump, args=(upstream, secure), daemon=True).start()
+        _pump(secure, upstream)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+def _pump(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, target):
+            try:
+                end.close()
+            except OSError:
+                pass

@@ -3,11 +3,14 @@
 The outbox rows live in the job database (written with the analysis outcome,
 see :meth:`node.service.jobs.JobStore.finish_analysis`), so a restart resumes delivery
 where it stopped. :meth:`Outbox.deliver_due` sends every due item, one
-association per destination, and commits each item's outcome as soon as the
-destination answers its C-STORE. Delivery is therefore at-least-once: a crash
-between the destination's answer and that commit re-sends the one object in
-flight, with the same SOP Instance UID (the file is sent as it was written), so
-a PACS that stores by SOP Instance UID keeps one copy:
+association (C-STORE) or one run of STOW-RS requests per destination, through
+the destination's :class:`node.service.delivery.Transport`, and commits each
+item's outcome as soon as the destination answers it (its C-STORE, or the
+STOW-RS request that carried it). Delivery is therefore at-least-once: a crash
+between the destination's answer and that commit re-sends the object(s) in
+flight (one C-STORE, or one STOW-RS request), with the same SOP Instance UIDs
+(the files are sent as they were written), so a PACS that stores by SOP
+Instance UID keeps one copy:
   - a destination that is down (or breaks the association) is retried after
     ``RetryPolicy.delay_after(attempts)`` seconds; after ``max_attempts`` the
     item ends as failed and its job fails with the reason: never an endless loop;
@@ -22,8 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from node.config import NodeConfig
+from node.service.delivery import PeerUnavailable, StoreResult, transport_for
 from node.service.jobs import JobStore, OutboxItem
-from node.service.scu import PeerUnavailable, StoreResult, store_files
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,13 @@ class Outbox:
         outcomes: list[str] = []
 
         def record(result: StoreResult) -> None:
-            # Called as each file's C-STORE is answered: its outcome is committed before the
+            # Called as the destination answers each file: its outcome is committed before the
             # next file goes, so a crash re-sends at most the file in flight.
             self._record(present[len(outcomes)], result)
             outcomes.append(result.outcome)
 
         try:
-            store_files(remote, [Path(i.path) for i in present], self.config.ae_title, self.config.tls,
-                        progress=record)
+            transport_for(remote, self.config).send([Path(i.path) for i in present], progress=record)
         except PeerUnavailable as error:
             log.warning("results for %s not sent: %s", destination, error)
             for item in present[len(outcomes):]:

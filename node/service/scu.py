@@ -7,6 +7,7 @@ Each file's outcome is one of:
            context, or answered a failure other than out of resources
   retry    a transient failure (0xA7xx out of resources, or the association broke)
 An association that cannot be established raises :class:`PeerUnavailable`.
+:class:`CStoreTransport` is this SCU as a :class:`node.service.delivery.Transport`.
 """
 from __future__ import annotations
 
@@ -21,25 +22,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import RemoteAE, TLSSettings
+from node.service.delivery import PeerUnavailable, StoreResult
 
 log = logging.getLogger(__name__)
 
 WARNING_STATUSES = (0xB000, 0xB006, 0xB007)
 #: PS3.7 limits a requestor to 128 presentation contexts per association.
 MAX_CONTEXTS = 128
-
-
-class PeerUnavailable(ConnectionError):
-    """The remote AE could not be associated with (down, rejected us, aborted)."""
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """The outcome of sending one file."""
-
-    path: Path
-    outcome: str  # sent | refused | retry
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +96,22 @@ def store_files(remote: RemoteAE, paths: Sequence[Path], calling_ae: str, tls: T
     for batch in _batches(headers):
         results += _store_batch(remote, batch, calling_ae, tls, progress)
     return results
+
+
+@dataclass(frozen=True)
+class CStoreTransport:
+    """C-STORE to ``remote`` calling as ``calling_ae``, with TLS when ``tls`` is enabled."""
+
+    remote: RemoteAE
+    calling_ae: str
+    tls: TLSSettings | None = None
+
+    @property
+    def description(self) -> str:
+        return f"{self.remote.ae_title} at {self.remote.host}:{self.remote.port} (C-STORE)"
+
+    def send(self, paths: Sequence[Path], progress: Callable[[StoreResult], None] | None = None) -> list[StoreResult]:
+        return store_files(self.remote, paths, self.calling_ae, self.tls, progress)
 
 
 def _contexts_for(headers: Sequence[FileHeader]) -> dict[str, set[str]]:

@@ -1,0 +1,167 @@
+"""Results by DICOMweb STOW-RS to Orthanc's DICOMweb plugin: the same outbox, backoff and refusals as C-STORE.
+
+Orthanc runs with its DICOMweb plugin (Debian orthanc-dicomweb) on loopback; its
+own REST API checks where the objects landed.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
+
+from node.config import NodeConfig, RemoteAE, RetryPolicy, StowSettings
+from node.service.jobs import Delivery, JobStore
+from node.service.outbox import Outbox
+from node.service.spool import Spool
+from tests.node_peers import Orthanc, TLSTerminator, dicomweb_settings, tool
+from tests.output_fixtures import region_labels, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s3cret-Pass"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[Path]:
+    """Three 'result' files of one study: two CT instances and one Secondary Capture."""
+    folder = tmp_path_factory.mktemp("results")
+    files = write_ct_series(folder / "ct", region_labels((2, 16, 16)))
+    capture = pydicom.dcmread(files[0])
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    capture.save_as(folder / "capture.dcm")
+    return [*files, folder / "capture.dcm"]
+
+
+def _sending_job(tmp_path: Path, stow: StowSettings, results: list[Path], retry: RetryPolicy):
+    config = NodeConfig(source=None, retry=retry,
+                        remotes={"PACS": RemoteAE("PACS", "", 0, may_receive=True, stow=stow)})
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    path, _ = Spool(tmp_path / "spool").write_instance(b"x", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    job_id = jobs.record_instance("1.2.3", "1.2.3.4", CTImageStorage, "1.2.3.4.5", path, 1, "PACS")
+    jobs.select_stable(0)
+    jobs.mark_input_ready(job_id)
+    jobs.claim_next()
+    deliveries = []
+    for file in results:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        deliveries.append(Delivery("PACS", str(file), ds.SOPClassUID, ds.SOPInstanceUID))
+    jobs.finish_analysis(job_id, "done", "", "", str(tmp_path), deliveries)
+    return Outbox(config, jobs), jobs, job_id
+
+
+def _instances_in_orthanc(orthanc: Orthanc) -> set[str]:
+    return {orthanc.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in orthanc.get("/instances")}
+
+
+def test_server_down_at_first_receives_after_it_comes_up(tmp_path, results):
+    orthanc = Orthanc(tmp_path / "orthanc", extra=dicomweb_settings())
+    stow = StowSettings(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+    outbox, jobs, job_id = _sending_job(tmp_path, stow, results, RetryPolicy(0.3, 5, 5))
+    assert outbox.deliver_due() == 3
+    items = jobs.outbox(job_id)
+    assert {i.state for i in items} == {"pending"} and {i.attempts for i in items} == {1}
+    assert "cannot connect" in items[0].detail and "next in 0.3 s" in items[0].detail
+    assert outbox.deliver_due() == 0  # backing off: nothing due yet
+    orthanc.start()
+    try:
+        time.sleep(0.35)
+        assert outbox.deliver_due() == 3
+        stored = _instances_in_orthanc(orthanc)
+        study = {s["MainDicomTags"]["StudyInstanceUID"] for s in orthanc.get("/studies?expand")}
+    finally:
+        orthanc.stop()
+    assert stored == {i.sop_instance_uid for i in items}
+    assert study == {str(pydicom.dcmread(results[0]).StudyInstanceUID)}  # one study: the source study
+    job = jobs.get(job_id)
+    assert job.state == "done" and job.reason == "3 of 3 result deliveries made"
+    assert [i.detail for i in jobs.outbox(job_id)] == ["STOW-RS HTTP 200"] * 3
+
+
+def test_refused_instance_is_reported_with_the_servers_reason_and_the_others_delivered(tmp_path, results):
+    broken = pydicom.dcmread(results[2])
+    del broken.StudyInstanceUID  # Orthanc cannot index an instance without its study
+    broken.save_as(tmp_path / "broken.dcm")
+    orthanc = Orthanc(tmp_path / "orthanc", extra=dicomweb_settings()).start()
+    try:
+        stow = StowSettings(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+        outbox, jobs, job_id = _sending_job(tmp_path, stow, [*results[:2], tmp_path / "broken.dcm"],
+                                            RetryPolicy(1, 5, 3))
+        assert outbox.deliver_due() == 3
+        stored = _instances_in_orthanc(orthanc)
+    finally:
+        orthanc.stop()
+    items = jobs.outbox(job_id)
+    assert [i.state for i in items] == ["sent", "sent", "refused"]
+    assert stored == {i.sop_instance_uid for i in items[:2]}
+    job = jobs.get(job_id)
+    assert job.state == "done" and "2 of 3" in job.reason
+    # Orthanc answers 400 with a Failed SOP Sequence naming the instance and its Failure Reason
+    assert "PACS refused Secondary Capture Image Storage: HTTP 400, failure reason 0xC000 (cannot understand)" \
+        in job.reason
+    assert outbox.deliver_due() == 0  # a refusal is not retried
+
+
+def test_basic_authentication_and_a_wrong_password_retried_then_failed_without_leaking_it(tmp_path, results,
+                                                                                           caplog):
+    users = {"AuthenticationEnabled": True, "RegisteredUsers": {"lobevol": SECRET}}
+    orthanc = Orthanc(tmp_path / "orthanc", extra=dicomweb_settings(**users), credentials=("lobevol", SECRET)).start()
+    good, wrong = tmp_path / "good-password", tmp_path / "wrong-password"
+    good.write_text(SECRET + "\n")
+    wrong.write_text("not-" + SECRET + "\n")
+    url = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
+    caplog.set_level(logging.DEBUG)
+    try:
+        outbox, jobs, job_id = _sending_job(tmp_path / "wrong", StowSettings(url, "lobevol", wrong), results,
+                                            RetryPolicy(0.05, 0.05, 2))
+        outbox.deliver_due()
+        time.sleep(0.1)
+        outbox.deliver_due()
+        assert orthanc.get("/instances") == []
+        refused = jobs.get(job_id)
+        outbox, jobs, job_id = _sending_job(tmp_path / "good", StowSettings(url, "lobevol", good), results,
+                                            RetryPolicy(1, 5, 3))
+        outbox.deliver_due()
+        stored = _instances_in_orthanc(orthanc)
+    finally:
+        orthanc.stop()
+    # 401 is the server not talking to us (like a rejected association): retried, then a visible failure
+    assert refused.state == "failed" and "HTTP 401 Unauthorized" in refused.reason
+    assert "gave up after 2 attempts" in refused.reason
+    assert jobs.get(job_id).state == "done" and stored == {i.sop_instance_uid for i in jobs.outbox(job_id)}
+    assert SECRET not in caplog.text and SECRET not in refused.reason
+
+
+@pytest.fixture(scope="module")
+def server_certificate(tmp_path_factory) -> Path:
+    """A self-signed certificate for 127.0.0.1 (cert.pem) and its key (key.pem)."""
+    folder = tmp_path_factory.mktemp("pki")
+    subprocess.run([tool("openssl", "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem",
+                    "-out", "cert.pem", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], cwd=folder, check=True, capture_output=True)
+    return folder
+
+
+def test_tls_with_the_servers_ca_and_a_tls_failure_retried_without_it(tmp_path, results, server_certificate):
+    orthanc = Orthanc(tmp_path / "orthanc", extra=dicomweb_settings()).start()
+    https = TLSTerminator(server_certificate / "cert.pem", server_certificate / "key.pem", orthanc.http_port).start()
+    url = f"https://127.0.0.1:{https.port}/dicom-web"
+    try:
+        outbox, jobs, untrusted = _sending_job(tmp_path / "system-cas", StowSettings(url), results,
+                                               RetryPolicy(5, 5, 3))
+        outbox.deliver_due()
+        detail = jobs.outbox(untrusted)[0].detail
+        trusting = StowSettings(url, ca_certificates=server_certificate / "cert.pem")
+        outbox, jobs, job_id = _sending_job(tmp_path / "our-ca", trusting, results, RetryPolicy(1, 5, 3))
+        outbox.deliver_due()
+        stored = _instances_in_orthanc(orthanc)
+    finally:
+        https.stop()
+        orthanc.stop()
+    assert "TLS failure" in detail and "certificate verify failed" in detail and "attempt 1" in detail
+    assert jobs.get(job_id).state == "done" and stored == {i.sop_instance_uid for i in jobs.outbox(job_id)}
