@@ -5,6 +5,8 @@ own REST API checks where the objects landed.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import subprocess
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
 
 from node.config import NodeConfig, RemoteAE, RetryPolicy, StowSettings
@@ -165,3 +168,108 @@ def test_tls_with_the_servers_ca_and_a_tls_failure_retried_without_it(tmp_path, 
         orthanc.stop()
     assert "TLS failure" in detail and "certificate verify failed" in detail and "attempt 1" in detail
     assert jobs.get(job_id).state == "done" and stored == {i.sop_instance_uid for i in jobs.outbox(job_id)}
+
+
+class _ScriptedDICOMweb:
+    """A loopback HTTP server answering each STOW-RS POST with the next scripted (status, failures, delay_s).
+
+    For the answers Orthanc does not give (409 and 202 with a Failed SOP Sequence,
+    503, a server that does not answer in time). ``failures`` maps a position in
+    the request to a Failure Reason: the answer's Failed SOP Sequence lists those
+    instances (the others are in its Referenced SOP Sequence).
+    """
+
+    def __init__(self, answers: list[tuple[int, dict[int, int], float]]):
+        import http.server
+        import threading
+
+        script, self.requests = list(answers), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(handler):  # noqa: N802 (the http.server API)
+                body = handler.rfile.read(int(handler.headers["Content-Length"]))
+                uids = [str(pydicom.dcmread(io.BytesIO(part)).SOPInstanceUID)
+                        for part in _dicom_parts(body, handler.headers["Content-Type"])]
+                self.requests.append((handler.path, uids))
+                status, failures, delay = script.pop(0)
+                time.sleep(delay)
+                answer = json.dumps(_store_response(uids, failures)).encode()
+                handler.send_response(status)
+                handler.send_header("Content-Type", "application/dicom+json")
+                handler.send_header("Content-Length", str(len(answer)))
+                handler.end_headers()
+                handler.wfile.write(answer)
+
+            def log_message(handler, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _dicom_parts(body: bytes, content_type: str) -> list[bytes]:
+    boundary = content_type.split("boundary=")[1].strip('"').encode()
+    parts = body.split(b"--" + boundary)[1:-1]
+    return [part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0] for part in parts]
+
+
+def _store_response(uids: list[str], failures: dict[int, int]) -> dict:
+    """A Store Instances Response Module (PS3.18 10.5.3) in DICOM JSON."""
+    answer = Dataset()
+    answer.FailedSOPSequence, answer.ReferencedSOPSequence = [], []
+    for position, uid in enumerate(uids):
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, uid
+        if position in failures:
+            item.FailureReason = failures[position]
+            answer.FailedSOPSequence.append(item)
+        else:
+            answer.ReferencedSOPSequence.append(item)
+    return answer.to_json_dict()
+
+
+def test_409_202_503_and_a_timeout_as_the_standard_says(tmp_path, results):
+    server = _ScriptedDICOMweb([(503, {}, 0), (200, {}, 2), (409, {0: 0xC000, 1: 0xA700, 2: 0xC000}, 0),
+                                (202, {0: 0xA900}, 0)])
+    try:
+        stow = StowSettings(server.url, timeout_s=0.5)
+        outbox, jobs, job_id = _sending_job(tmp_path, stow, results, RetryPolicy(0.05, 0.05, 5))
+        outbox.deliver_due()  # 503
+        assert {i.state for i in jobs.outbox(job_id)} == {"pending"}
+        assert "HTTP 503 Service Unavailable (attempt 1" in jobs.outbox(job_id)[0].detail
+        time.sleep(0.1)
+        outbox.deliver_due()  # answered after 2 s, we wait 0.5 s
+        assert "timed out" in jobs.outbox(job_id)[0].detail and "(attempt 2" in jobs.outbox(job_id)[0].detail
+        time.sleep(0.1)
+        outbox.deliver_due()  # 409: the first and third refused, the second out of resources (retried)
+        items = jobs.outbox(job_id)
+        assert [i.state for i in items] == ["refused", "pending", "refused"]
+        assert items[0].detail == "PACS refused CT Image Storage: HTTP 409, failure reason 0xC000 (cannot understand)"
+        assert "failure reason 0xA700 (out of resources)" in items[1].detail
+        assert "Secondary Capture Image Storage: HTTP 409, failure reason 0xC000" in items[2].detail
+        time.sleep(0.1)
+        outbox.deliver_due()  # 202 for the one retried: listed as failed, not out of resources
+        item = jobs.outbox(job_id)[1]
+        assert item.state == "refused" and "HTTP 202, failure reason 0xA900" in item.detail
+    finally:
+        server.stop()
+    assert [path for path, _ in server.requests] == ["/dicom-web/studies"] * 4
+    assert [len(uids) for _, uids in server.requests] == [3, 3, 3, 1]
+    assert jobs.get(job_id).state == "done" and "0 of 3" in jobs.get(job_id).reason
+
+
+def test_a_202_stores_the_instances_it_does_not_list_as_failed(tmp_path, results):
+    server = _ScriptedDICOMweb([(202, {1: 0xC000}, 0)])
+    try:
+        outbox, jobs, job_id = _sending_job(tmp_path, StowSettings(server.url), results, RetryPolicy(1, 5, 3))
+        outbox.deliver_due()
+    finally:
+        server.stop()
+    items = jobs.outbox(job_id)
+    assert [i.state for i in items] == ["sent", "refused", "sent"]
+    assert items[0].detail == "STOW-RS HTTP 202"

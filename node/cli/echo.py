@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     remote, calling = peer(config, args.ae, args.calling_ae)
+    if not remote.host:
+        raise ValueError(f"remote {remote.ae_title} has no host and port (results go to it by STOW-RS at "
+                         f"{remote.stow.url}): there is nothing to C-ECHO")
     started = time.monotonic()
     try:
         status = echo(remote, calling, config.tls)

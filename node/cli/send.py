@@ -1,4 +1,4 @@
-"""``lobevol send``: C-STORE DICOM files to a remote AE (or to the node), for tests and demos."""
+"""``lobevol send``: DICOM files to a remote (C-STORE, or STOW-RS when it has a stow_url) or to the node."""
 from __future__ import annotations
 
 import argparse
@@ -22,9 +22,10 @@ Non-DICOM files (and DICOMDIR) under PATH are skipped; an instance found twice i
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "send",
-        help="C-STORE files to a remote AE or to the node (an SCU for tests and demos)",
-        description="Send the DICOM files under PATH by C-STORE to AE (a remote of the configuration's "
-                    "table, or the node itself), proposing only the presentation contexts needed.",
+        help="C-STORE (or STOW-RS) files to a remote or to the node (for tests and demos)",
+        description="Send the DICOM files under PATH to AE (a remote of the configuration's table, or the "
+                    "node itself): by C-STORE, proposing only the presentation contexts needed, or by "
+                    "DICOMweb STOW-RS when the remote's section has a stow_url.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,21 +42,21 @@ def run(args: argparse.Namespace) -> int:
     from node.cli.echo import peer
     from node.config import load_config
     from node.dicom.files import find_dicom_files
-    from node.service.scu import PeerUnavailable, store_files
+    from node.service.delivery import PeerUnavailable, transport_for
 
     config = load_config(args.config)
     remote, calling = peer(config, args.to, args.calling_ae)
     files = [header.path for header in find_dicom_files(args.path)]
     if not files:
         raise ValueError(f"no DICOM instance under {args.path}")
+    transport = transport_for(remote, config, calling)
     with tqdm(total=len(files), unit="file", desc=f"to {remote.ae_title}", disable=len(files) < 10) as bar:
         try:
-            results = store_files(remote, files, calling, config.tls, progress=lambda result: bar.update())
+            results = transport.send(files, progress=lambda result: bar.update())
         except PeerUnavailable as error:
             raise RuntimeError(f"cannot send: {error}") from None
     problems = [r for r in results if r.outcome != "sent"]
     for result in problems:
         print(f"not stored: {result.path}: {result.detail}")
-    print(f"{len(results) - len(problems)} of {len(results)} file(s) stored at {remote.ae_title} "
-          f"({remote.host}:{remote.port})")
+    print(f"{len(results) - len(problems)} of {len(results)} file(s) stored at {transport.description}")
     return 1 if problems else 0
