@@ -271,3 +271,42 @@ def test_control_characters_from_the_network_are_escaped_in_the_log(scp_factory,
         assert all(line.startswith("  | ") for line in rest), rest  # a traceback cannot forge a record
         for line in (first, *rest):
             assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in line), line
+
+
+def _cut_pixels(ds):
+    ds.PixelData = ds.PixelData[:-200]  # as a sender cut 200 bytes into the pixel data would send it
+
+
+def _rle_cut(ds):
+    ds.compress(pydicom.uid.RLELossless)
+    ds.PixelData = ds.PixelData[:-64]  # the last fragment runs past the end
+
+
+def _huge_header(ds):
+    ds.Rows = ds.Columns = 65535
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_cut_pixels, "short of the"),
+    (_rle_cut, "fragments do not parse"),
+    (_huge_header, "65535 x 65535 pixels"),
+], ids=["native-cut", "encapsulated-cut", "rows-columns-65535"])
+def test_ct_whose_pixel_data_is_not_what_its_header_says_is_refused_at_c_store(scp_factory, series, tmp_path,
+                                                                                 caplog, change, reason):
+    from pynetdicom import AE
+
+    scp = scp_factory()
+    bad = pydicom.dcmread(series[0])
+    bad.SOPInstanceUID = generate_uid()
+    change(bad)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(bad.SOPClassUID, [bad.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="LOBEVOL")
+    try:
+        status = assoc.send_c_store(bad)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900 and reason.split()[0] in status.ErrorComment
+    assert _spooled(scp) == []
+    storescu(scp.port, series[:1])  # the next one is stored as usual
+    assert reason in caplog.text and bad.SOPInstanceUID in caplog.text

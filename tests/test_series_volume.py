@@ -330,3 +330,15 @@ def test_slice_extents_and_source_volumes_follow_uneven_spacing(tmp_path):
     assert volumes["cerebellum"] == 0.0
     with pytest.raises(ValueError, match="shape"):
         volume.region_volumes_cm3(label_slices[:-1])
+
+
+def test_headers_claiming_a_huge_volume_are_refused_before_any_allocation(tmp_path, monkeypatch):
+    import node.dicom.volume as volume
+    from node.dicom.files import find_dicom_files
+    from tests.output_fixtures import region_labels, write_ct_series
+
+    paths = write_ct_series(tmp_path / "s", region_labels((4, 16, 16)))
+    monkeypatch.setattr(volume, "MAX_VOXELS", 4 * 16 * 16 - 1)
+    monkeypatch.setattr(volume, "_read_pixels", lambda *a: pytest.fail("pixels read despite the bound"))
+    with pytest.raises(ValueError, match="4 x 16 x 16 = 1,024 voxels, more than the 1,023 allowed"):
+        volume.load_series_volume(find_dicom_files(paths[0].parent))

@@ -18,7 +18,9 @@ instance) into a :class:`SeriesVolume`:
 - what cannot make one volume is refused with a ValueError naming the
   problem: mixed orientations, mixed image sizes or pixel spacings,
   duplicated slice positions, a gap larger than ``max_gap_factor`` times
-  the typical (median) spacing, fewer than two slices.
+  the typical (median) spacing, fewer than two slices, pixel data that is
+  not what the header says, and a volume (as read or as resampled) of more
+  than ``MAX_VOXELS`` voxels, checked on the headers before any allocation.
 
 Typical spacing = the median spacing between neighbouring slices along the
 normal. The GE sample in ``shared/data/real-ct`` (gantry tilt 18.5 deg,
@@ -53,6 +55,8 @@ import pydicom
 import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
+
+from node.dicom.pixels import MAX_VOXELS, pixel_data_problem
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +258,7 @@ def load_series_volume(instances: Sequence, max_gap_factor: float = 2.0) -> Seri
     if len(series_uids) != 1:
         raise ValueError(f"instances of {len(series_uids)} series given; a volume is built from one series")
     headers, planes = _source_planes(list(instances))
+    _check_voxel_count((len(planes), planes[0].rows, planes[0].columns), "the series")
     positions = _normal_positions(planes)
     order = _sorted_order(planes)
     sorted_planes = [planes[i] for i in order]
@@ -470,6 +475,14 @@ def _check_spacing(sorted_planes: Sequence[SourcePlane], positions: np.ndarray, 
 
 # ---------------------------------------------------------------- geometry
 
+def _check_voxel_count(shape: tuple[int, int, int], what: str) -> None:
+    """Refuse to allocate a volume the headers make larger than MAX_VOXELS (slices, rows, columns)."""
+    voxels = math.prod(int(n) for n in shape)
+    if voxels > MAX_VOXELS:
+        raise ValueError(f"{what} would have {shape[0]} x {shape[1]} x {shape[2]} = {voxels:,} voxels, more than "
+                         f"the {MAX_VOXELS:,} allowed (the headers' Rows, Columns or slice positions are wrong)")
+
+
 def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
                  gaps: np.ndarray) -> tuple[_Grid, bool, float, list[str]]:
     """The volume grid; whether resampling is needed; tilt (deg); notes on the correction."""
@@ -497,6 +510,7 @@ def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
     low, high = in_plane.min(axis=0), in_plane.max(axis=0)
     columns = int(math.ceil((high[0] - low[0]) / column_mm - 1e-6)) + first.columns
     rows = int(math.ceil((high[1] - low[1]) / row_mm - 1e-6)) + first.rows
+    _check_voxel_count((n_slices, rows, columns), "the resampled grid")
     grid = _Grid(axes, np.array([low[0], low[1], positions[0]]), (column_mm, row_mm, spacing), (columns, rows, n_slices))
     notes = []
     if not straight:
@@ -611,6 +625,9 @@ def _decode(header) -> np.ndarray:
         raise ValueError(f"{where} has no pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ValueError(f"{where} is a colour image ({ds.get('PhotometricInterpretation')}), not CT grey levels")
+    problem = pixel_data_problem(ds) if "PixelData" in ds else None
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         pixels = ds.pixel_array

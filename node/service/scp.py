@@ -20,7 +20,10 @@ C-STORE status codes we answer (PS3.4 Annex B.2.3):
           study already has max_instances_per_study instances, or the spool's
           disk is above its high-water mark
   0xA900  dataset does not match SOP class: a Study/Series/SOP Instance UID is
-          missing or invalid, or the SOP Instance UID differs from the request's
+          missing or invalid, the SOP Instance UID differs from the request's, or
+          a CT image's pixel data is not what its header says (shorter than Rows x
+          Columns x samples x bits, fragments that do not parse, an image larger
+          than any CT: node.dicom.pixels)
   0xC210  cannot understand: the dataset cannot be decoded
   0xC211  cannot understand: writing to the spool or the job queue failed (disk error)
 """
@@ -43,6 +46,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeConfig
+from node.dicom.pixels import pixel_data_problem
 from node.logsafe import printable
 from node.service.committer import InstanceCommitter
 from node.service.connections import ConnectionGuard, GuardedAssociationServer
@@ -247,6 +251,14 @@ class StorageSCP:
             tally.ignored += 1
             log.debug("study %s: ignored a %s instance", study_uid, getattr(event.request.AffectedSOPClassUID, "name", sop_class))
             return SUCCESS
+        try:
+            problem = pixel_data_problem(dataset)
+        except Exception as error:  # the pixel data element itself does not decode
+            log.warning("instance from %s cannot be decoded: %s", tally.calling_ae, error)
+            return _refusal(CANNOT_DECODE, "pixel data cannot be decoded")
+        if problem is not None:
+            log.warning("study %s: instance %s from %s refused: %s", study_uid, sop_uid, tally.calling_ae, problem)
+            return _refusal(DATASET_DOES_NOT_MATCH, problem)
         if (not self.jobs.has_instance(sop_uid)
                 and self.jobs.study_instance_count(study_uid) >= self.config.max_instances_per_study):
             log.warning("study %s refused an instance: already %d instances (max_instances_per_study)",
