@@ -152,6 +152,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
     from node.dicom.demographics import demographics_from
     from node.dicom.selection import select_series
     from node.dicom.volume import load_series_volume
+    from node.results.derived import clean_source_text
 
     if not instances:
         raise ValueError("no instances given")
@@ -179,12 +180,16 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
         return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
     if refused:
         log.info("study %s: %d better series could not be analysed", _short(study_uid), len(refused))
+    volume.datasets, cleaned = clean_source_text(volume.datasets)
     demographics = demographics_from(volume.datasets[0])
+    # Decided before computing: without one Frame of Reference a SEG cannot be placed on the images (and
+    # the SR measures the SEG's segments), but volumes and the report are as true as with one.
+    unplaced = [] if _frame_of_reference(volume) else [NO_FRAME_OF_REFERENCE]
     try:
         return _analyse_volume(
             volume, study_uid, Path(out_dir), segmenter, settings,
             sex=demographics.sex, age_years=demographics.age_years,
-            extra_notes=[*refused, *volume.notes, *demographics.notes], case_id=study_uid,
+            extra_notes=[*refused, *volume.notes, *demographics.notes, *cleaned, *unplaced], case_id=study_uid,
         )
     except (ValueError, RuntimeError) as error:
         # Our own checks (empty segmentation, labels off the source planes...) name the problem.
@@ -274,7 +279,7 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
 
     written = []
     source = volume.datasets[0]
-    if settings.seg_type != "none":
+    if settings.seg_type != "none" and _frame_of_reference(volume):
         seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.seg_type == "labelmap")
         written.append(_save(seg, out_dir / "seg.dcm"))
         if settings.write_sr:
@@ -287,6 +292,16 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
         for view, image in zip(views, build_overlay_images(views, normative, source)):
             written.append(_save(image, out_dir / f"key_{view.name}.dcm"))
     return written
+
+
+NO_FRAME_OF_REFERENCE = ("no DICOM SEG or SR: the source images have no (single) Frame of Reference UID, "
+                         "so a segmentation cannot be placed on them; volumes and report only")
+
+
+def _frame_of_reference(volume) -> str | None:
+    """The Frame of Reference UID every source image shares, or None (missing, empty or mixed)."""
+    uids = {str(ds.get("FrameOfReferenceUID") or "").strip() for ds in volume.datasets}
+    return uids.pop() if len(uids) == 1 and "" not in uids else None
 
 
 def _save(dataset: pydicom.Dataset, path: Path) -> Path:

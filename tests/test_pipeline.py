@@ -293,3 +293,73 @@ def _truth_by_instance(phantom, instances) -> dict[str, np.ndarray]:
     }
     assert sorted(slice_of.values()) == list(range(len(positions)))  # one image per true slice
     return {uid: truth[k] for uid, k in slice_of.items()}
+
+
+def _rewritten(folder: Path, tmp_path: Path, change) -> Path:
+    """A copy of the series in ``folder`` with every header changed by ``change(dataset)``."""
+    out = tmp_path / "changed"
+    out.mkdir()
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(out / path.name)
+    return out
+
+
+def _hostile_text(ds):
+    ds.PatientName = "Doe^John\\Smith^Jane"  # two names where one is allowed
+    ds.PatientID = "ID\x1b[31m\x00\x07"
+    ds.InstitutionName = "Hospital\r\nINFO forged"
+
+
+def _long_name(ds):
+    ds.PatientName = "Verylongfamilyname" * 555 + "^Jo"  # 10,000 characters
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change, cleaned", [
+    (_hostile_text, ["PatientName of the source cleaned for the results: 2 values, the first kept",
+                     "PatientID of the source cleaned for the results: control characters removed",
+                     "InstitutionName of the source cleaned for the results: control characters removed"]),
+    (_long_name, ["PatientName of the source cleaned for the results: shortened to 64 characters"]),
+], ids=["control-bytes-and-two-names", "10000-character-name"])
+def test_hostile_patient_text_is_cleaned_and_the_results_are_delivered(synthetic_study, tmp_path, change, cleaned):
+    folder = _rewritten(synthetic_study, tmp_path, change)
+    _, instances = _single_study(folder)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    assert sorted(p.name for p in outcome.result_files) == [
+        "key_axial.dcm", "key_coronal.dcm", "key_sagittal.dcm", "report.dcm", "seg.dcm", "sr.dcm"]
+    _assert_valid(outcome.result_files)  # dciodvfy: every value valid for its VR
+    for path in outcome.result_files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID"):
+            text = str(ds.get(keyword, ""))
+            assert len(text) <= 64 and "\\" not in text and not any(ord(c) < 0x20 for c in text), (path.name, text)
+    notes = json.loads((tmp_path / "out" / "volumes.json").read_text())["quality_notes"]
+    assert set(cleaned) <= set(notes), notes
+    text = _pdf_text(tmp_path / "out" / "report.pdf")
+    assert "cleaned for the results" in text
+
+
+def _pdf_text(path: Path) -> str:
+    import subprocess
+
+    from tests.node_peers import tool
+
+    return subprocess.run([tool("pdftotext", "poppler-utils"), str(path), "-"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.integration
+def test_series_without_a_frame_of_reference_gets_volumes_and_report_but_no_seg(synthetic_study, tmp_path):
+    folder = _rewritten(synthetic_study, tmp_path, lambda ds: delattr(ds, "FrameOfReferenceUID"))
+    _, instances = _single_study(folder)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    assert sorted(p.name for p in outcome.result_files) == [
+        "key_axial.dcm", "key_coronal.dcm", "key_sagittal.dcm", "report.dcm"]
+    notes = json.loads((tmp_path / "out" / "volumes.json").read_text())["quality_notes"]
+    assert any(n.startswith("no DICOM SEG or SR: the source images have no (single) Frame of Reference UID")
+               for n in notes)
+    _assert_valid(outcome.result_files)

@@ -6,10 +6,13 @@ patient module) in a new series, and names this node as its manufacturer.
 from __future__ import annotations
 
 import copy
+import re
 import socket
 from typing import Sequence
 
 import pydicom
+from pydicom.datadict import dictionary_VM
+from pydicom.multival import MultiValue
 
 MANUFACTURER = "lobevol"
 
@@ -65,3 +68,66 @@ def _deidentification_method_missing(dataset: pydicom.Dataset) -> bool:
         and not dataset.get("DeidentificationMethod")
         and not dataset.get("DeidentificationMethodCodeSequence")
     )
+
+
+#: Source attributes that reach derived objects or the report, cleaned by :func:`clean_source_text`.
+CLEANED_KEYWORDS = (*PATIENT_STUDY_KEYWORDS, "InstitutionName", "SeriesDescription", "ProtocolName",
+                    "BodyPartExamined", "Manufacturer", "ManufacturerModelName")
+#: Longest value of each text VR (PS3.5 6.2), in characters; PN: per component group.
+_MAX_CHARACTERS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "IS": 12, "LO": 64, "PN": 64, "SH": 16,
+                   "TM": 14}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_source_text(datasets: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+    """Source headers whose patient, study and series text is valid for its VR; notes on what was cleaned.
+
+    Senders put anything in these: control bytes, several values where one is
+    allowed (``Doe^John\\Smith^Jane``), 10,000 characters. Copied as they are,
+    they make invalid derived objects (highdicom refuses them) and a report that
+    does not fit its page. Each cleaned value: control characters removed, the
+    first value kept where the attribute takes one (VM 1), cut to its VR's
+    length. The notes name the attribute and what was done, never the value
+    (they reach the log). The source datasets are not modified (shallow copies).
+    """
+    cleaned, notes = [], {}
+    for dataset in datasets:
+        changes = {}
+        for keyword in CLEANED_KEYWORDS:
+            element = dataset.get(keyword) if keyword in dataset else None
+            if element is None or not isinstance(element, (str, pydicom.valuerep.PersonName, MultiValue)):
+                continue
+            value, what = _clean_value(keyword, dataset[keyword].VR, element)
+            if what:
+                changes[keyword] = value
+                notes.setdefault(keyword, set()).update(what)
+        if changes:
+            dataset = copy.copy(dataset)
+            for keyword, value in changes.items():
+                setattr(dataset, keyword, value)
+        cleaned.append(dataset)
+    return cleaned, [f"{keyword} of the source cleaned for the results: {', '.join(sorted(what))}"
+                     for keyword, what in notes.items()]
+
+
+def _clean_value(keyword: str, vr: str, value) -> tuple[object, set[str]]:
+    what = set()
+    values = [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)]
+    if len(values) > 1 and dictionary_VM(keyword) == "1":
+        values, what = values[:1], {f"{len(values)} values, the first kept"}
+    limit = _MAX_CHARACTERS.get(vr)
+    result = []
+    for text in values:
+        if _CONTROL.search(text):
+            text = _CONTROL.sub("", text)
+            what.add("control characters removed")
+        if vr == "PN":
+            groups = text.split("=")
+            if any(len(group) > 64 for group in groups):
+                text = "=".join(group[:64] for group in groups)
+                what.add("shortened to 64 characters")
+        elif limit is not None and len(text) > limit:
+            text = text[:limit]
+            what.add(f"shortened to {limit} characters")
+        result.append(text.strip() if what else text)
+    return (result if len(result) > 1 else result[0]), what

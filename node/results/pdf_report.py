@@ -57,7 +57,7 @@ class StudyHeader:
 
         def text(keyword: str) -> str | None:
             value = dataset.get(keyword)
-            return str(value).strip() or None if value is not None else None
+            return _shortened(str(value).strip()) or None if value is not None else None
 
         date = text("StudyDate")
         if date and len(date) == 8 and date.isdigit():
@@ -71,6 +71,14 @@ class StudyHeader:
             study_description=text("StudyDescription"),
             series_description=text("SeriesDescription"),
         )
+
+
+#: Longest header text shown in the report's table (characters); longer values end in an ellipsis.
+HEADER_TEXT_MAX = 64
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= HEADER_TEXT_MAX else text[:HEADER_TEXT_MAX - 1] + "\u2026"
 
 
 def render_pdf_report(
