@@ -234,6 +234,38 @@ class OrthancStudies:
         return json.loads(self.api.RestApiPost("/instances", data))["ID"]
 
 
+class OrthancTransport:
+    """Results stored into Orthanc in-process (the outbox's transport for the ``ORTHANC`` destination).
+
+    An instance whose SOP Instance UID Orthanc already holds is not stored again
+    (a restart after Orthanc stored it but before the queue recorded that).
+    """
+
+    description = "this Orthanc"
+
+    def __init__(self, studies: OrthancStudies):
+        self.studies = studies
+
+    def send(self, paths, progress=None):
+        from node.service.delivery import StoreResult
+        from node.service.scu import read_file_header
+
+        results = []
+        for path in paths:
+            try:
+                if self.studies.instance_exists(read_file_header(path).sop_instance_uid):
+                    result = StoreResult(path, "sent", "already in Orthanc")
+                else:
+                    stored = self.studies.store(Path(path).read_bytes())
+                    result = StoreResult(path, "sent", f"stored as Orthanc instance {stored}")
+            except Exception as error:  # Orthanc's REST errors carry no finer type: retried with backoff
+                result = StoreResult(path, "retry", f"{type(error).__name__}: {error}")
+            results.append(result)
+            if progress is not None:
+                progress(result)
+        return results
+
+
 class LobevolPlugin:
     """The plugin's threads and routes on one lobevol configuration.
 
@@ -245,6 +277,7 @@ class LobevolPlugin:
 
     def __init__(self, studies: OrthancStudies, config, factory: Callable[[], object], stable_age_s: float = 60.0):
         from node.service.jobs import JobStore
+        from node.service.outbox import Outbox
         from node.service.spool import Spool
         from node.service.worker import Worker
 
@@ -253,6 +286,9 @@ class LobevolPlugin:
         self.spool = Spool(config.spool_dir)
         config.results_dir.mkdir(parents=True, exist_ok=True)
         self.worker = Worker(factory, config.pipeline_settings())
+        transport = OrthancTransport(studies)
+        self.outbox = Outbox(config, self.jobs, transports=lambda d: transport if d == DESTINATION else None,
+                             from_pacs=True)
         self._stable: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -382,7 +418,7 @@ class LobevolPlugin:
                     continue
                 for job_id in self.jobs.jobs_needing_input(from_pacs=True):
                     self.fetch(job_id)
-                self.store_due()
+                self.outbox.deliver_due()
                 job = self.jobs.claim_next(from_pacs=True)
                 if job is not None:
                     self.process(job)
@@ -477,33 +513,7 @@ class LobevolPlugin:
                                           deliveries)
         log.info("lobevol: job %d (study %s): %s%s", job.id, job.study_uid, state,
                  f", {outcome.reason}" if outcome.reason else "")
-        self.store_due()
-
-    def store_due(self) -> None:
-        """Store due results into Orthanc (once each: an instance already there is not stored again)."""
-        jobs = set()
-        for item in self.jobs.due_deliveries(from_pacs=True):
-            if item.destination != DESTINATION:
-                self.jobs.record_delivery(item.id, "failed", f"{item.destination} is not Orthanc")
-                continue
-            jobs.add(item.job_id)
-            try:
-                if self.studies.instance_exists(item.sop_instance_uid):
-                    self.jobs.record_delivery(item.id, "sent", "already in Orthanc")
-                    continue
-                instance_id = self.studies.store(Path(item.path).read_bytes())
-                self.jobs.record_delivery(item.id, "sent", f"stored as Orthanc instance {instance_id}")
-            except Exception as error:
-                detail = f"{type(error).__name__}: {error}"
-                if item.attempts + 1 >= self.config.retry.max_attempts:
-                    self.jobs.record_delivery(item.id, "failed", detail)
-                else:
-                    self.jobs.postpone_delivery(item.id, detail,
-                                                time.time() + self.config.retry.delay_after(item.attempts + 1))
-        for job_id in sorted(jobs):
-            state = self.jobs.settle_delivery(job_id)
-            if state != "sending":
-                log.info("lobevol: job %d: %s, %s", job_id, state, self.jobs.get(job_id).reason)
+        self.outbox.deliver_due()
 
     # -- REST routes --------------------------------------------------------------------------
 
@@ -639,7 +649,8 @@ def _register(api) -> None:
     try:
         plugin, problem = _bootstrap(api), None
     except Exception as error:  # whatever it is, Orthanc must start
-        plugin, problem = None, f"{error}" if isinstance(error, ConfigurationError) else f"{type(error).__name__}: {error}"
+        problem = str(error) if isinstance(error, ConfigurationError) else f"{type(error).__name__}: {error}"
+        plugin = None
         log.error("lobevol: the plugin stays idle: %s", problem)
     if plugin is not None:
         api.RegisterOnChangeCallback(plugin.on_change)

@@ -24,22 +24,39 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from typing import Callable
+
 from node.config import NodeConfig
-from node.service.delivery import PeerUnavailable, StoreResult, transport_for
+from node.service.delivery import PeerUnavailable, StoreResult, Transport, transport_for
 from node.service.jobs import JobStore, OutboxItem
 
 log = logging.getLogger(__name__)
 
 
 class Outbox:
-    """Sends due outbox items of ``jobs`` with the node's AE title and TLS settings."""
+    """Sends due outbox items of ``jobs`` with the node's AE title and TLS settings.
 
-    def __init__(self, config: NodeConfig, jobs: JobStore):
-        self.config, self.jobs = config, jobs
+    Args:
+        config: the node's settings (``[retry]``, and the remote table for the default ``transports``).
+        jobs: the queue.
+        transports: the transport of a destination, None when it is not one (its items fail);
+            default: the remote table's AEs that may receive (:func:`transport_for`).
+        from_pacs: deliver the results of jobs of studies held by a PACS (the Orthanc plugin's),
+            not the node's (see :meth:`JobStore.claim_next`).
+    """
+
+    def __init__(self, config: NodeConfig, jobs: JobStore, *,
+                 transports: Callable[[str], Transport | None] | None = None, from_pacs: bool = False):
+        self.config, self.jobs, self.from_pacs = config, jobs, from_pacs
+        self.transports = transports or self._remote_transport
+
+    def _remote_transport(self, destination: str) -> Transport | None:
+        remote = self.config.remotes.get(destination)
+        return transport_for(remote, self.config) if remote is not None and remote.may_receive else None
 
     def deliver_due(self, now: float | None = None) -> int:
         """Try every due item once; returns how many items were attempted."""
-        due = self.jobs.due_deliveries(now)
+        due = self.jobs.due_deliveries(now, from_pacs=self.from_pacs)
         by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_destination[item.destination].append(item)
@@ -54,8 +71,8 @@ class Outbox:
         return len(due)
 
     def _deliver(self, destination: str, items: list[OutboxItem]) -> None:
-        remote = self.config.remotes.get(destination)
-        if remote is None or not remote.may_receive:
+        transport = self.transports(destination)
+        if transport is None:
             for item in items:
                 self.jobs.record_delivery(item.id, "failed", f"{destination} is no longer a destination in the config")
             return
@@ -74,7 +91,7 @@ class Outbox:
             outcomes.append(result.outcome)
 
         try:
-            transport_for(remote, self.config).send([Path(i.path) for i in present], progress=record)
+            transport.send([Path(i.path) for i in present], progress=record)
         except PeerUnavailable as error:
             log.warning("results for %s not sent: %s", destination, error)
             for item in present[len(outcomes):]:
