@@ -7,9 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python poppler-utils
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium
 
-.PHONY: install install-peers run run-orthanc demo demo-segment test test-fast bench bench-node bench-receive clean
+.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment test test-fast bench bench-node bench-receive clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,10 @@ install: $(VENV)/.installed
 
 # The integration tests talk to real peers; install them when we can (root, apt).
 install-peers:
-	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump Orthanc pdftoppm; do \
+	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump Orthanc pdftoppm chromium; do \
 	  command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	[ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || missing="$$missing orthanc-python"; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing DICOM peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
@@ -49,7 +50,17 @@ demo: install
 demo-segment: install
 	$(VENV)/bin/lobevol run
 
-test: install install-peers
+# The browser test's tools (tests/test_viewer_ohif.py): playwright-core from the lock file,
+# and the prebuilt OHIF Viewer (npm package @ohif/app, its dist/ only).
+# Node.js >= 20 (playwright-core's requirement): Debian's nodejs and npm only when node is
+# missing, since a NodeSource nodejs (which carries npm) conflicts with Debian's npm package.
+browser-deps: install-peers
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq nodejs npm; else sudo apt-get install -y -qq nodejs npm; fi; }
+	@node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error("Node.js " + process.version + " is too old for playwright-core: install Node.js 20 or later"); process.exit(1); }'
+	cd tests/browser && npm ci --no-audit --no-fund && ./fetch-ohif.sh
+
+test: install install-peers browser-deps
 	$(PY) -m pytest -q tests
 
 test-fast: install
