@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ from inference.vocabulary import REGIONS
 from node.cli import main
 from node.dicom.files import find_dicom_files
 from node.dicom.volume import load_series_volume
-from node.results.seg import segment_numbers_by_key
+from node.results.seg import build_seg, segment_numbers_by_key
 from tests.node_peers import Orthanc
+from tests.output_fixtures import MODEL
 from tests.ohif_viewer import BROWSER_DIR, ViewerServer, chromium, dicomweb_settings, node_driver
 
 pytestmark = pytest.mark.integration
@@ -62,7 +64,22 @@ def study(tmp_path_factory):
     ct = root / "phantom" / "case_0000" / "dicom"
     binary = _segment(ct, root / "binary", "binary", sr=True)
     labelmap = _segment(ct, root / "labelmap", "labelmap", sr=False)
-    return {"ct": sorted(ct.iterdir()), "binary": binary, "labelmap": labelmap, "root": root}
+    return {"ct": sorted(ct.iterdir()), "binary": binary, "labelmap": labelmap, "root": root,
+            "shifted": _shifted_seg(ct, binary, root / "shifted")}
+
+
+def _shifted_seg(ct: Path, result: Path, out: Path) -> Path:
+    """A negative control: a binary SEG of the same labels, each frame on the next CT image.
+
+    ``out`` gets that SEG and the true ``labels.nii.gz``: OHIF shows such a SEG
+    without a word, so only the pixel comparison can catch it.
+    """
+    volume = load_series_volume(find_dicom_files(ct))
+    label_slices = volume.labels_on_source_slices(sitk.ReadImage(str(result / "labels.nii.gz")))
+    out.mkdir()
+    build_seg(volume, np.roll(label_slices, 1, axis=0), MODEL).save_as(out / "seg.dcm")
+    shutil.copy(result / "labels.nii.gz", out / "labels.nii.gz")
+    return out
 
 
 def expected_label_images(result: Path, ct_files) -> dict[str, np.ndarray]:
@@ -85,11 +102,11 @@ def ohif(study, tmp_path_factory):
     orthanc = Orthanc(folder / "orthanc", extra=dicomweb_settings()).start()
     try:
         for path in [*study["ct"], study["binary"] / "seg.dcm", study["binary"] / "sr.dcm",
-                     study["labelmap"] / "seg.dcm"]:
+                     study["labelmap"] / "seg.dcm", study["shifted"] / "seg.dcm"]:
             orthanc.upload(path)
         series = {name: str(pydicom.dcmread(study[key] / f"{kind}.dcm", stop_before_pixels=True).SeriesInstanceUID)
                   for name, key, kind in (("binary-seg", "binary", "seg"), ("labelmap-seg", "labelmap", "seg"),
-                                          ("sr", "binary", "sr"))}
+                                          ("sr", "binary", "sr"), ("shifted-seg", "shifted", "seg"))}
         with ViewerServer(orthanc.url("")) as viewer:
             spec = {
                 "viewer": viewer.url, "chromium": chromium(), "artifacts": str(ARTIFACTS),
@@ -139,6 +156,13 @@ def test_binary_seg_in_ohif_matches_our_label_map(ohif, study):
 
 def test_labelmap_seg_in_ohif_matches_our_label_map_and_colours(ohif, study):
     check_segmentation(ohif["labelmap-seg"], study["labelmap"], study["ct"])
+
+
+def test_a_seg_one_slice_off_is_caught_though_ohif_shows_it_silently(ohif, study):
+    item = ohif["shifted-seg"]
+    assert item["errors"] == [], "\n".join(item["errors"])
+    with pytest.raises(AssertionError, match="pixels differ"):
+        check_segmentation(item, study["shifted"], study["ct"])
 
 
 @pytest.mark.xfail(strict=True, reason=(
