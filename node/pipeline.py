@@ -180,6 +180,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
         return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
     if refused:
         log.info("study %s: %d better series could not be analysed", _short(study_uid), len(refused))
+    refused += [selection.notes[series_uid]] if selection.notes.get(series_uid) else []
     volume.datasets, cleaned = clean_source_text(volume.datasets)
     demographics = demographics_from(volume.datasets[0])
     # Decided before computing: without one Frame of Reference a SEG cannot be placed on the images (and

@@ -363,3 +363,23 @@ def test_series_without_a_frame_of_reference_gets_volumes_and_report_but_no_seg(
     assert any(n.startswith("no DICOM SEG or SR: the source images have no (single) Frame of Reference UID")
                for n in notes)
     _assert_valid(outcome.result_files)
+
+
+@pytest.mark.integration
+def test_anonymised_real_head_without_head_words_nor_frame_of_reference_is_analysed(real_ct, tmp_path):
+    blanked = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "FrameOfReferenceUID")
+
+    def anonymise(ds):
+        for keyword in blanked:
+            if keyword in ds:
+                delattr(ds, keyword)
+
+    folder = _rewritten(real_ct / "GE", tmp_path, anonymise)
+    _, instances = _single_study(folder)
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    assert "seg.dcm" not in {p.name for p in outcome.result_files} and "report.dcm" in {p.name for p in outcome.result_files}
+    notes = json.loads((tmp_path / "out" / "volumes.json").read_text())["quality_notes"]
+    assert any("recognised as a head CT from the image" in n for n in notes), notes
+    assert any(n.startswith("no DICOM SEG or SR") for n in notes), notes
+    assert "recognised as a head CT from the image" in _pdf_text(tmp_path / "out" / "report.pdf")

@@ -186,3 +186,63 @@ def test_bad_rules_are_refused(mapping, message):
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError, match="no series"):
         select_series({})
+
+
+HEAD_WORD_KEYWORDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName",
+                      "AnatomicRegionSequence", "PerformedProcedureStepDescription", "RequestedProcedureDescription")
+
+
+def _anonymised(folder: Path, out: Path, change=None) -> dict:
+    """The series in ``folder`` without any head word (as an anonymiser leaves it), as {series uid: headers}."""
+    out.mkdir(parents=True)
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword in HEAD_WORD_KEYWORDS:
+            if keyword in ds:
+                delattr(ds, keyword)
+        if change is not None:
+            change(ds)
+        ds.save_as(out / path.name)
+    (study,) = group_by_study(find_dicom_files(out)).values()
+    return study
+
+
+def test_real_head_without_any_head_word_is_recognised_from_the_image(real_ct, tmp_path):
+    study = _anonymised(real_ct / "GE", tmp_path / "ge")
+    selection = select_series(study)
+    assert selection.chosen is not None, selection.summary()
+    note = selection.notes[selection.chosen]
+    assert "recognised as a head CT from the image" in note and "3 of 3 sampled slices" in note
+
+
+def _body(kind: str):
+    """Pixel data of a body slice inside a closed bone ring: pelvis (fat and bowel) or chest (lungs)."""
+    import numpy as np
+
+    def change(ds):
+        yy, xx = np.mgrid[: ds.Rows, : ds.Columns]
+        cy, cx = ds.Rows / 2, ds.Columns / 2
+        r = np.hypot((yy - cy) / (0.45 * ds.Rows), (xx - cx) / (0.35 * ds.Columns))
+        hu = np.full((ds.Rows, ds.Columns), -1000.0)
+        hu[r < 1.0] = -100.0 if kind == "pelvis" else -800.0  # fat, or lung
+        hu[(r < 0.5)] = 35.0                                  # bowel loops / heart
+        hu[(r >= 0.9) & (r < 1.0)] = 700.0                   # a bone ring closed all round
+        ds.PixelData = (hu - float(ds.RescaleIntercept)).astype(np.int16).tobytes()
+    return change
+
+
+@pytest.mark.parametrize("kind", ["pelvis", "chest"])
+def test_non_head_ct_without_head_words_is_still_skipped(tmp_path, kind):
+    paths = write_ct_series(tmp_path / "src", region_labels((24, 32, 32)), slice_spacing_mm=4.0)
+    study = _anonymised(paths[0].parent, tmp_path / "body", _body(kind))
+    selection = select_series(study)
+    assert selection.chosen is None
+    (reason,) = selection.reasons.values()
+    assert "not a head examination" in reason and "0 of 3 sampled slices show a skull" in reason, reason
+
+
+def test_synthetic_head_without_head_words_is_recognised(tmp_path):
+    paths = write_ct_series(tmp_path / "src", region_labels((24, 32, 32)), slice_spacing_mm=4.0)
+    study = _anonymised(paths[0].parent, tmp_path / "head")
+    selection = select_series(study)
+    assert selection.chosen is not None, selection.summary()

@@ -10,7 +10,10 @@ Eligible (all of):
 - axial: the slice normal within ``max_axial_angle_deg`` of the patient's
   head-feet axis (a gantry tilt of 20-30 deg is still axial);
 - a head: a head keyword in BodyPartExamined, StudyDescription,
-  SeriesDescription, ProtocolName or the Anatomic Region code meaning;
+  SeriesDescription, ProtocolName or the Anatomic Region code meaning; or,
+  when none has one (anonymisers blank them), a skull enclosing
+  brain-density tissue in the image (``node.dicom.anatomy``, three slices
+  decoded, and only for a series that passes every other rule), with a note;
 - slices no thicker than ``max_slice_thickness_mm`` (default 5 mm);
 - enough images to cover a head: at least ``min_slices`` images spanning at
   least ``min_coverage_mm`` along the slice normal.
@@ -257,12 +260,15 @@ class SeriesSelection:
         labels: for every series UID, "series N (description)" for summaries.
         ranked: the eligible series, best first (``chosen`` is the first): the
             ones to fall back on when the chosen series cannot make a volume.
+        notes: for eligible series, what the report should say about how they were
+            judged (a head recognised from the image).
     """
 
     chosen: str | None
     reasons: dict[str, str]
     labels: dict[str, str] = field(default_factory=dict)
     ranked: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: every series with its reason, the chosen one first."""
@@ -285,20 +291,24 @@ def select_series(series: Mapping[str, Sequence], rules: SelectionRules = Select
         raise ValueError("no series given to choose from")
     reasons: dict[str, str] = {}
     labels: dict[str, str] = {}
+    notes: dict[str, str] = {}
     eligible: list[tuple[SeriesFacts, str, str]] = []
     for uid, headers in series.items():
         if not headers:
             raise ValueError(f"series {uid} has no instances")
         facts = SeriesFacts.from_headers(uid, headers)
         labels[uid] = facts.label()
-        problem = ineligibility(facts, rules)
+        problem = ineligibility(facts, rules, head=True)  # the cheap header rules first
+        if not problem and not head_named(facts, rules):
+            problem, notes[uid] = _head_from_image(facts, headers)
         if problem:
+            notes.pop(uid, None)
             reasons[uid] = f"not eligible: {problem}"
             continue
         tissue, cue = tissue_class(facts, rules)
         eligible.append((facts, tissue, cue))
     if not eligible:
-        return SeriesSelection(None, reasons, labels)
+        return SeriesSelection(None, reasons, labels, notes=notes)
     eligible.sort(key=lambda item: (
         _TISSUE_RANK[item[1]], item[0].thickness_mm, -item[0].coverage_mm, _number_key(item[0].series_number),
         item[0].series_uid,
@@ -317,11 +327,35 @@ def select_series(series: Mapping[str, Sequence], rules: SelectionRules = Select
             why = f"same kind and slice thickness as the chosen series, which covers {best.coverage_mm:.0f} mm " \
                   f"(this one {facts.coverage_mm:.0f} mm) or comes first"
         reasons[facts.series_uid] = f"eligible, not preferred: {why}"
-    return SeriesSelection(best.series_uid, reasons, labels, [facts.series_uid for facts, _, _ in eligible])
+    return SeriesSelection(best.series_uid, reasons, labels, [facts.series_uid for facts, _, _ in eligible], notes)
 
 
-def ineligibility(facts: SeriesFacts, rules: SelectionRules) -> str:
-    """Why the series cannot be analysed, or "" if it is eligible."""
+NOT_NAMED_HEAD = "no head keyword in body part, descriptions or protocol"
+
+
+def head_named(facts: SeriesFacts, rules: SelectionRules) -> bool:
+    """Whether a header of the series calls it a head (a head keyword)."""
+    return any(word in facts.head_text for word in rules.head_keywords)
+
+
+def _head_from_image(facts: SeriesFacts, headers: Sequence) -> tuple[str, str]:
+    """(problem or "", note): the image decides whether a series no header calls a head is one."""
+    from node.dicom.anatomy import head_in_images
+
+    if facts.sop_class != str(pydicom.uid.CTImageStorage):
+        return f"not a head examination ({NOT_NAMED_HEAD}; multi-frame images are not looked at)", ""
+    is_head, seen = head_in_images(headers)
+    if not is_head:
+        return f"not a head examination ({NOT_NAMED_HEAD}, and the image shows no skull around brain: {seen})", ""
+    return "", f"{facts.label()} recognised as a head CT from the image ({NOT_NAMED_HEAD}): {seen}"
+
+
+def ineligibility(facts: SeriesFacts, rules: SelectionRules, head: bool | None = None) -> str:
+    """Why the series cannot be analysed, or "" if it is eligible.
+
+    ``head``: whether the series is known to be a head (True: skip that rule);
+    None: a head keyword in its headers decides.
+    """
     if facts.sop_class not in CT_STORAGE_CLASSES:
         name = pydicom.uid.UID(facts.sop_class).name
         return f"not a CT image series ({name})"
@@ -334,8 +368,8 @@ def ineligibility(facts: SeriesFacts, rules: SelectionRules) -> str:
         return "images without position and orientation (ImagePositionPatient / ImageOrientationPatient)"
     if facts.normal_angle_deg > rules.max_axial_angle_deg:
         return f"not axial (slices {facts.normal_angle_deg:.0f} deg from axial)"
-    if not any(word in facts.head_text for word in rules.head_keywords):
-        return "not a head examination (no head keyword in body part, descriptions or protocol)"
+    if not (head_named(facts, rules) if head is None else head):
+        return f"not a head examination ({NOT_NAMED_HEAD})"
     if facts.thickness_mm is None:
         return "slice thickness unknown (no SliceThickness)"
     if facts.thickness_mm > rules.max_slice_thickness_mm:
