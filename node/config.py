@@ -35,8 +35,8 @@ KNOWN: dict[str, dict[str, str]] = {
         "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
     },
     "series": {"stability_s": "15"},
-    "inference": {"device": "auto", "threads": "", "model": "", "tta": "yes", "refine_surface": "yes",
-                  "job_timeout_s": "1800"},
+    "inference": {"method": "network", "device": "auto", "threads": "", "model": "", "tta": "yes",
+                  "refine_surface": "yes", "job_timeout_s": "1800"},
     "results": {"send_to_origin": "yes", "extra_destinations": ""},
     "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
     "retention": {"images_hours": "24", "results_days": "30"},
@@ -234,6 +234,7 @@ class NodeConfig:
     max_instances_per_study: int = 5000
     disk_high_water_percent: float = 90.0
     stability_s: float = 15.0
+    method: str = "network"
     device: str = "auto"
     threads: int | None = None
     model: Path | None = None
@@ -283,7 +284,7 @@ class NodeConfig:
         for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
                      "shutdown_grace_s", "association_request_timeout_s", "network_timeout_s",
                      "max_pending_connections", "spool_dir", "results_dir", "database", "max_instance_bytes",
-                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "device", "threads",
+                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "device", "threads",
                      "model", "tta", "refine_surface", "job_timeout_s", "send_to_origin", "extra_destinations",
                      "images_retention_s", "results_retention_s"):
             value = getattr(self, name)
@@ -381,6 +382,7 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         max_instances_per_study=values.integer("storage", "max_instances_per_study", 1, 10**7),
         disk_high_water_percent=values.number("storage", "disk_high_water_percent", 1, 100),
         stability_s=values.number("series", "stability_s", 0),
+        method=_check_method(values.text("inference", "method"), where),
         device=_check_device(values.text("inference", "device"), where),
         threads=int(values.number("inference", "threads", 1)) if threads else None,
         model=_resolve(base, model) if model else None,
@@ -508,6 +510,16 @@ def _check_ae_title(title: str, label: str) -> str:
     if not AE_TITLE.match(title) or not title.strip():
         raise ValueError(f"{label}: AE title {title!r} must be 1-16 characters, no backslash, not only spaces")
     return title.strip()
+
+
+#: Segmentation methods of ``[inference] method``: the network, or the template registration.
+METHODS = ("network", "atlas")
+
+
+def _check_method(method: str, where: str) -> str:
+    if method.lower() in METHODS:
+        return method.lower()
+    raise ValueError(f"{where}[inference] method = {method!r}: expected {' or '.join(METHODS)}")
 
 
 def _check_device(device: str, where: str) -> str:

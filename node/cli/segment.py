@@ -19,6 +19,8 @@ examples:
   lobevol segment incoming/ --out results --seg labelmap --no-overlays --z-threshold 2.5
   lobevol segment /media/cd/DICOM --dry-run
       which series of each study would be analysed, and why the others would not
+  lobevol segment /media/cd/DICOM --out results --method atlas
+      regions by template registration instead of the network (the SEG, SR and PDF say which)
   lobevol segment incoming/ --out results --config config.ini
       the node's [selection] rules and [outputs] settings (options given here win)
 
@@ -52,7 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="only list each study's series and which one would be analysed, with the reasons "
                              "(no model, nothing written)")
-    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    parser.add_argument("--method", choices=("network", "atlas"), default=None,
+                        help="what makes the regions: network (default) or atlas (the bundled adult CT template "
+                             "registered with ANTs, its lobar atlas warped onto the scan; about 15-30 s a scan)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model; network only)")
     add_device_options(parser, tta=True)
     add_config_option(parser, default=None,
                       help="take the [selection] and [outputs] settings of a node config file (config.ini); "
@@ -122,10 +127,21 @@ def _settings(args: argparse.Namespace):
 
 
 def _segmenter(args):
-    from inference.predict import Segmenter
+    from node.service.worker import load_segmenter
 
-    return Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta,
-                     refine_surface=args.refine_surface)
+    return load_segmenter(args.model, args.device, args.threads, args.tta, args.refine_surface,
+                          method=_method(args), progress=True)
+
+
+def _method(args) -> str:
+    """--method, else the config file's [inference] method, else network."""
+    if getattr(args, "method", None) is not None:
+        return args.method
+    if getattr(args, "config", None) is not None:
+        from node.config import load_config
+
+        return load_config(args.config).method
+    return "network"
 
 
 def _segment_image(args, settings) -> int:

@@ -30,6 +30,25 @@ REQUIRED_PATIENT_STUDY_KEYWORDS = (
 )
 
 
+#: Which method made the regions (``Segmentation.model["method"]``), as the results name it.
+METHOD_DESCRIPTIONS = {
+    "network": "3D ResU-Net",
+    "atlas": "atlas registration (ANTs SyN of an adult CT template with the BLAST-CT lobar atlas)",
+}
+
+
+def segmentation_method(model) -> str:
+    """"network" or "atlas": the method that made the regions (a model dict without "method" is the network's).
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    method = str(model.get("method") or "network")
+    if method not in METHOD_DESCRIPTIONS:
+        raise ValueError(f"unknown segmentation method {method!r}; known: {', '.join(METHOD_DESCRIPTIONS)}")
+    return method
+
+
 def device_serial_number() -> str:
     """This node's identity in Device Serial Number (the host name, at most 64 characters)."""
     return (socket.gethostname() or "unknown")[:64]

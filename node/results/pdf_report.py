@@ -26,6 +26,7 @@ from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, Tabl
 
 from inference.vocabulary import REGIONS, region_by_key
 from inference.vocabulary import __version__
+from node.results.derived import METHOD_DESCRIPTIONS, segmentation_method
 from node.results.key_images import KeyView
 
 DISCLAIMER = (
@@ -122,6 +123,7 @@ def render_pdf_report(
         Spacer(1, 2 * mm),
         *_notes(quality_notes, normative, styles),
         Spacer(1, 2 * mm),
+        _method_line(model, styles),
         _provenance(normative, model, styles, created or datetime.now()),
         Spacer(1, 2 * mm),
         Paragraph(DISCLAIMER, styles["disclaimer"]),
@@ -328,14 +330,26 @@ def _options_text(model: dict) -> str:
     return "".join(f", {name} {'on' if model[key] else 'off'}" for key, name in names.items() if key in model)
 
 
+def _method_line(model: dict, styles) -> Paragraph:
+    """Which method made the regions (the network or the atlas registration)."""
+    method = segmentation_method(model)
+    return Paragraph(f"<b>Regions made by</b>: {_escape(METHOD_DESCRIPTIONS[method])} (method {method}).",
+                     styles["small"])
+
+
 def _provenance(normative, model: dict, styles, created: datetime) -> Paragraph:
     reference = normative.reference
     low, high = reference.age_range_years
     kernel = "x".join(str(k) for k in model.get("kernel_size", ())) or "?"
+    if segmentation_method(model) == "atlas":
+        made_with = (f"{_escape(str(model.get('name', '?')))} ({_escape(str(model.get('architecture', '?')))}), "
+                     f"{_escape(str(model.get('trained_on', '?')))}, data sha256 ")
+    else:
+        made_with = (f"{_escape(str(model.get('name', '?')))} ({_escape(str(model.get('architecture', '?')))}, "
+                     f"kernel {kernel}), trained on {_escape(str(model.get('trained_on', '?')))}, weights sha256 ")
     text = (
-        f"<b>Model</b>: {_escape(str(model.get('name', '?')))} ({_escape(str(model.get('architecture', '?')))}, "
-        f"kernel {kernel}), trained on {_escape(str(model.get('trained_on', '?')))}, "
-        f"weights sha256 {str(model.get('weights_sha256', '?'))[:16]}&hellip;, code {_escape(str(model.get('code_version', __version__)))}"
+        f"<b>Model</b>: {made_with}"
+        f"{str(model.get('weights_sha256', '?'))[:16]}&hellip;, code {_escape(str(model.get('code_version', __version__)))}"
         f"{_options_text(model)}. "
         f"<b>Reference</b>: {_escape(reference.name)} {_escape(reference.version)} ({_escape(reference.kind)}; "
         f"{_escape(reference.population)}, n = {reference.n}, ages {low:g}&ndash;{high:g} years), "

@@ -41,7 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
-from node.results.derived import MANUFACTURER, device_serial_number, with_required_patient_study
+from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
 
 SEG_SERIES_NUMBER = 9101
 SEG_SERIES_DESCRIPTION = "lobevol SEG"
@@ -84,15 +84,18 @@ def algorithm_identification(model: Mapping[str, object]) -> hd.AlgorithmIdentif
     """
     if not model.get("weights_sha256"):
         raise ValueError("model description lacks 'weights_sha256': cannot identify the algorithm")
-    parameters = {
+    method = segmentation_method(model)
+    parameters = {"method": method, **{
         key: _parameter_text(model[key])
         for key in ("name", "architecture", "kernel_size", "spacing_mm", "weights_sha256", "trained_on",
                     "test_time_augmentation", "surface_refinement")
         if model.get(key) is not None
-    }
+    }}
+    # Atlas labels come from deforming a labelled template (CID 7162 "Deformable Models").
+    family = codes.cid7162.DeformableModels if method == "atlas" else codes.DCM.ArtificialIntelligence
     return hd.AlgorithmIdentificationSequence(
         name=MANUFACTURER,
-        family=codes.DCM.ArtificialIntelligence,
+        family=family,
         version=str(model.get("code_version") or __version__)[:64],
         source=MANUFACTURER,
         parameters=parameters,

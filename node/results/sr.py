@@ -46,7 +46,7 @@ from pydicom.uid import generate_uid
 
 from inference.vocabulary import LOBE_PAIRS, REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
-from node.results.derived import MANUFACTURER, device_serial_number, with_required_patient_study
+from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
 from node.results.seg import laterality_code, structure_code
 
 SR_SERIES_NUMBER = 9102
@@ -98,7 +98,8 @@ def build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=MANUFACTURER,
         version=str(model.get("code_version") or __version__)[:64],
-        parameters=[f"weights_sha256={model.get('weights_sha256', '')}", f"model={model.get('name', '')}"]
+        parameters=[f"method={segmentation_method(model)}", f"weights_sha256={model.get('weights_sha256', '')}",
+                    f"model={model.get('name', '')}"]
         + [f"{key}={model[key]}" for key in ("test_time_augmentation", "surface_refinement") if key in model],
     )
     results = {result.key: result for result in normative.regions}

@@ -64,12 +64,24 @@ class WorkerStopped(RuntimeError):
     """The node asked to stop before the job finished: the job must be checkpointed (re-run later)."""
 
 
-def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool, refine_surface: bool = True):
-    """The real segmenter (runs in the worker process: one model load per worker)."""
+def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool, refine_surface: bool = True,
+                   method: str = "network", progress: bool = False):
+    """The real segmenter of ``method`` (runs in the worker process: one model load per worker).
+
+    "network": :class:`inference.predict.Segmenter` with ``model`` (None = bundled), ``device``, ``tta``;
+    "atlas": :class:`inference.atlas.registration.AtlasSegmenter` (those three do not apply).
+    ``progress`` is off for the node: a server log, not a terminal.
+    """
+    if method == "atlas":
+        from inference.atlas.registration import AtlasSegmenter
+
+        return AtlasSegmenter(threads=threads, progress=progress, refine_surface=refine_surface)
+    if method != "network":
+        raise ValueError(f"unknown segmentation method {method!r}: expected network or atlas")
     from inference.predict import Segmenter
 
     return Segmenter(model, device=device, threads=threads, tta=tta, refine_surface=refine_surface,
-                     progress=False)  # a server log, not a terminal
+                     progress=progress)
 
 
 #: Test-only hook: ``module:Class`` of a model-free segmenter for the node's subprocess tests
@@ -89,7 +101,7 @@ def segmenter_factory(config) -> Callable[[], object]:
         except (ImportError, AttributeError) as error:
             raise RuntimeError(f"{TEST_SEGMENTER_VARIABLE}={test_segmenter}: {error}") from None
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
-                             config.threads, config.tta, config.refine_surface)
+                             config.threads, config.tta, config.refine_surface, config.method)
 
 
 class Worker:
