@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,11 +25,11 @@ from node.service.jobs import JobStore
 from node.service.server import Node
 from tests.dicom_validation import validate
 from tests.node_peers import StoreSCP, free_port, storescu, tiny_checkpoint, wait_for, write_node_config
+from tests.node_peers import serve as serve_node  # `serve` names the subprocess in the tests
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 # dciodvfy warnings we accept (same reasons as tests/test_pipeline.py): our private asymmetry code.
 EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR")
@@ -147,30 +146,6 @@ def test_study_without_an_eligible_series_is_skipped_with_the_reason(tmp_path, s
         assert pacs.received() == [] and node.jobs.outbox(job.id) == []
 
 
-def _serve(config: Path, log: Path) -> subprocess.Popen:
-    """``lobevol serve`` as a subprocess with the model-free PartitionSegmenter (test-only hook)."""
-    environment = dict(os.environ, LOBEVOL_TEST_SEGMENTER="tests.output_fixtures:PartitionSegmenter")
-    process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
-                               stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environment)
-    port = load_config(config).port
-    wait_for(lambda: process.poll() is None and _listening(port) or _died(process, log), 120,
-             "lobevol serve to listen")
-    return process
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _died(process: subprocess.Popen, log: Path) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"lobevol serve exited {process.returncode}: {log.read_text()[-3000:]}")
-    return False
-
-
 def _send_some_then_kill(port: int, files: list[Path], count: int, process: subprocess.Popen) -> None:
     """Open an association, store ``count`` files, kill the node with -9 while the association is open."""
     ae = AE(ae_title="PACS")
@@ -210,18 +185,18 @@ def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_pa
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=3)
         node_port = load_config(config).port
         jobs = JobStore(load_config(config).database)
-        serve = _serve(config, log)
+        serve = serve_node(config, log)
         _send_some_then_kill(node_port, study, 5, serve)
         assert [j.instances for j in jobs.jobs()] == [5]  # what was acknowledged is on disk
 
-        serve = _serve(config, log)
+        serve = serve_node(config, log)
         storescu(node_port, study)  # the PACS sends the study again after the failure
         wait_for(lambda: jobs.counts().get("processing"), 120, "processing to start", 0.05)
         os.kill(serve.pid, signal.SIGKILL)
         serve.wait(10)
         assert pacs.received() == []
 
-        serve = _serve(config, log)
+        serve = serve_node(config, log)
         try:
             job = wait_for(lambda: next((j for j in jobs.jobs() if j.state in ("done", "failed")), None), 300,
                            "the job to end after the restarts")
