@@ -278,8 +278,9 @@ def test_stop_and_kill_9_mid_analysis_and_restarts_end_with_one_set_of_results(t
 
 @pytest.mark.integration
 def test_non_head_and_mr_studies_are_skipped_with_their_reason(tmp_path, head_study):
+    # A chest: no head word in any header, and no skull in the images (soft tissue, fat around it).
     chest = _rewritten(head_study, tmp_path / "chest", BodyPartExamined="CHEST", SeriesDescription="CHEST 5MM",
-                       StudyDescription="CT CHEST")
+                       StudyDescription="CT CHEST", PixelData=_soft_tissue_slab(40, 40))
     mr = _rewritten(head_study, tmp_path / "mr", Modality="MR", SOPClassUID=MRImageStorage)
     config = lobevol_config(tmp_path / "lobevol")
     orthanc = plugin_orthanc(tmp_path / "orthanc", config).start()
@@ -328,6 +329,15 @@ def _rewritten(paths: list[Path], folder: Path, **attributes) -> list[Path]:
         ds.save_as(folder / path.name)
         written.append(folder / path.name)
     return written
+
+
+def _soft_tissue_slab(rows: int, columns: int) -> bytes:
+    """One slice of a body without bone: 40 HU inside an ellipse, fat (-100 HU) around it (stored HU + 1024)."""
+    import numpy as np
+
+    y, x = np.mgrid[-1:1:rows * 1j, -1:1:columns * 1j]
+    hu = np.where(x ** 2 / 0.9 ** 2 + y ** 2 / 0.7 ** 2 <= 1, 40, -100)
+    return (hu + 1024).astype(np.uint16).tobytes()
 
 
 def _worker_pids(parent: int) -> list[int]:
