@@ -57,3 +57,10 @@ class PrintableFormatter(logging.Formatter):
 
 def _indented(text: str) -> str:
     return "\n".join("  | " + printable(line) for line in text.split("\n"))
+
+
+def configure_logging(level: int, format: str) -> None:
+    """Log to stderr at ``level`` through a :class:`PrintableFormatter` (the CLI and the worker process)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter(format))
+    logging.basicConfig(level=level, handlers=[handler])

@@ -186,6 +186,8 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
     # Decided before computing: without one Frame of Reference a SEG cannot be placed on the images (and
     # the SR measures the SEG's segments), but volumes and the report are as true as with one.
     unplaced = [] if _frame_of_reference(volume) else [NO_FRAME_OF_REFERENCE]
+    for note in (*cleaned, *unplaced, *selection.notes.values()):
+        log.warning("study %s: %s", _short(study_uid), note)  # the notes the report carries, for the operator
     try:
         return _analyse_volume(
             volume, study_uid, Path(out_dir), segmenter, settings,

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from inference.vocabulary import __version__
-from node.logsafe import PrintableFormatter
+from node.logsafe import configure_logging
 
 #: Subcommands listed first in ``--help``, in this order (the daily work of a node);
 #: every other module of this package follows alphabetically.
@@ -82,11 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
     # Logged values come from the network too (AE titles, UIDs): control characters escaped.
-    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        handlers=[handler])
+    configure_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                      "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -189,8 +189,7 @@ def _log_unasked(connection: Connection, now: float, timeout_s: float) -> None:
         log.warning("connection from %s closed: no complete association request within %g s (silent, or "
                     "stalled inside a PDU)", connection.address, timeout_s)
     else:
-        log.info("connection from %s closed by the caller after %.1f s without an association request",
-                 connection.address, age)
+        log.info("connection from %s ended after %.1f s without an association request", connection.address, age)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

@@ -224,6 +224,7 @@ class StorageSCP:
     def _store(self, event, tally: AssociationTally) -> Dataset | int:
         size = event.request.DataSet.getbuffer().nbytes
         if size > self.config.max_instance_bytes:
+            log.warning("instance from %s refused: %.1f MiB, above max_instance_mb", tally.calling_ae, size / 2**20)
             return _refusal(OUT_OF_RESOURCES, f"instance of {size / 2**20:.0f} MiB is above max_instance_mb")
         used = self.spool.disk_used_percent()
         if used > self.config.disk_high_water_percent:
@@ -242,6 +243,8 @@ class StorageSCP:
             log.warning("instance from %s cannot be decoded: %s", tally.calling_ae, error)
             return _refusal(CANNOT_DECODE, "dataset cannot be decoded")
         if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
+            log.warning("instance from %s refused: its SOP Instance UID %s differs from the request's %s",
+                        tally.calling_ae, sop_uid, printable(event.request.AffectedSOPInstanceUID))
             return _refusal(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request's")
         sop_class = str(event.request.AffectedSOPClassUID)
         if self.config.log_patient_identifiers:

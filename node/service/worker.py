@@ -208,8 +208,9 @@ class Worker:
 
 def _worker_main(connection, factory, settings, log_level: int) -> None:
     """The worker process: load the model, then answer job requests until told to stop."""
-    logging.basicConfig(level=log_level or logging.WARNING,
-                        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
+    from node.logsafe import configure_logging
+
+    configure_logging(log_level or logging.WARNING, "%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     _exit_when_orphaned(os.getppid())
     try:
         segmenter = factory()
