@@ -170,3 +170,21 @@ def test_segment_dry_run_lists_the_series_and_the_choice(real_ct, tmp_path, caps
     assert "none of the 1 study(ies) has a series to analyse" in capsys.readouterr().err
     assert main(["segment", str(real_ct / "GE")]) == 1
     assert "--out DIR is required" in capsys.readouterr().err
+
+
+def test_segment_of_a_study_with_hostile_patient_text_writes_its_results(model_free, tmp_path, capsys):
+    import pydicom
+
+    paths = write_ct_series(tmp_path / "in", region_labels((20, 40, 40)))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "Doe^John\\Smith^Jane"
+        ds.PatientID = "ID\x1b[31m\x00"
+        ds.InstitutionName = "Hospital\r\nforged" * 700
+        ds.save_as(path)
+    assert main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    assert {"seg.dcm", "sr.dcm", "report.dcm", "report.pdf"} <= {p.name for p in folder.iterdir()}
+    seg = pydicom.dcmread(folder / "seg.dcm", stop_before_pixels=True)
+    assert (str(seg.PatientName), seg.PatientID) == ("Doe^John", "ID[31m")
+    assert "done" in capsys.readouterr().out
