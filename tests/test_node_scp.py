@@ -310,3 +310,19 @@ def test_ct_whose_pixel_data_is_not_what_its_header_says_is_refused_at_c_store(s
     assert _spooled(scp) == []
     storescu(scp.port, series[:1])  # the next one is stored as usual
     assert reason in caplog.text and bad.SOPInstanceUID in caplog.text
+
+
+def test_an_admitted_caller_stalled_inside_a_pdu_is_closed_after_the_network_timeout(scp_factory):
+    scp = scp_factory(max_associations=1, network_timeout_s=1.0)
+    sock = connect(scp.port)
+    sock.sendall(associate_rq(b"PACS"))
+    assert read_pdu_type(sock) == 0x02  # accepted: it holds the only slot
+    sock.recv(65536)  # the rest of the A-ASSOCIATE-AC
+    sock.sendall(pdu(0x04, b"", length=50_000)[:6] + b"\x00\x00")  # half a P-DATA-TF, then nothing
+    started = time.monotonic()
+    assert closed_by_peer(sock, 10)
+    assert 0.8 < time.monotonic() - started < 5
+    sock.close()
+    assoc = _echo(scp.port)  # the slot is free again
+    assert assoc.is_established
+    assoc.release()
