@@ -615,7 +615,7 @@ def _bootstrap(api) -> LobevolPlugin:
         sys.path.insert(0, str(REPOSITORY))
     sys.path.extend(str(p) for p in settings.site_packages if str(p) not in sys.path)
     try:
-        from node.service.worker import segmenter_factory
+        from node.service.worker import segmenter_factory, stand_in_factory
     except ImportError as error:
         raise ConfigurationError(f"cannot import lobevol's dependencies ({error}): give their site-packages "
                                  f'folder in "{SECTION}" "SitePackages"') from None
@@ -625,12 +625,7 @@ def _bootstrap(api) -> LobevolPlugin:
         raise ConfigurationError(f"lobevol configuration: {error}") from None
     multiprocessing.set_executable(str(settings.worker_python))  # sys.executable is Orthanc itself
     if settings.test_segmenter:
-        import importlib
-
-        module, _, name = settings.test_segmenter.partition(":")
-        log.warning('lobevol: "TestSegmenter" %s: results come from a test stand-in, not from a model',
-                    settings.test_segmenter)
-        factory = getattr(importlib.import_module(module), name)
+        factory = stand_in_factory(settings.test_segmenter, f'"{SECTION}" "TestSegmenter"')
     else:
         factory = segmenter_factory(config)
     stable_age = json.loads(api.GetConfiguration()).get("StableAge", 60)

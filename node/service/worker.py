@@ -93,15 +93,19 @@ def segmenter_factory(config) -> Callable[[], object]:
     """A picklable factory of the configured model (``[inference]`` section)."""
     test_segmenter = os.environ.get(TEST_SEGMENTER_VARIABLE, "").strip()
     if test_segmenter:
-        module, _, name = test_segmenter.partition(":")
-        log.warning("%s=%s: results come from a test stand-in, not from a model", TEST_SEGMENTER_VARIABLE,
-                    test_segmenter)
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as error:
-            raise RuntimeError(f"{TEST_SEGMENTER_VARIABLE}={test_segmenter}: {error}") from None
+        return stand_in_factory(test_segmenter, TEST_SEGMENTER_VARIABLE)
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
                              config.threads, config.tta, config.refine_surface, config.method)
+
+
+def stand_in_factory(spec: str, where: str) -> Callable[[], object]:
+    """The model-free segmenter ``module:Class`` named by a test (``where``: the setting that named it), logged loudly."""
+    module, _, name = spec.partition(":")
+    log.warning("%s=%s: results come from a test stand-in, not from a model", where, spec)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise RuntimeError(f"{where}={spec}: {error}") from None
 
 
 class Worker:
