@@ -86,12 +86,14 @@ class Segmentation:
         model: the checkpoint's metadata as a dict, plus "name" (the checkpoint file's stem),
             "test_time_augmentation" and "surface_refinement" (whether each was applied).
         timings_s: seconds per stage ("preprocess", "inference", "postprocess", "to_source", "surface", "total", ...).
+        cross_check: the other method's agreement (:class:`inference.cross_check.CrossCheck`), when one ran.
     """
 
     labels: sitk.Image
     volumes_cm3: dict[str, float]
     model: dict
     timings_s: dict[str, float] = field(default_factory=dict)
+    cross_check: object | None = None
 
 
 # --- volumes -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ KNOWN: dict[str, dict[str, str]] = {
         "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
     },
     "series": {"stability_s": "15"},
-    "inference": {"method": "network", "device": "auto", "threads": "", "model": "", "tta": "yes",
+    "inference": {"method": "network", "cross_check": "yes", "cross_check_min_dice": "0.2", "device": "auto", "threads": "", "model": "", "tta": "yes",
                   "refine_surface": "yes", "job_timeout_s": "1800"},
     "results": {"send_to_origin": "yes", "extra_destinations": ""},
     "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
@@ -235,6 +235,8 @@ class NodeConfig:
     disk_high_water_percent: float = 90.0
     stability_s: float = 15.0
     method: str = "network"
+    cross_check: bool = True
+    cross_check_min_dice: float = 0.2
     device: str = "auto"
     threads: int | None = None
     model: Path | None = None
@@ -284,7 +286,8 @@ class NodeConfig:
         for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
                      "shutdown_grace_s", "association_request_timeout_s", "network_timeout_s",
                      "max_pending_connections", "spool_dir", "results_dir", "database", "max_instance_bytes",
-                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "device", "threads",
+                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "cross_check", "cross_check_min_dice",
+                     "device", "threads",
                      "model", "tta", "refine_surface", "job_timeout_s", "send_to_origin", "extra_destinations",
                      "images_retention_s", "results_retention_s"):
             value = getattr(self, name)
@@ -383,6 +386,8 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         disk_high_water_percent=values.number("storage", "disk_high_water_percent", 1, 100),
         stability_s=values.number("series", "stability_s", 0),
         method=_check_method(values.text("inference", "method"), where),
+        cross_check=values.flag("inference", "cross_check"),
+        cross_check_min_dice=values.number("inference", "cross_check_min_dice", 0, 1),
         device=_check_device(values.text("inference", "device"), where),
         threads=int(values.number("inference", "threads", 1)) if threads else None,
         model=_resolve(base, model) if model else None,

@@ -244,7 +244,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
         raise RuntimeError("the model found no brain region in the image: nothing to measure")
     normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.reference_path),
                         z_threshold=settings.z_threshold)
-    notes = quality_notes(image, segmentation.model, extra_notes)
+    check = segmentation.cross_check
+    notes = quality_notes(image, segmentation.model, [*extra_notes, *([check.message] if check else [])])
     out_dir.mkdir(parents=True, exist_ok=True)
     outcome = StudyOutcome(study_uid, "done")
     outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)
@@ -252,7 +253,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     pdf = None
     if settings.write_pdf:
         header = StudyHeader.from_dataset(volume.datasets[0]) if volume is not None else StudyHeader()
-        pdf = render_pdf_report(normative, segmentation.model, views, header=header, quality_notes=notes)
+        pdf = render_pdf_report(normative, segmentation.model, views, header=header, quality_notes=notes,
+                                cross_check=check)
         (out_dir / "report.pdf").write_bytes(pdf)
         outcome.plain_files.append(out_dir / "report.pdf")
     if volume is not None:
@@ -260,10 +262,13 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
                                                      settings, out_dir)
     outcome.volumes_row = csv_row(case_id, normative.sex, normative.age_years, segmentation.volumes_cm3)
     flagged = [r.key for r in normative.regions if r.flag in ("above", "below")]
+    if check is not None and not check.agrees:
+        outcome.reason = check.message  # shown by lobevol status beside the done job
     outcome.summary = (
         f"study {_short(study_uid)}: done in {time.monotonic() - started:.0f} s, total "
         f"{normative.total.volume_cm3:.1f} cm3, "
         + (f"{len(flagged)} region(s) outside the normal range" if normative.applicable else "no z-scores")
+        + ("" if check is None else f", {check.verdict}")
         + f", {len(outcome.result_files)} DICOM object(s) and {len(outcome.plain_files)} file(s) in {out_dir}"
     )
     return outcome
@@ -286,7 +291,8 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
         seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.seg_type == "labelmap")
         written.append(_save(seg, out_dir / "seg.dcm"))
         if settings.write_sr:
-            sr = build_sr(volume, seg, segmentation.volumes_cm3, normative, segmentation.model)
+            sr = build_sr(volume, seg, segmentation.volumes_cm3, normative, segmentation.model,
+                          cross_check=segmentation.cross_check)
             written.append(_save(sr, out_dir / "sr.dcm"))
     if pdf is not None:
         wrapped = build_encapsulated_pdf(pdf, source, source_instances=volume.datasets)
@@ -356,6 +362,8 @@ def write_plain_files(out_dir: Path, case_id: str, segmentation, normative, note
         "quality_notes": list(notes),
         "timings_s": segmentation.timings_s,
     }
+    if segmentation.cross_check is not None:
+        summary["cross_check"] = segmentation.cross_check.to_dict()
     json_path = out_dir / "volumes.json"
     json_path.write_text(json.dumps(summary, indent=2))
     row = csv_row(case_id, normative.sex, normative.age_years, segmentation.volumes_cm3)

@@ -9,6 +9,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from inference.vocabulary import REGION_KEYS
 from node.cli import main
 
 pytestmark = pytest.mark.slow
@@ -29,29 +30,77 @@ def test_segment_method_atlas_writes_every_result_from_the_atlas(phantom_study, 
     from inference.metrics import dice_per_region
 
     phantom, folder = phantom_study
-    status = main(["segment", str(folder), "--out", str(tmp_path), "--method", "atlas", "--threads", "2"])
+    status = main(["segment", str(folder), "--out", str(tmp_path), "--method", "atlas", "--threads", "2",
+                   "--cross-check", "--no-tta"])
     assert status == 0, capsys.readouterr()
     (study,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     summary = json.loads((study / "volumes.json").read_text())
     assert summary["model"]["method"] == "atlas"
+    # Cross-checked by the (phantom-trained) network: both found the phantom's regions.
+    check = summary["cross_check"]
+    assert (check["method"], check["other_method"]) == ("atlas", "network")
+    assert set(check["regions"]) == set(REGION_KEYS) and 0.3 < check["mean_dice"] < 1.0
+    assert check["message"] in summary["quality_notes"]
     labels = sitk.ReadImage(str(study / "labels.nii.gz"))
     assert np.mean(list(dice_per_region(labels, phantom.labels).values())) > 0.4  # the atlas's, not a stand-in
     seg = pydicom.dcmread(study / "seg.dcm")
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Deformable Models"
     assert "method=atlas" in str(algorithm.AlgorithmParameters)
-    assert "method=atlas" in str(pydicom.dcmread(study / "sr.dcm"))
+    sr_text = str(pydicom.dcmread(study / "sr.dcm"))
+    assert "method=atlas" in sr_text and "Agreement of segmentation methods" in sr_text
     text = subprocess.run(["pdftotext", "-layout", str(study / "report.pdf"), "-"], capture_output=True, text=True,
                           check=True).stdout
-    assert "Regions made by: atlas registration" in " ".join(text.split())
+    words = " ".join(text.split())
+    assert "Regions made by: atlas registration" in words and "Cross-check: methods" in words
+    assert "Dice atlas cm3 network cm3" in words
 
 
 def test_config_method_is_checked(tmp_path):
     from node.config import load_config
 
     path = tmp_path / "config.ini"
-    path.write_text("[inference]\nmethod = atlas\n")
-    assert load_config(path).method == "atlas"
+    path.write_text("[inference]\nmethod = atlas\ncross_check = no\ncross_check_min_dice = 0.3\n")
+    config = load_config(path)
+    assert (config.method, config.cross_check, config.cross_check_min_dice) == ("atlas", False, 0.3)
+    path.write_text("[inference]\ncross_check_min_dice = 2\n")
+    with pytest.raises(ValueError, match="cross_check_min_dice"):
+        load_config(path)
     path.write_text("[inference]\nmethod = registration\n")
     with pytest.raises(ValueError, match=r"\[inference\] method = 'registration': expected network or atlas"):
         load_config(path)
+
+
+def test_cross_check_says_plainly_when_methods_disagree():
+    from inference.cross_check import CrossCheckedSegmenter, compare_segmentations
+    from inference.predict import Segmentation, measure_volumes
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    for value in range(1, 11):
+        labels[:, :, 2 * (value - 1):2 * value] = value
+    shifted = np.roll(labels, 1, axis=2)
+    images = [sitk.GetImageFromArray(a) for a in (labels, shifted)]
+    check = compare_segmentations(images[0], images[0], measure_volumes(images[0]), measure_volumes(images[0]),
+                                  method="network", other_method="atlas")
+    assert check.agrees and check.mean_dice == 1.0 and check.message.startswith("methods agree")
+    check = compare_segmentations(images[0], images[1], measure_volumes(images[0]), measure_volumes(images[1]),
+                                  method="network", other_method="atlas", min_dice=0.6)
+    assert not check.agrees and check.message.startswith("methods disagree: review the regions")
+    assert check.to_dict()["regions"]["right_frontal_lobe"]["dice"] == pytest.approx(2 * 1 / 4)
+
+    class Fixed:
+        def __init__(self, image, method):
+            self.image, self.method = image, method
+
+        @property
+        def model(self):
+            return {"method": self.method}
+
+        def segment(self, image):
+            return Segmentation(self.image, measure_volumes(self.image), self.model, {"total": 1.0})
+
+    result = CrossCheckedSegmenter(Fixed(images[0], "network"), Fixed(images[1], "atlas"), 0.6).segment(images[0])
+    assert result.model == {"method": "network"} and not result.cross_check.agrees
+    assert "cross_check" in result.timings_s
+    with pytest.raises(ValueError, match="Dice within 0..1"):
+        CrossCheckedSegmenter(None, None, 1.5)

@@ -21,6 +21,8 @@ examples:
       which series of each study would be analysed, and why the others would not
   lobevol segment /media/cd/DICOM --out results --method atlas
       regions by template registration instead of the network (the SEG, SR and PDF say which)
+  lobevol segment /media/cd/DICOM --out results --cross-check
+      the network's regions, checked against the atlas's (agreement per region in every result)
   lobevol segment incoming/ --out results --config config.ini
       the node's [selection] rules and [outputs] settings (options given here win)
 
@@ -57,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=("network", "atlas"), default=None,
                         help="what makes the regions: network (default) or atlas (the bundled adult CT template "
                              "registered with ANTs, its lobar atlas warped onto the scan; about 15-30 s a scan)")
+    parser.add_argument("--cross-check", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the other method too and report the per-region agreement (Dice, volume "
+                             "difference) in volumes.json, the PDF and the SR; 'methods disagree: review the "
+                             "regions' when any region's Dice is below 0.2 (default: the config file's "
+                             "[inference] cross_check, else off)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model; network only)")
     add_device_options(parser, tta=True)
     add_config_option(parser, default=None,
@@ -129,19 +136,18 @@ def _settings(args: argparse.Namespace):
 def _segmenter(args):
     from node.service.worker import load_segmenter
 
-    return load_segmenter(args.model, args.device, args.threads, args.tta, args.refine_surface,
-                          method=_method(args), progress=True)
-
-
-def _method(args) -> str:
-    """--method, else the config file's [inference] method, else network."""
-    if getattr(args, "method", None) is not None:
-        return args.method
+    config = None
     if getattr(args, "config", None) is not None:
         from node.config import load_config
 
-        return load_config(args.config).method
-    return "network"
+        config = load_config(args.config)
+    method = getattr(args, "method", None) or (config.method if config else "network")
+    cross_check = getattr(args, "cross_check", None)
+    if cross_check is None:  # not given: the config file's, else off
+        cross_check = config.cross_check if config else False
+    return load_segmenter(args.model, args.device, args.threads, args.tta, args.refine_surface,
+                          method=method, progress=True, cross_check=cross_check,
+                          cross_check_min_dice=config.cross_check_min_dice if config else 0.2)
 
 
 def _segment_image(args, settings) -> int:

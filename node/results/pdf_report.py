@@ -90,6 +90,7 @@ def render_pdf_report(
     header: StudyHeader = StudyHeader(),
     quality_notes: Sequence[str] = (),
     created: datetime | None = None,
+    cross_check=None,
 ) -> bytes:
     """Render the report and return the PDF bytes.
 
@@ -123,6 +124,7 @@ def render_pdf_report(
         Spacer(1, 2 * mm),
         *_notes(quality_notes, normative, styles),
         Spacer(1, 2 * mm),
+        *_cross_check_table(cross_check, styles),
         _method_line(model, styles),
         _provenance(normative, model, styles, created or datetime.now()),
         Spacer(1, 2 * mm),
@@ -328,6 +330,29 @@ def _options_text(model: dict) -> str:
     """", flip TTA on, surface refinement off" for the prediction options the model dict records."""
     names = {"test_time_augmentation": "flip TTA", "surface_refinement": "surface refinement"}
     return "".join(f", {name} {'on' if model[key] else 'off'}" for key, name in names.items() if key in model)
+
+
+def _cross_check_table(cross_check, styles) -> list:
+    """The cross-check (``inference.cross_check.CrossCheck``): verdict and a table per region; [] without one."""
+    if cross_check is None:
+        return []
+    rows = [["Region", "Dice", f"{cross_check.method} cm3", f"{cross_check.other_method} cm3", "difference"]]
+    for region in cross_check.regions:
+        difference = region.volume_difference_percent
+        rows.append([region_by_key(region.key).name, f"{region.dice:.2f}", f"{region.volume_cm3:.1f}",
+                     f"{region.other_volume_cm3:.1f}", "-" if difference is None else f"{difference:+.0f} %"])
+    table = Table(rows, hAlign="LEFT")
+    style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
+             ("ALIGN", (1, 0), (-1, -1), "RIGHT"), ("LINEBELOW", (0, 0), (-1, 0), 0.5, colors.grey),
+             ("TOPPADDING", (0, 0), (-1, -1), 0.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5)]
+    for row, region in enumerate(cross_check.regions, start=1):
+        if region.dice < cross_check.min_dice:
+            style.append(("TEXTCOLOR", (0, row), (-1, row), colors.red))
+    table.setStyle(TableStyle(style))
+    heading = "Cross-check: " + (_escape(cross_check.verdict) if cross_check.agrees
+                                 else f"<font color='red'><b>{_escape(cross_check.verdict)}</b></font>")
+    return [Paragraph(heading, styles["heading"]), Paragraph(_escape(cross_check.message), styles["small"]),
+            table, Spacer(1, 2 * mm)]
 
 
 def _method_line(model: dict, styles) -> Paragraph:

@@ -75,6 +75,7 @@ def build_sr(
     model: Mapping[str, object],
     *,
     series_number: int = SR_SERIES_NUMBER,
+    cross_check=None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of the region volumes.
 
@@ -113,7 +114,10 @@ def build_sr(
                 seg, datasets[0].SeriesInstanceUID, algorithm, normative.reference, no_z_reason,
             )
         )
-    groups.append(_total_group(normative.total, algorithm, normative.reference, no_z_reason, normative.notes))
+    total = _total_group(normative.total, algorithm, normative.reference, no_z_reason, normative.notes)
+    if cross_check is not None:
+        _add_cross_check(total, cross_check)
+    groups.append(total)
     for asymmetry in normative.asymmetry:
         groups.append(_asymmetry_group(asymmetry, algorithm, normative.reference, no_z_reason))
     report = hd.sr.MeasurementReport(
@@ -324,6 +328,22 @@ def _normality_evaluation(result) -> hd.sr.QualitativeEvaluation:
     if flag not in _NORMALITY:
         raise ValueError(f"unknown normative flag {flag!r}; expected 'below', 'within', 'above' or None")
     return hd.sr.QualitativeEvaluation(name=codes.DCM.Normality, value=_NORMALITY[flag][1])
+
+
+#: The cross-check's quality finding (private scheme: DICOM has no code for two methods' agreement).
+METHOD_AGREEMENT = hd.sr.CodedConcept("MA", "99LOBEVOL", "Agreement of segmentation methods")
+METHODS_AGREE = hd.sr.CodedConcept("MAY", "99LOBEVOL", "Methods agree")
+METHODS_DISAGREE = hd.sr.CodedConcept("MAN", "99LOBEVOL", "Methods disagree: review the regions")
+
+
+def _add_cross_check(group, cross_check) -> None:
+    """The cross-check as a qualitative evaluation of the total, with the per-region Dice as a comment."""
+    container = group[0]
+    container.ContentSequence.append(hd.sr.CodeContentItem(
+        name=METHOD_AGREEMENT, value=METHODS_AGREE if cross_check.agrees else METHODS_DISAGREE,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    per_region = ", ".join(f"{r.key} {r.dice:.2f}" for r in cross_check.regions)
+    _add_comment(group, f"{cross_check.message}. Dice per region: {per_region}")
 
 
 def _add_comment(group, text: str) -> None:

@@ -65,13 +65,22 @@ class WorkerStopped(RuntimeError):
 
 
 def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool, refine_surface: bool = True,
-                   method: str = "network", progress: bool = False):
+                   method: str = "network", progress: bool = False, cross_check: bool = False,
+                   cross_check_min_dice: float = 0.2):
     """The real segmenter of ``method`` (runs in the worker process: one model load per worker).
 
     "network": :class:`inference.predict.Segmenter` with ``model`` (None = bundled), ``device``, ``tta``;
     "atlas": :class:`inference.atlas.registration.AtlasSegmenter` (those three do not apply).
+    ``cross_check``: the other method runs too (:class:`inference.cross_check.CrossCheckedSegmenter`).
     ``progress`` is off for the node: a server log, not a terminal.
     """
+    if cross_check:
+        from inference.cross_check import CrossCheckedSegmenter
+
+        other = "atlas" if method == "network" else "network"
+        return CrossCheckedSegmenter(
+            load_segmenter(model, device, threads, tta, refine_surface, method, progress),
+            load_segmenter(model, device, threads, tta, refine_surface, other, progress), cross_check_min_dice)
     if method == "atlas":
         from inference.atlas.registration import AtlasSegmenter
 
@@ -95,7 +104,8 @@ def segmenter_factory(config) -> Callable[[], object]:
     if test_segmenter:
         return stand_in_factory(test_segmenter, TEST_SEGMENTER_VARIABLE)
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
-                             config.threads, config.tta, config.refine_surface, config.method)
+                             config.threads, config.tta, config.refine_surface, config.method, False,
+                             config.cross_check, config.cross_check_min_dice)
 
 
 def stand_in_factory(spec: str, where: str) -> Callable[[], object]:
