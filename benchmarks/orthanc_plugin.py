@@ -3,8 +3,9 @@
 Uploads one phantom series (default 512 x 512 x 300) to Orthanc over REST and prints
 the time from the last instance to the results stored in Orthanc's study (StableAge
 excluded), split into fetching the study from Orthanc, the analysis and storing the
-results; and memory: Orthanc's resident memory without the plugin, with it loaded
-(idle), and the peaks (VmHWM) of Orthanc and of the worker process during the run.
+results; and memory: Orthanc's resident memory without the plugin (idle, and its peak
+receiving the same series and result objects), with it loaded (idle), and the peaks
+(VmHWM) of Orthanc and of the worker process during the run.
 
 usage:
   .venv/bin/python benchmarks/orthanc_plugin.py                   # 512 x 512 x 300, bundled model
@@ -56,14 +57,6 @@ def main() -> int:
     config.write_text(f"[storage]\nspool = spool\nresults = results\ndatabase = jobs.sqlite\n"
                       f"[inference]\ndevice = auto\nthreads = {args.threads}\n")
 
-    plain = Orthanc(work / "plain").start()
-    time.sleep(2)
-    plain_rss = resident_bytes(plain.process.pid)
-    for path in files:  # what Orthanc itself takes to receive the series
-        plain.upload(path)
-    plain_peak = peak_memory_bytes(plain.process.pid)
-    plain.stop()
-
     settings = orthanc_configuration(work / "orthanc", config, http_port=0, dicom_port=0, aet="PACS",
                                      stable_age_s=args.stable_age)
     orthanc = Orthanc(work / "orthanc", extra={k: v for k, v in settings.items()
@@ -101,11 +94,22 @@ def main() -> int:
         print("  series in the study: " + ", ".join(sorted(s["MainDicomTags"]["Modality"] for s in stored)))
         orthanc_pid = orthanc.process.pid
         worker = max((p for p in peaks if p != orthanc_pid), key=lambda p: peaks[p], default=None)
-        print(f"memory: Orthanc alone {plain_rss / 2**20:.0f} MiB resident idle, peak {plain_peak / 2**30:.2f} GiB "
-              f"receiving the series; with the plugin loaded {idle_rss / 2**20:.0f} MiB idle, peaks during the run: "
-              f"Orthanc {peaks[orthanc_pid] / 2**30:.2f} GiB, worker {peaks.get(worker, 0) / 2**30:.2f} GiB")
+        results = sorted((work / "results" / str(job["id"])).glob("*.dcm"))
     finally:
         orthanc.stop()
+    try:
+        plain = Orthanc(work / "plain").start()  # Orthanc without the plugin, receiving the same objects
+        time.sleep(2)
+        plain_rss = resident_bytes(plain.process.pid)
+        for path in [*files, *results]:
+            plain.upload(path)
+        plain_peak = peak_memory_bytes(plain.process.pid)
+        plain.stop()
+        print(f"memory: Orthanc without the plugin {plain_rss / 2**20:.0f} MiB resident idle, peak "
+              f"{plain_peak / 2**30:.2f} GiB receiving the series and the {len(results)} result objects; with the "
+              f"plugin loaded {idle_rss / 2**20:.0f} MiB idle, peaks during the run: Orthanc "
+              f"{peaks[orthanc_pid] / 2**30:.2f} GiB, worker {peaks.get(worker, 0) / 2**30:.2f} GiB")
+    finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
