@@ -5,7 +5,8 @@ must not pass silently), checks every value and resolves relative paths against
 the file's own folder. The result is a frozen :class:`NodeConfig`;
 ``lobevol config check`` prints its :meth:`NodeConfig.describe`.
 
-Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title.
+Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title; one with a
+``stow_url`` gets results by DICOMweb STOW-RS (:class:`StowSettings`) instead of C-STORE.
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ KNOWN: dict[str, dict[str, str]] = {
     },
 }
 PIPELINE_SECTIONS = ("selection", "outputs")
-REMOTE_KEYS = {"host": None, "port": None, "may_send": "no", "may_receive": "no", "check_host": "no"}
+#: host and port are required unless the remote is reached by DICOMweb (stow_url).
+REMOTE_KEYS = {"host": None, "port": None, "may_send": "no", "may_receive": "no", "check_host": "no",
+               "stow_url": "", "stow_username": "", "stow_password_file": "", "stow_token_file": "",
+               "stow_ca_certificates": "", "stow_timeout_s": "60"}
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -312,7 +316,10 @@ class NodeConfig:
         for remote in self.remotes.values():
             rights = [r for r, ok in (("may send", remote.may_send), ("may receive", remote.may_receive),
                                       ("host checked", remote.check_host)) if ok]
-            lines.append(f"  {remote.ae_title:<17}{remote.host}:{remote.port}  {', '.join(rights) or 'no rights'}")
+            address = f"{remote.host}:{remote.port}" if remote.host else "(no DICOM address)"
+            lines.append(f"  {remote.ae_title:<17}{address}  {', '.join(rights) or 'no rights'}")
+            if remote.stow is not None:
+                lines.append(f"  {'':<17}results by {remote.stow.describe()}")
         return "\n".join(lines)
 
 
@@ -355,7 +362,7 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
             raise ValueError(f"{where}unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(KNOWN[name])}")
     values = _Values(sections, where)
-    remotes = _remotes(sections, where)
+    remotes = _remotes(sections, base, where)
     extra = tuple(t.strip() for t in values.text("results", "extra_destinations").split(",") if t.strip())
     for title in extra:
         if title not in remotes:
@@ -462,7 +469,7 @@ def _parse_flag(text: str, error) -> bool:
     raise error()
 
 
-def _remotes(sections: Mapping[str, Mapping[str, str]], where: str) -> dict[str, RemoteAE]:
+def _remotes(sections: Mapping[str, Mapping[str, str]], base: Path, where: str) -> dict[str, RemoteAE]:
     remotes = {}
     for name, items in sections.items():
         if not name.startswith(REMOTE_PREFIX):
@@ -472,11 +479,14 @@ def _remotes(sections: Mapping[str, Mapping[str, str]], where: str) -> dict[str,
         unknown = set(items) - set(REMOTE_KEYS)
         if unknown:
             raise ValueError(f"{label}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(REMOTE_KEYS)}")
-        missing = [k for k, default in REMOTE_KEYS.items() if default is None and not items.get(k, "").strip()]
+        stow = _stow(items, base, label)
+        required = ("host", "port") if stow is None or items.get("host", "").strip() or items.get("port", "").strip() \
+            else ()
+        missing = [k for k in required if not items.get(k, "").strip()]
         if missing:
-            raise ValueError(f"{label}: missing {', '.join(missing)}")
+            raise ValueError(f"{label}: missing {', '.join(missing)}" + ("" if stow else " (or a stow_url)"))
         try:
-            port = int(items["port"])
+            port = int(items["port"]) if required else 0
         except ValueError:
             raise ValueError(f"{label} port = {items['port']!r}: expected a whole number") from None
 
@@ -484,9 +494,31 @@ def _remotes(sections: Mapping[str, Mapping[str, str]], where: str) -> dict[str,
             return _parse_flag(items.get(key, REMOTE_KEYS[key]),
                                lambda: ValueError(f"{label} {key} = {items[key]!r}: expected yes or no"))
 
-        remotes[title] = _wrap(label + " ", RemoteAE, title, items["host"].strip(), port, flag("may_send"),
-                               flag("may_receive"), flag("check_host"))
+        remotes[title] = _wrap(label + " ", RemoteAE, title, items.get("host", "").strip(), port, flag("may_send"),
+                               flag("may_receive"), flag("check_host"), stow)
     return remotes
+
+
+def _stow(items: Mapping[str, str], base: Path, label: str) -> StowSettings | None:
+    """The remote's DICOMweb settings, or None when it has no stow_url (then no stow_* key may be set)."""
+    given = {k: items[k].strip() for k in items if k.startswith("stow_") and items[k].strip()}
+    if "stow_url" not in given:
+        if given:
+            raise ValueError(f"{label}: {', '.join(sorted(given))} without a stow_url")
+        return None
+
+    def path(key: str) -> Path | None:
+        return _resolve(base, given[key]) if key in given else None
+
+    try:
+        timeout = float(items.get("stow_timeout_s", REMOTE_KEYS["stow_timeout_s"]))
+    except ValueError:
+        raise ValueError(f"{label} stow_timeout_s = {items['stow_timeout_s']!r}: expected a number") from None
+    try:
+        return StowSettings(given["stow_url"], given.get("stow_username"), path("stow_password_file"),
+                            path("stow_token_file"), path("stow_ca_certificates"), timeout)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{label} {error}") from None
 
 
 def _tls(values: _Values, base: Path, where: str) -> TLSSettings:

@@ -80,3 +80,42 @@ def test_config_check_prints_the_effective_settings(capsys):
 def test_config_check_fails_with_the_reason(tmp_path, capsys):
     assert main(["config", "check", str(_write(tmp_path, "[storage]\nmax_instance_mb = -1\n"))]) == 1
     assert "[storage] max_instance_mb = '-1'" in capsys.readouterr().err
+
+
+def test_a_dicomweb_destination_with_its_secret_in_a_file_never_shown(tmp_path, capsys):
+    (tmp_path / "password").write_text("hunter2-not-shown\n")
+    (tmp_path / "ca.pem").write_text("(a CA bundle)\n")
+    path = _write(tmp_path, "[remote ARCHIVE]\nmay_receive = yes\nstow_url = https://archive.example.org/dicom-web\n"
+                            "stow_username = lobevol\nstow_password_file = password\nstow_ca_certificates = ca.pem\n"
+                            "stow_timeout_s = 30\n[results]\nextra_destinations = ARCHIVE\n")
+    stow = load_config(path).remote("ARCHIVE").stow
+    assert (stow.url, stow.username, stow.password_file, stow.timeout_s) == (
+        "https://archive.example.org/dicom-web", "lobevol", tmp_path / "password", 30.0)
+    assert stow.ca_certificates == tmp_path / "ca.pem"
+    assert main(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ARCHIVE          (no DICOM address)  may receive" in out
+    assert (f"results by STOW-RS https://archive.example.org/dicom-web (basic auth as lobevol, password from "
+            f"{tmp_path / 'password'}, CAs {tmp_path / 'ca.pem'})") in out
+    assert "hunter2" not in out and "hunter2" not in repr(load_config(path))
+
+
+@pytest.mark.parametrize("keys, error, message", [
+    ("stow_url = ftp://h/x\n", ValueError, "is not an http:// or https:// URL"),
+    ("stow_url = https://user:pw@h/dicom-web\n", ValueError, "must not hold credentials"),
+    ("stow_url = http://pacs.example.org/dicom-web\nstow_token_file = token\n", ValueError, "in clear; use https"),
+    ("stow_url = https://h/dicom-web\nstow_username = u\n", ValueError, "needs both stow_username and stow_password_file"),
+    ("stow_url = https://h/dicom-web\nstow_username = u\nstow_password_file = token\nstow_token_file = token\n",
+     ValueError, "not both"),
+    ("stow_url = https://h/dicom-web\nstow_token_file = missing\n", FileNotFoundError,
+     r"\[remote ARCHIVE\] stow_token_file .*missing does not exist"),
+    ("stow_url = http://h/dicom-web\nstow_ca_certificates = token\n", ValueError, "https:// stow_url only"),
+    ("stow_url = https://h/dicom-web\nstow_timeout_s = soon\n", ValueError, "stow_timeout_s = 'soon': expected a number"),
+    ("stow_token_file = token\n", ValueError, r"\[remote ARCHIVE\]: stow_token_file without a stow_url"),
+    ("host = h\nstow_url = https://h/dicom-web\n", ValueError, r"\[remote ARCHIVE\]: missing port$"),
+    ("stow_url = https://h/dicom-web\ncheck_host = yes\n", ValueError, "check_host needs a host"),
+])
+def test_invalid_dicomweb_destinations_are_refused_naming_the_key(tmp_path, keys, error, message):
+    (tmp_path / "token").write_text("t0ken\n")
+    with pytest.raises(error, match=message):
+        load_config(_write(tmp_path, "[remote ARCHIVE]\nmay_receive = yes\n" + keys))

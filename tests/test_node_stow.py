@@ -21,7 +21,7 @@ from node.config import NodeConfig, RemoteAE, RetryPolicy, StowSettings
 from node.service.jobs import Delivery, JobStore
 from node.service.outbox import Outbox
 from node.service.spool import Spool
-from tests.node_peers import Orthanc, TLSTerminator, dicomweb_settings, tool
+from tests.node_peers import Orthanc, TLSTerminator, dicomweb_settings, free_port, tool
 from tests.output_fixtures import region_labels, write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -273,3 +273,48 @@ def test_a_202_stores_the_instances_it_does_not_list_as_failed(tmp_path, results
     items = jobs.outbox(job_id)
     assert [i.state for i in items] == ["sent", "refused", "sent"]
     assert items[0].detail == "STOW-RS HTTP 202"
+
+
+@pytest.mark.slow
+def test_orthanc_sends_a_study_by_c_store_and_gets_the_results_by_stow_rs_with_basic_auth(tmp_path, capsys):
+    from node.cli import main
+    from node.config import load_config
+    from node.service.server import Node
+    from tests.node_peers import wait_for, write_node_config
+    from tests.output_fixtures import PartitionSegmenter
+
+    files = write_ct_series(tmp_path / "ct", region_labels((20, 40, 40)))
+    node_port = free_port()
+    users = {"AuthenticationEnabled": True, "RegisteredUsers": {"lobevol": SECRET}}
+    orthanc = Orthanc(tmp_path / "orthanc", node_port, extra=dicomweb_settings(**users),
+                      credentials=("lobevol", SECRET)).start()
+    (tmp_path / "password").write_text(SECRET + "\n")
+    stow = (f"stow_url = http://127.0.0.1:{orthanc.http_port}/dicom-web\nstow_username = lobevol\n"
+            f"stow_password_file = {tmp_path / 'password'}\n")
+    config = write_node_config(tmp_path / "node", port=node_port, pacs_port=orthanc.dicom_port, extra=stow)
+    node = None
+    try:
+        node = Node(load_config(config), PartitionSegmenter)
+        node.start()
+        study_id = {orthanc.upload(path)["ParentStudy"] for path in files}.pop()
+        answer = orthanc.post("/modalities/lobevol/store", json.dumps(study_id).encode())
+        assert answer is None or answer.get("FailedInstancesCount", 0) == 0, answer
+        job = wait_for(lambda: next(iter(node.jobs.jobs(states=["done", "failed"])), None), 120, "the job to end")
+        series = orthanc.get(f"/studies/{study_id}/series")
+        instances = orthanc.get(f"/studies/{study_id}/instances")
+        capsys.readouterr()
+        assert main(["send", str(tmp_path / "ct"), "--to", "PACS", "--config", str(config)]) == 0  # stored again
+        sent = capsys.readouterr().out
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+    assert job.state == "done" and job.origin_ae == "PACS", job.reason
+    # the results are in the source study in Orthanc (write_node_config turns the key images off)
+    assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CT", "DOC", "SEG", "SR"]
+    assert len(instances) == len(files) + 3
+    assert f"{len(files)} of {len(files)} file(s) stored at PACS at http://127.0.0.1:" in sent and "(STOW-RS)" in sent
+    assert main(["status", "--config", str(config), "--job", str(job.id)]) == 0
+    deliveries = capsys.readouterr().out.split("deliveries:")[1].strip().splitlines()
+    assert len(deliveries) == 3
+    assert all(line.split()[0] == "PACS" and "sent" in line and "STOW-RS HTTP 200" in line for line in deliveries)
