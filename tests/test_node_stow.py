@@ -183,7 +183,7 @@ class _ScriptedDICOMweb:
         import http.server
         import threading
 
-        script, self.requests = list(answers), []
+        script, self.requests, self.authorizations = list(answers), [], []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(handler):  # noqa: N802 (the http.server API)
@@ -191,6 +191,7 @@ class _ScriptedDICOMweb:
                 uids = [str(pydicom.dcmread(io.BytesIO(part)).SOPInstanceUID)
                         for part in _dicom_parts(body, handler.headers["Content-Type"])]
                 self.requests.append((handler.path, uids))
+                self.authorizations.append(handler.headers.get("Authorization"))
                 status, failures, delay = script.pop(0)
                 time.sleep(delay)
                 answer = json.dumps(_store_response(uids, failures)).encode()
@@ -261,6 +262,23 @@ def test_409_202_503_and_a_timeout_as_the_standard_says(tmp_path, results):
     assert [path for path, _ in server.requests] == ["/dicom-web/studies"] * 4
     assert [len(uids) for _, uids in server.requests] == [3, 3, 3, 1]
     assert jobs.get(job_id).state == "done" and "0 of 3" in jobs.get(job_id).reason
+
+
+def test_bearer_token_read_from_its_file_at_each_delivery(tmp_path, results):
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    server = _ScriptedDICOMweb([(503, {}, 0), (200, {}, 0)])
+    try:
+        stow = StowSettings(server.url, token_file=token)
+        outbox, jobs, job_id = _sending_job(tmp_path, stow, results, RetryPolicy(0.05, 0.05, 3))
+        outbox.deliver_due()
+        token.write_text("rotated-token\n")  # e.g. by a program renewing short-lived tokens
+        time.sleep(0.1)
+        outbox.deliver_due()
+    finally:
+        server.stop()
+    assert server.authorizations == ["Bearer first-token", "Bearer rotated-token"]
+    assert jobs.get(job_id).state == "done"
 
 
 def test_a_202_stores_the_instances_it_does_not_list_as_failed(tmp_path, results):
