@@ -60,24 +60,24 @@ class StowTransport:
 
     def send(self, paths: Sequence[Path], progress: Callable[[StoreResult], None] | None = None) -> list[StoreResult]:
         """POST ``paths`` in bounded requests; PeerUnavailable when the first request cannot be made."""
-        client, last_status = self._client()
         results: list[StoreResult] = []
-        for batch in _batches([Path(p) for p in paths]):
-            try:
-                batch_results = self._post(client, last_status, batch)
-            except PeerUnavailable as error:
-                if not results:
-                    raise
-                batch_results = [StoreResult(p, "retry", str(error)) for p in batch]
-            for result in batch_results:
-                results.append(result)
-                if progress is not None:
-                    progress(result)
+        with _Session() as session:
+            client, last_status = self._client(session)
+            for batch in _batches([Path(p) for p in paths]):
+                try:
+                    batch_results = self._post(client, last_status, batch)
+                except PeerUnavailable as error:
+                    if not results:
+                        raise
+                    batch_results = [StoreResult(p, "retry", str(error)) for p in batch]
+                for result in batch_results:
+                    results.append(result)
+                    if progress is not None:
+                        progress(result)
         return results
 
-    def _client(self) -> tuple[DICOMwebClient, list[int]]:
-        """The library's client on a session with our TLS and credentials, and the last HTTP status it got."""
-        session = _Session()
+    def _client(self, session: requests.Session) -> tuple[DICOMwebClient, list[int]]:
+        """The library's client on ``session`` with our TLS and credentials, and the last HTTP status it got."""
         last_status = [0]  # store_instances returns the answer's dataset, not its status (200 or 202)
         session.hooks["response"].append(lambda response, *args, **kwargs: last_status.__setitem__(
             0, response.status_code))
@@ -125,8 +125,10 @@ class StowTransport:
         uid, name = str(ds.SOPInstanceUID), _sop_class_name(str(ds.SOPClassUID))
         if uid in failed:
             reason = failed[uid].get("FailureReason")
-            text = f"{self.name} refused {name}: HTTP {status}" + _failure_reason(reason)
-            return StoreResult(path, "retry" if reason is not None and 0xA700 <= reason <= 0xA7FF else "refused", text)
+            if reason is not None and 0xA700 <= reason <= 0xA7FF:
+                return StoreResult(path, "retry", f"{self.name} could not store {name} now: HTTP {status}"
+                                   + _failure_reason(reason))
+            return StoreResult(path, "refused", f"{self.name} refused {name}: HTTP {status}" + _failure_reason(reason))
         if status < 300 or uid in stored:
             return StoreResult(path, "sent", f"STOW-RS HTTP {status}")
         return StoreResult(path, "refused", f"{self.name} refused {name}: HTTP {status} {_phrase(status)}")
