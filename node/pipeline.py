@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs onl
 
 from inference.vocabulary import REGION_KEYS
 from node.dicom.selection import SelectionRules
+from node.service.jobs import JobState
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class StudyOutcome:
     """
 
     study_uid: str
-    status: str
+    status: JobState
     reason: str = ""
     result_files: list[Path] = field(default_factory=list)
     plain_files: list[Path] = field(default_factory=list)
@@ -166,7 +167,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
     selection = select_series(series, settings.selection)
     if selection.chosen is None:
         reason = f"no suitable head CT series: {selection.summary()}"
-        return StudyOutcome(study_uid, "skipped", reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
+        return StudyOutcome(study_uid, JobState.SKIPPED, reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
     # The best series first; one that cannot make a volume (missing slices...) gives way to the next.
     volume, refused = None, []
     for series_uid in selection.ranked:
@@ -177,7 +178,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
             refused.append(f"{selection.labels[series_uid]} cannot be analysed: {error}")
     if volume is None:
         reason = "; ".join(refused)
-        return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+        return StudyOutcome(study_uid, JobState.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
     if refused:
         log.info("study %s: %d better series could not be analysed", _short(study_uid), len(refused))
     refused += [selection.notes[series_uid]] if selection.notes.get(series_uid) else []
@@ -198,7 +199,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
         # Our own checks (empty segmentation, labels off the source planes...) name the problem.
         log.warning("study %s failed: %s", _short(study_uid), error)
         reason = f"analysis failed: {error}"
-        return StudyOutcome(study_uid, "failed", reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+        return StudyOutcome(study_uid, JobState.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
 
 
 def analyse_image(
@@ -247,7 +248,7 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     check = segmentation.cross_check
     notes = quality_notes(image, segmentation.model, [*extra_notes, *([check.message] if check else [])])
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcome = StudyOutcome(study_uid, "done")
+    outcome = StudyOutcome(study_uid, JobState.DONE)
     outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)
     views = render_key_views(image, segmentation.labels)
     pdf = None

@@ -157,21 +157,20 @@ class CountingSCP:
         self.stop()
 
 
-#: ``lobevol serve`` in a subprocess takes its stand-in segmenter from this variable (test-only hook).
-STAND_IN_SEGMENTER = {"LOBEVOL_TEST_SEGMENTER": "tests.output_fixtures:PartitionSegmenter"}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def serve(config: Path, log: Path, environment: dict[str, str] | None = None) -> subprocess.Popen:
-    """``lobevol serve`` as a subprocess (model-free PartitionSegmenter), once it listens."""
-    import os
+def serve(config: Path, log: Path, segmenter: str = "tests.output_fixtures:PartitionSegmenter") -> subprocess.Popen:
+    """``lobevol serve`` as a subprocess with the model-free ``segmenter`` (module:Class), once it listens.
+
+    It runs through :mod:`tests.stand_in_node`, which hands the stand-in to ``node.cli.main``.
+    """
     import sys
 
     from node.config import load_config
 
-    process = subprocess.Popen([sys.executable, "-m", "node.cli", "-v", "serve", "--config", str(config)], cwd=REPO,
-                               stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                               env={**os.environ, **STAND_IN_SEGMENTER, **(environment or {})})
+    process = subprocess.Popen([sys.executable, "-m", "tests.stand_in_node", segmenter, "-v", "serve", "--config",
+                                str(config)], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     port = load_config(config).port
 
     def listening() -> bool:

@@ -122,8 +122,7 @@ class Soak:
     # -- the node ----------------------------------------------------------------------------
 
     def start_node(self) -> None:
-        self.node = serve(self.config_path, self.log,
-                          {"LOBEVOL_TEST_SEGMENTER": "tests.soak:SlowPartitionSegmenter"})
+        self.node = serve(self.config_path, self.log, "tests.soak:SlowPartitionSegmenter")
 
     def kill_node(self) -> None:
         os.kill(self.node.pid, signal.SIGKILL)

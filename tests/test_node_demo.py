@@ -4,14 +4,15 @@ from __future__ import annotations
 import pytest
 
 from node.cli import main
+from tests.output_fixtures import PartitionSegmenter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, monkeypatch, capsys):
+def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys):
     # The model-free stand-in keeps this test fast; the real model runs in test_node_roundtrip.
-    monkeypatch.setenv("LOBEVOL_TEST_SEGMENTER", "tests.output_fixtures:PartitionSegmenter")
-    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"])
+    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"],
+                  segmenter_factory=PartitionSegmenter)
     out = capsys.readouterr().out
     assert status == 0, out
     assert "job 1: done" in out

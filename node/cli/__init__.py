@@ -14,7 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from inference.vocabulary import __version__
 from node.logsafe import configure_logging
@@ -79,9 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, segmenter_factory: Optional[Callable[[], object]] = None) -> int:
+    """Run one command; ``segmenter_factory`` replaces the configured model where a node runs (serve, demo).
+
+    The factory is how tests run the node with a model-free stand-in (it must be
+    picklable: the worker is a spawned process).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.segmenter_factory = segmenter_factory
     # Logged values come from the network too (AE titles, UIDs): control characters escaped.
     configure_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                       "%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -78,13 +78,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(args, config, work: Path) -> int:
-    from node.service.jobs import FINAL_STATES
+    from node.service.jobs import FINAL_STATES, JobState
     from node.service.scu import store_files
     from node.service.server import Node
 
     phantom, files = _write_phantom(args.seed, args.matrix, work / "phantom")
     print(f"phantom seed {args.seed}: {len(files)} CT images, {phantom.meta['sex']}, {phantom.meta['age_years']:.2f} years")
-    node = Node(config)
+    node = Node(config, args.segmenter_factory)
     print("starting the node (loading the model)...")
     node.start()
     try:
@@ -104,7 +104,7 @@ def _demo(args, config, work: Path) -> int:
         if job is None:
             raise RuntimeError(f"no result within {args.timeout:g} s (see lobevol status --job 1 with the demo's database)")
         print(f"job {job.id}: {job.state} after {time.monotonic() - started:.0f} s" + (f" ({job.reason})" if job.reason else ""))
-        if job.state != "done":
+        if job.state != JobState.DONE:
             return 1
         _print_volumes(Path(job.results_dir) / "volumes.json", phantom.meta["volumes_cm3"])
         print("the PACS received:")

@@ -189,6 +189,7 @@ def _segment_dicom(args, settings) -> int:
 
     from node.dicom.files import find_dicom_files, group_by_study
     from node.pipeline import analyse_study, write_volumes_csv
+    from node.service.jobs import JobState
 
     studies = group_by_study(find_dicom_files(args.input))
     if not studies:
@@ -200,7 +201,7 @@ def _segment_dicom(args, settings) -> int:
         outcome = analyse_study(instances, args.out / study_uid, segmenter, settings)
         tqdm.write(outcome.summary)
         outcomes.append(outcome)
-    done = [o for o in outcomes if o.status == "done"]
+    done = [o for o in outcomes if o.status == JobState.DONE]
     if len(studies) > 1 and done:
         path = write_volumes_csv(args.out / "volumes.csv", [o.volumes_row for o in done])
         print(f"volumes of {len(done)} studies: {path}")

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, port=args.port)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
-    node = Node(config)
+    node = Node(config, args.segmenter_factory)
     node.start()
     print(f"lobevol node {config.ae_title} listening on {config.bind_address}:{node.port} "
           f"(results in {config.results_dir}); stop with Ctrl-C", flush=True)

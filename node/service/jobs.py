@@ -32,11 +32,40 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Iterator, Sequence
 
-STATES = ("received", "selected", "processing", "sending", "done", "skipped", "failed")
-FINAL_STATES = ("done", "skipped", "failed")
+
+
+class JobState(str, Enum):
+    """Where a job is (see the module docstring); the ``state`` column holds the value, as text.
+
+    A ``str`` Enum: a state read from the database compares equal to its member and
+    prints as its value (``f"{JobState.DONE}"`` is ``done``).
+    """
+
+    RECEIVED = "received"
+    SELECTED = "selected"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def final(self) -> bool:
+        """Nothing more happens to the job by itself (an operator may still retry a failed one)."""
+        return self in FINAL_STATES
+
+
+STATES = tuple(JobState)
+FINAL_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
+#: The analysis ends a job in one of these (the pipeline's ``StudyOutcome.status``).
+ANALYSIS_STATES = FINAL_STATES
 OUTBOX_STATES = ("pending", "sent", "refused", "failed")
 
 SCHEMA = """
@@ -116,7 +145,7 @@ class Job:
 
     id: int
     study_uid: str
-    state: str
+    state: JobState
     reason: str
     summary: str
     origin_ae: str | None
@@ -216,7 +245,7 @@ class JobStore:
             raise
         db.execute("COMMIT")
 
-    def _event(self, db: sqlite3.Connection, job_id: int, state: str, message: str = "") -> None:
+    def _event(self, db: sqlite3.Connection, job_id: int, state: JobState, message: str = "") -> None:
         db.execute("INSERT INTO events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
                    (job_id, time.time(), state, message))
 
@@ -278,7 +307,7 @@ class JobStore:
                 "INSERT INTO jobs (study_uid, state, origin_ae, created_at, updated_at, last_instance_at) "
                 "VALUES (?, 'received', ?, ?, ?, ?)", (study_uid, origin_ae, now, now, now))
             job_id = int(cursor.lastrowid)
-            self._event(db, job_id, "received", f"run {later_run + 1} of this study" if later_run else "")
+            self._event(db, job_id, JobState.RECEIVED, f"run {later_run + 1} of this study" if later_run else "")
             return job_id
         db.execute("UPDATE jobs SET last_instance_at = ?, updated_at = ?, origin_ae = ? WHERE id = ?",
                    (now, now, origin_ae, row["id"]))
@@ -301,7 +330,7 @@ class JobStore:
                 "INSERT INTO jobs (study_uid, state, origin_ae, created_at, updated_at, last_instance_at, source_id) "
                 "VALUES (?, 'selected', ?, ?, ?, ?, ?)", (study_uid, origin, now, now, now, source_id))
             job_id = int(cursor.lastrowid)
-            self._event(db, job_id, "selected", "study complete in the PACS"
+            self._event(db, job_id, JobState.SELECTED, "study complete in the PACS"
                         + (f", run {earlier + 1} of this study" if earlier else ""))
         return job_id, True
 
@@ -342,10 +371,10 @@ class JobStore:
                                                        (row["study_uid"],))]
                 if not paths:
                     reason = f"no CT instance received ({row['ignored']} other instance(s) ignored)"
-                    self._set_state(db, row["id"], "skipped", reason, final=True)
+                    self._set_state(db, row["id"], JobState.SKIPPED, reason, final=True)
                     continue
                 db.executemany("INSERT INTO job_inputs (job_id, path) VALUES (?, ?)", [(row["id"], p) for p in paths])
-                self._set_state(db, row["id"], "selected", f"{len(paths)} instance(s)")
+                self._set_state(db, row["id"], JobState.SELECTED, f"{len(paths)} instance(s)")
                 selected.append(int(row["id"]))
         return selected
 
@@ -379,32 +408,33 @@ class JobStore:
             if row is None:
                 return None
             db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
-            self._set_state(db, row["id"], "processing")
+            self._set_state(db, row["id"], JobState.PROCESSING)
         return self.get(row["id"])
 
-    def finish_analysis(self, job_id: int, status: str, reason: str, summary: str, results_dir: str | None,
-                        deliveries: Sequence[Delivery]) -> str:
+    def finish_analysis(self, job_id: int, status: JobState | str, reason: str, summary: str, results_dir: str | None,
+                        deliveries: Sequence[Delivery]) -> JobState:
         """End a job's analysis; "done" queues ``deliveries`` in the same transaction. Returns the new state.
 
         ``status`` is the pipeline's: "done", "skipped" or "failed". A done job
         with nothing to deliver (no destination) ends as done, with ``reason``.
         """
-        if status not in ("done", "skipped", "failed"):
+        if status not in ANALYSIS_STATES:
             raise ValueError(f"analysis status {status!r} is not done, skipped or failed")
+        status = JobState(status)
         now = time.time()
         with self._transaction() as db:
             db.execute("UPDATE jobs SET summary = ?, results_dir = ? WHERE id = ?", (summary, results_dir, job_id))
-            if status == "done" and deliveries:
+            if status == JobState.DONE and deliveries:
                 db.executemany(
                     "INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid, next_attempt_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [(job_id, d.destination, d.path, d.sop_class_uid, d.sop_instance_uid, now) for d in deliveries])
-                self._set_state(db, job_id, "sending", reason)
-                return "sending"
+                self._set_state(db, job_id, JobState.SENDING, reason)
+                return JobState.SENDING
             self._set_state(db, job_id, status, reason, final=True)
             return status
 
-    def record_crash(self, job_id: int, reason: str, max_crashes: int) -> str:
+    def record_crash(self, job_id: int, reason: str, max_crashes: int) -> JobState:
         """The worker died while analysing the job (killed, out of memory, a segfault); returns the new state.
 
         The job goes back to selected, to be analysed again by a fresh worker,
@@ -417,19 +447,19 @@ class JobStore:
             db.execute("UPDATE jobs SET crashes = crashes + 1 WHERE id = ?", (job_id,))
             crashes = db.execute("SELECT crashes FROM jobs WHERE id = ?", (job_id,)).fetchone()["crashes"]
             if crashes >= max_crashes:
-                self._set_state(db, job_id, "failed", f"{reason}; the worker crashed {crashes} times on this study "
+                self._set_state(db, job_id, JobState.FAILED, f"{reason}; the worker crashed {crashes} times on this study "
                                 f"(max_crashes = {max_crashes}): not analysed again", final=True)
-                return "failed"
-            self._set_state(db, job_id, "selected", f"{reason}; analysed again (crash {crashes} of at most "
+                return JobState.FAILED
+            self._set_state(db, job_id, JobState.SELECTED, f"{reason}; analysed again (crash {crashes} of at most "
                             f"{max_crashes})")
-            return "selected"
+            return JobState.SELECTED
 
     def recover(self, *, from_pacs: bool = False) -> list[int]:
         """After a restart: jobs caught in processing go back to selected (their last safe state)."""
         with self._transaction() as db:
             rows = db.execute(f"SELECT id FROM jobs WHERE state = 'processing' AND {_SOURCE[from_pacs]}").fetchall()
             for row in rows:
-                self._set_state(db, row["id"], "selected", "resumed after a restart")
+                self._set_state(db, row["id"], JobState.SELECTED, "resumed after a restart")
         return [int(r["id"]) for r in rows]
 
     def restart_stability_clock(self) -> int:
@@ -445,7 +475,7 @@ class JobStore:
     def requeue(self, job_id: int, message: str) -> None:
         """Put a processing job back to selected (shutdown checkpoint)."""
         with self._transaction() as db:
-            self._set_state(db, job_id, "selected", message)
+            self._set_state(db, job_id, JobState.SELECTED, message)
 
     def retry(self, job_id: int) -> str:
         """Retry a failed job: undelivered results are sent again, else the analysis runs again.
@@ -453,25 +483,25 @@ class JobStore:
         Returns what was done, in words. ValueError when the job cannot be retried.
         """
         job = self.get(job_id)
-        if job.state != "failed":
+        if job.state != JobState.FAILED:
             raise ValueError(f"job {job_id} is {job.state}, not failed: only failed jobs can be retried")
         with self._transaction() as db:
             failed = db.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, detail = '' "
                                 "WHERE job_id = ? AND state = 'failed'", (time.time(), job_id)).rowcount
             if failed:
                 db.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job_id,))
-                self._set_state(db, job_id, "sending", "retry requested")
+                self._set_state(db, job_id, JobState.SENDING, "retry requested")
                 return f"{failed} undelivered result(s) queued again"
         if job.source_id is not None:  # the PACS still holds the study: fetch it again
             with self._transaction() as db:
                 db.execute("UPDATE jobs SET finished_at = NULL, input_ready = 0, crashes = 0 WHERE id = ?", (job_id,))
-                self._set_state(db, job_id, "selected", "retry requested")
+                self._set_state(db, job_id, JobState.SELECTED, "retry requested")
             return "analysis queued again (the study is fetched again)"
         if job.images_removed or not job.input_ready:
             raise ValueError(f"job {job_id}: its input images are gone (retention); send the study again")
         with self._transaction() as db:  # an operator's retry gives a study that crashed the worker a fresh count
             db.execute("UPDATE jobs SET finished_at = NULL, crashes = 0 WHERE id = ?", (job_id,))
-            self._set_state(db, job_id, "selected", "retry requested")
+            self._set_state(db, job_id, JobState.SELECTED, "retry requested")
         return "analysis queued again"
 
     # -- outbox ------------------------------------------------------------------------------
@@ -506,7 +536,7 @@ class JobStore:
         rows = self._connection().execute("SELECT * FROM outbox WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
-    def settle_delivery(self, job_id: int) -> str:
+    def settle_delivery(self, job_id: int) -> JobState:
         """When none of the job's results is pending any more, end it: done, or failed naming what was not delivered.
 
         Refusals (a destination that does not take a SOP class) leave the job done,
@@ -514,7 +544,7 @@ class JobStore:
         """
         items = self.outbox(job_id)
         if any(i.state == "pending" for i in items):
-            return "sending"
+            return JobState.SENDING
         problems = [f"{i.destination} {kind} {_sop_class_name(i.sop_class_uid)}: {i.detail}"
                     for kind, state in (("did not receive", "failed"), ("refused", "refused"))
                     for i in items if i.state == state]
@@ -522,11 +552,11 @@ class JobStore:
         sent = sum(i.state == "sent" for i in items)
         with self._transaction() as db:
             current = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()["state"]
-            if current != "sending":
-                return current
+            if current != JobState.SENDING:
+                return JobState(current)
             reason = f"{sent} of {len(items)} result deliveries made" + ("; " + "; ".join(problems) if problems else "")
-            self._set_state(db, job_id, "failed" if failed else "done", reason, final=True)
-        return "failed" if failed else "done"
+            self._set_state(db, job_id, JobState.FAILED if failed else JobState.DONE, reason, final=True)
+        return JobState.FAILED if failed else JobState.DONE
 
     # -- reading, retention ------------------------------------------------------------------
 
@@ -536,7 +566,7 @@ class JobStore:
             raise ValueError(f"there is no job {job_id}")
         return _job(row)
 
-    def jobs(self, *, limit: int = 20, states: Sequence[str] | None = None) -> list[Job]:
+    def jobs(self, *, limit: int = 20, states: Sequence[JobState | str] | None = None) -> list[Job]:
         """Most recent jobs first."""
         query, arguments = "SELECT * FROM jobs", []
         if states:
@@ -585,7 +615,7 @@ class JobStore:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET results_removed = 1 WHERE id = ?", (job_id,))
 
-    def _set_state(self, db: sqlite3.Connection, job_id: int, state: str, reason: str = "", *, final: bool = False) -> None:
+    def _set_state(self, db: sqlite3.Connection, job_id: int, state: JobState, reason: str = "", *, final: bool = False) -> None:
         if state not in STATES:
             raise ValueError(f"unknown job state {state!r}")
         now = time.time()
@@ -602,6 +632,7 @@ def _job(row: sqlite3.Row) -> Job:
     values = dict(row)
     for name in ("input_ready", "images_removed", "results_removed"):
         values[name] = bool(values[name])
+    values["state"] = JobState(values["state"])
     return Job(**values)
 
 

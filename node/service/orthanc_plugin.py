@@ -446,11 +446,13 @@ class LobevolPlugin:
 
     def fetch(self, job_id: int) -> None:
         """Write the job's CT instances from Orthanc into its input folder, or end it (skipped, failed)."""
+        from node.service.jobs import JobState
+
         job = self.jobs.get(job_id)
         try:
             series = self.studies.series(job.source_id)
         except Exception as error:
-            self.jobs.finish_analysis(job_id, "failed", f"the study is no longer in Orthanc ({error})", "", None, [])
+            self.jobs.finish_analysis(job_id, JobState.FAILED, f"the study is no longer in Orthanc ({error})", "", None, [])
             return
         reason = already_analysed(series)
         ct = [s for s in series if s["MainDicomTags"].get("Modality") == "CT" and not made_by_lobevol(s)]
@@ -460,7 +462,7 @@ class LobevolPlugin:
             reason = f"no CT series in the study ({len(series)} series: {', '.join(modalities)})"
         if reason is not None:
             self.jobs.record_fetched_input(job_id, 0, ignored)
-            self.jobs.finish_analysis(job_id, "skipped", reason, "", None, [])
+            self.jobs.finish_analysis(job_id, JobState.SKIPPED, reason, "", None, [])
             log.info("lobevol: job %d (study %s): skipped, %s", job_id, job.study_uid, reason)
             return
         folder = self.spool.job_input(job_id)
@@ -476,14 +478,14 @@ class LobevolPlugin:
                     count += 1
         except Exception as error:  # deleted meanwhile, disk full...: the job says so; a retry fetches again
             reason = f"cannot fetch the study from Orthanc: {type(error).__name__}: {error}"
-            self.jobs.finish_analysis(job_id, "failed", reason, "", None, [])
+            self.jobs.finish_analysis(job_id, JobState.FAILED, reason, "", None, [])
             log.error("lobevol: job %d (study %s): failed, %s", job_id, job.study_uid, reason)
             return
         self.jobs.record_fetched_input(job_id, count, ignored)
         log.info("lobevol: job %d (study %s): %d CT instance(s) fetched from Orthanc", job_id, job.study_uid, count)
 
     def process(self, job) -> None:
-        from node.service.jobs import Delivery
+        from node.service.jobs import Delivery, JobState
         from node.service.scu import read_file_header
         from node.service.worker import MAX_WORKER_CRASHES, JobRequest, WorkerCrashed, WorkerStopped, WorkerTimedOut
 
@@ -497,16 +499,16 @@ class LobevolPlugin:
             return
         except WorkerTimedOut as error:
             log.error("lobevol: job %d (study %s): failed, %s", job.id, job.study_uid, error)
-            self.jobs.finish_analysis(job.id, "failed", str(error), "", str(output), [])
+            self.jobs.finish_analysis(job.id, JobState.FAILED, str(error), "", str(output), [])
             return
         except WorkerCrashed as error:  # killed, out of memory: analysed again, up to MAX_WORKER_CRASHES
             state = self.jobs.record_crash(job.id, str(error), MAX_WORKER_CRASHES)
             log.error("lobevol: job %d (study %s): %s; %s", job.id, job.study_uid, error,
-                      "analysed again by a new worker" if state == "selected" else
+                      "analysed again by a new worker" if state == JobState.SELECTED else
                       f"failed after {MAX_WORKER_CRASHES} crashes")
             return
         deliveries = []
-        if outcome.status == "done":
+        if outcome.status == JobState.DONE:
             headers = [read_file_header(Path(p)) for p in outcome.result_files]
             deliveries = [Delivery(DESTINATION, str(h.path), h.sop_class_uid, h.sop_instance_uid) for h in headers]
         state = self.jobs.finish_analysis(job.id, outcome.status, outcome.reason, outcome.summary, str(output),

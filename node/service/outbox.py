@@ -28,7 +28,7 @@ from typing import Callable
 
 from node.config import NodeConfig
 from node.service.delivery import PeerUnavailable, StoreResult, Transport, transport_for
-from node.service.jobs import JobStore, OutboxItem
+from node.service.jobs import JobState, JobStore, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ class Outbox:
             self._deliver(destination, items)
         for job_id in sorted({item.job_id for item in due}):
             state = self.jobs.settle_delivery(job_id)
-            if state != "sending":
+            if state != JobState.SENDING:
                 job = self.jobs.get(job_id)
-                log.log(logging.INFO if state == "done" else logging.WARNING, "job %d (study %s): %s, %s",
+                log.log(logging.INFO if state == JobState.DONE else logging.WARNING, "job %d (study %s): %s, %s",
                         job_id, job.study_uid, state, job.reason)
         return len(due)
 

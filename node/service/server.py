@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from node.config import NodeConfig
-from node.service.jobs import Delivery, JobStore
+from node.service.jobs import Delivery, JobState, JobStore
 from node.service.outbox import Outbox
 from node.service.scp import StorageSCP
 from node.service.scu import read_file_header
@@ -145,7 +145,7 @@ class Node:
                 self._process(job)
             except Exception as error:  # a bug must fail one job, not stop the processing loop
                 log.exception("job %d: unexpected error", job.id)
-                self.jobs.finish_analysis(job.id, "failed", f"internal error: {type(error).__name__}: {error}",
+                self.jobs.finish_analysis(job.id, JobState.FAILED, f"internal error: {type(error).__name__}: {error}",
                                           "", None, [])
 
     def _restart_worker(self) -> bool:
@@ -169,16 +169,16 @@ class Node:
             return
         except WorkerTimedOut as error:
             log.error("job %d (study %s): failed, %s", job.id, job.study_uid, error)
-            self.jobs.finish_analysis(job.id, "failed", str(error), "", str(output), [])
+            self.jobs.finish_analysis(job.id, JobState.FAILED, str(error), "", str(output), [])
             return
         except WorkerCrashed as error:
             state = self.jobs.record_crash(job.id, str(error), MAX_WORKER_CRASHES)
             log.error("job %d (study %s): %s; %s", job.id, job.study_uid, error,
-                      "analysed again by a new worker" if state == "selected" else
+                      "analysed again by a new worker" if state == JobState.SELECTED else
                       f"failed after {MAX_WORKER_CRASHES} crashes")
             return
         deliveries, reason = [], outcome.reason
-        if outcome.status == "done":
+        if outcome.status == JobState.DONE:
             deliveries, notes = self._deliveries(job.origin_ae, outcome.result_files)
             if notes:
                 reason = "; ".join([*notes, reason] if reason else notes)

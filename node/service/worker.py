@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from node.service.jobs import JobState
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
@@ -46,7 +48,7 @@ class JobOutcome:
     """The pipeline's outcome of one job: status done, skipped or failed."""
 
     job_id: int
-    status: str
+    status: JobState
     reason: str = ""
     summary: str = ""
     result_files: list[str] = field(default_factory=list)
@@ -93,16 +95,12 @@ def load_segmenter(model: str | None, device: str, threads: int | None, tta: boo
                      progress=progress)
 
 
-#: Test-only hook: ``module:Class`` of a model-free segmenter for the node's subprocess tests
-#: (``lobevol serve`` killed with -9), which cannot inject one otherwise. Logged loudly when set.
-TEST_SEGMENTER_VARIABLE = "LOBEVOL_TEST_SEGMENTER"
-
-
 def segmenter_factory(config) -> Callable[[], object]:
-    """A picklable factory of the configured model (``[inference]`` section)."""
-    test_segmenter = os.environ.get(TEST_SEGMENTER_VARIABLE, "").strip()
-    if test_segmenter:
-        return stand_in_factory(test_segmenter, TEST_SEGMENTER_VARIABLE)
+    """A picklable factory of the configured model (``[inference]`` section).
+
+    Tests give :class:`node.service.server.Node` (or ``node.cli.main``'s
+    ``segmenter_factory``) a model-free stand-in instead.
+    """
     return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
                              config.threads, config.tta, config.refine_surface, config.method, False,
                              config.cross_check, config.cross_check_min_dice)
@@ -243,7 +241,7 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
             outcome = analyse_job(request, segmenter, settings)
         except Exception as error:  # one bad study must not end the worker
             log.exception("job %d failed", request.job_id)
-            outcome = JobOutcome(request.job_id, "failed", f"analysis error: {type(error).__name__}: {error}")
+            outcome = JobOutcome(request.job_id, JobState.FAILED, f"analysis error: {type(error).__name__}: {error}")
         connection.send(outcome)
 
 
@@ -278,7 +276,7 @@ def analyse_job(request: JobRequest, segmenter, settings) -> JobOutcome:
     instances = find_dicom_files(Path(request.input_dir))
     studies = group_by_study(instances)
     if len(studies) != 1:
-        return JobOutcome(request.job_id, "failed", f"the job's input holds {len(studies)} studies, expected one")
+        return JobOutcome(request.job_id, JobState.FAILED, f"the job's input holds {len(studies)} studies, expected one")
     outcome = analyse_study(instances, output, segmenter, settings)
     return JobOutcome(request.job_id, outcome.status, outcome.reason, outcome.summary,
                       [str(p) for p in outcome.result_files])
