@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium
 
-.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment test test-fast bench bench-node bench-receive clean
+.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +61,15 @@ browser-deps: install-peers
 	cd tests/browser && npm ci --no-audit --no-fund && ./fetch-ohif.sh
 
 test: install install-peers browser-deps
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow and not integration" tests
+
+lint: install
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) benchmarks/predict_speed.py

@@ -15,7 +15,6 @@ usage:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import socket

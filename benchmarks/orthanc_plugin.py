@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from node_roundtrip import children, free_port, peak_memory_bytes, write_phantom_series  # noqa: E402
+from node_roundtrip import children, peak_memory_bytes, write_phantom_series  # noqa: E402
 
 
 def resident_bytes(pid: int) -> int:

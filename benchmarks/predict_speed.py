@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {len(figures['totals_s'])} runs: {', '.join(f'{t:.1f}' for t in figures['totals_s'])} s)")
     print(f"  CPU time {figures['cpu_s']:.1f} s over {args.threads} threads; machine load average "
           f"{figures['load_average']:.1f} (other work on the cores stretches wall times)")
-    print(f"peak memory {peak_gb:.2f} GB resident (after imports and reading the image {figures['after_image_load_mb'] / 1024:.2f} GB; "
+    print(f"peak memory {peak_gb:.2f} GB resident (after imports and reading the image "
+          f"{figures['after_image_load_mb'] / 1024:.2f} GB; "
           f"target < {TARGET_GB:.0f} GB: {'met' if peak_gb < TARGET_GB else 'MISSED'})")
     print(f"labelled {figures['labelled_cm3']:.0f} cm3 of {figures['true_cm3']:.0f} cm3 true brain, "
           f"brain overlap (Dice of label > 0) {figures['brain_overlap']:.3f}")

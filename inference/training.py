@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.checkpoint import CheckpointMeta, FORMAT_VERSION, read_checkpoint, save_checkpoint
-from inference.vocabulary import NUM_CLASSES, REGION_KEYS, REGIONS, left_right_permutation
+from inference.vocabulary import NUM_CLASSES, REGION_KEYS, left_right_permutation
 from inference.metrics import dice_per_region
 from inference.models import MODEL_DIVISOR, build_model
 from inference.preprocess import PreprocessConfig, labels_to_grid, preprocess_image

@@ -36,8 +36,8 @@ KNOWN: dict[str, dict[str, str]] = {
         "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
     },
     "series": {"stability_s": "15"},
-    "inference": {"method": "network", "cross_check": "yes", "cross_check_min_dice": "0.2", "device": "auto", "threads": "", "model": "", "tta": "yes",
-                  "refine_surface": "yes", "job_timeout_s": "1800"},
+    "inference": {"method": "network", "cross_check": "yes", "cross_check_min_dice": "0.2", "device": "auto",
+                  "threads": "", "model": "", "tta": "yes", "refine_surface": "yes", "job_timeout_s": "1800"},
     "results": {"send_to_origin": "yes", "extra_destinations": ""},
     "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
     "retention": {"images_hours": "24", "results_days": "30"},
@@ -290,10 +290,9 @@ class NodeConfig:
         for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
                      "shutdown_grace_s", "association_request_timeout_s", "network_timeout_s",
                      "max_pending_connections", "spool_dir", "results_dir", "database", "max_instance_bytes",
-                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "cross_check", "cross_check_min_dice",
-                     "device", "threads",
-                     "model", "tta", "refine_surface", "job_timeout_s", "send_to_origin", "extra_destinations",
-                     "images_retention_s", "results_retention_s"):
+                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "cross_check",
+                     "cross_check_min_dice", "device", "threads", "model", "tta", "refine_surface", "job_timeout_s",
+                     "send_to_origin", "extra_destinations", "images_retention_s", "results_retention_s"):
             value = getattr(self, name)
             if name == "model" and value is None:
                 value = "(bundled model)"

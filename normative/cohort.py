@@ -82,7 +82,7 @@ class Cohort:
         for structure, right_key, left_key in LOBE_PAIRS:
             if key == asymmetry_key(structure):
                 left, right = self.measure(left_key), self.measure(right_key)
-                return np.array([asymmetry_index(l, r) for l, r in zip(left, right)])
+                return np.array([asymmetry_index(a, b) for a, b in zip(left, right)])
         raise KeyError(f"unknown measure {key!r}")
 
     def sex_codes(self, coding: Mapping[str, float]) -> np.ndarray:

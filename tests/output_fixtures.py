@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -15,6 +16,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from inference.vocabulary import REGIONS
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 PATIENT = {"PatientName": "Test^Child", "PatientID": "LV-TEST-0001", "PatientBirthDate": "20220310",
            "PatientSex": "F"}

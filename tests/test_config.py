@@ -36,7 +36,7 @@ def test_every_key_of_the_shipped_file_is_documented_by_a_comment():
     for index, line in enumerate(lines):
         if "=" in line and not line.startswith("#"):
             above = lines[max(0, index - 6):index]
-            assert any(l.startswith("#") for l in above), f"config.ini key without a comment nearby: {line}"
+            assert any(text.startswith("#") for text in above), f"config.ini key without a comment nearby: {line}"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -3,7 +3,6 @@ node's SEG, SR and Encapsulated PDF come back into the same study in Orthanc."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

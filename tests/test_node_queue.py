@@ -1,10 +1,8 @@
 """Spool and job queue without the network: atomic files, UID-only paths, the job states, the outbox."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 

@@ -12,12 +12,11 @@ from pydicom.uid import JPEGLosslessSV1, SegmentationStorage
 
 from node.config import load_config
 from node.service.server import Node
-from tests.node_peers import StoreSCP, free_port, storescu, tool, wait_for, write_node_config
+from tests.conftest import REAL_CT_ARCHIVE as REAL_CT
+from tests.node_peers import StoreSCP, free_port, tool, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-from tests.conftest import REAL_CT_ARCHIVE as REAL_CT
 
 
 @pytest.fixture(scope="module")

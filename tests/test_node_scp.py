@@ -1,7 +1,6 @@
 """The node's Storage SCP against DCMTK storescu over loopback: spool, admission, limits, status codes."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time

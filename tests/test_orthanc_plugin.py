@@ -6,7 +6,6 @@ the model), and StableAge is 1 s.
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time

@@ -174,7 +174,6 @@ def test_labelmap_seg_passes_dciodvfy_but_for_what_supplement_243_changed(study,
 def ge_headers(tmp_path_factory):
     """The GE sample's 28 headers (gantry tilt 18.5 deg, uneven spacing), sorted along the slice normal."""
     import subprocess
-    from pathlib import Path
 
     from tests.conftest import REAL_CT_ARCHIVE as archive
     if not archive.exists():

@@ -7,7 +7,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
 
 from node.dicom.files import InstanceHeader, find_dicom_files, group_by_study
 from node.dicom.selection import BONE, SOFT, SelectionRules, select_series

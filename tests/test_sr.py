@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
 

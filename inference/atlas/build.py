@@ -234,7 +234,8 @@ def build(source: Path, out: Path = DATA) -> dict:
     names = {int(row["ROIIndex"]): row["ROIName"] for row in csv.DictReader(open(blast / "atlas_labels.csv"))}
     array = sitk.GetArrayFromImage(aligned)
     print_mapping_table(array, array > 0, names, float(np.prod(aligned.GetSpacing())) / 1000.0)
-    record = {"template_brain_threshold": round(threshold, 1), "mask_dice_headers": round(before, 4), "mask_dice_aligned": round(after, 4),
+    record = {"template_brain_threshold": round(threshold, 1), "mask_dice_headers": round(before, 4),
+              "mask_dice_aligned": round(after, 4),
               "affine_fixed_to_moving": affine_summary(transform)}
     print(json.dumps(record, indent=2))
     return record

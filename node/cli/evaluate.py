@@ -116,7 +116,7 @@ def _folder_cases(folder: Path):
     dicom_cases = sorted(p for p in folder.iterdir() if (p / "dicom").is_dir() and (p / "labels.nii.gz").is_file())
     if dicom_cases:
         return [(p.name, lambda s, p=p: _evaluate_dicom_case(s, p)) for p in dicom_cases]
-    return [(name, lambda s, n=name, i=image, l=label: _evaluate_image(s, n, *load_pair(i, l)))
+    return [(name, lambda s, n=name, i=image, m=label: _evaluate_image(s, n, *load_pair(i, m)))
             for name, image, label in find_image_label_pairs(folder)]
 
 

@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import sysconfig
 from pathlib import Path
 

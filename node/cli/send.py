@@ -15,7 +15,8 @@ examples:
       send a job's results again to the PACS
   lobevol send scan/ --to LOBEVOL --as CT01 --config config.ini
 
-Non-DICOM files (and DICOMDIR) under PATH are skipped; an instance found twice is sent once. Exit status 1 when a file was not stored.
+Non-DICOM files (and DICOMDIR) under PATH are skipped; an instance found twice is sent once.
+Exit status 1 when a file was not stored.
 """
 
 

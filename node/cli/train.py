@@ -128,7 +128,7 @@ def load_cases(args: argparse.Namespace, config, out_dir: Path):
                      f"{args.phantom_seed}-{args.phantom_seed + args.phantoms - 1})")
     else:
         pairs = find_image_label_pairs(args.data)
-        specs = [(name, (lambda i=image, l=label: load_pair(i, l))) for name, image, label in pairs]
+        specs = [(name, (lambda i=image, m=label: load_pair(i, m))) for name, image, label in pairs]
         described = f"{len(pairs)} labelled images from {args.data.name}"
     return prepare_cases(specs, cache, config.preprocessing, progress=not args.no_progress), described
 

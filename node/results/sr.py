@@ -44,7 +44,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from inference.vocabulary import LOBE_PAIRS, REGION_KEYS, REGIONS, Region
+from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
 from node.results.seg import laterality_code, structure_code

@@ -82,7 +82,8 @@ REJECT_CALLED = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)
 
 
-def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str, address: str) -> tuple[tuple[int, int, int], str] | None:
+def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str,
+                      address: str) -> tuple[tuple[int, int, int], str] | None:
     """Why an association must be rejected ((result, source, diagnostic), reason), or None to accept it."""
     calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
     if called_ae != config.ae_title:
