@@ -17,14 +17,18 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from node.pipeline import PipelineSettings
 
 #: AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2).
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 REMOTE_PREFIX = "remote "
 
 #: Every section and key the file may hold, with its default (None: no default, value required
-#: when the section is present). Sections [selection] and [outputs] are validated by the pipeline.
+#: when the section is present). Sections [selection] and [outputs] are parsed, once, by
+#: node.pipeline.PipelineSettings.from_mapping (their keys are its fields).
 KNOWN: dict[str, dict[str, str]] = {
     "node": {
         "ae_title": "LOBEVOL", "bind_address": "127.0.0.1", "port": "11112", "max_associations": "8",
@@ -254,14 +258,14 @@ class NodeConfig:
     results_retention_s: float = 30 * 86400.0
     tls: TLSSettings = field(default_factory=TLSSettings)
     remotes: Mapping[str, RemoteAE] = field(default_factory=dict)
-    outputs: Mapping[str, str] = field(default_factory=dict)
-    selection: Mapping[str, str] = field(default_factory=dict)
+    #: The [outputs] and [selection] sections, parsed and validated on load; None: the defaults.
+    pipeline: PipelineSettings | None = None
 
-    def pipeline_settings(self):
-        """The ``node.pipeline.PipelineSettings`` of the [outputs] and [selection] sections."""
-        from node.pipeline import PipelineSettings
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            from node.pipeline import PipelineSettings  # not at import: it pulls in pydicom
 
-        return PipelineSettings.from_mapping(dict(self.outputs), dict(self.selection) or None)
+            object.__setattr__(self, "pipeline", PipelineSettings())
 
     def remote(self, ae_title: str) -> RemoteAE:
         """The remote AE with this title; KeyError naming the known ones when there is none."""
@@ -302,7 +306,7 @@ class NodeConfig:
         lines.append(f"  {'tls':<36}" + (f"on (certificate {self.tls.certificate}, client certificate "
                                              f"{'required' if self.tls.require_client_certificate else 'optional'})"
                                              if self.tls.enabled else "off"))
-        settings = self.pipeline_settings()
+        settings = self.pipeline
         lines.append(f"  {'outputs':<36}seg {settings.seg_type}, sr {_yes(settings.write_sr)}, "
                      f"pdf {_yes(settings.write_pdf)}, overlays {_yes(settings.write_overlays)}, "
                      f"z threshold {settings.z_threshold:g}, reference "
@@ -371,6 +375,12 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
     outputs = dict(sections.get("outputs", {}))
     if outputs.get("reference", "").strip():
         outputs["reference"] = str(_resolve(base, outputs["reference"]))
+    from node.pipeline import PipelineSettings
+
+    try:
+        pipeline = PipelineSettings.from_mapping(outputs, sections.get("selection") or None)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}[outputs]/[selection]: {error}") from None
     threads = values.text("inference", "threads")
     model = values.text("inference", "model")
     config = NodeConfig(
@@ -408,13 +418,8 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         results_retention_s=values.number("retention", "results_days", 0) * 86400.0,
         tls=_tls(values, base, where),
         remotes=remotes,
-        outputs=outputs,
-        selection=dict(sections.get("selection", {})),
+        pipeline=pipeline,
     )
-    try:
-        config.pipeline_settings()
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{where}[outputs]/[selection]: {error}") from None
     if config.model is not None and not config.model.is_file():
         raise FileNotFoundError(f"{where}[inference] model {config.model} does not exist")
     return config
@@ -456,16 +461,17 @@ class _Values:
         return value
 
     def flag(self, section: str, key: str) -> bool:
-        return _parse_flag(self.text(section, key), lambda: self._fail(section, key, "yes or no"))
+        return parse_yes_no(self.text(section, key), f"{self.where}[{section}] {key}")
 
 
-def _parse_flag(text: str, error) -> bool:
+def parse_yes_no(text: str, label: str) -> bool:
+    """A yes/no setting (yes, true, on, 1 / no, false, off, 0; any case); ValueError naming ``label`` otherwise."""
     lowered = text.strip().lower()
     if lowered in ("yes", "true", "on", "1"):
         return True
     if lowered in ("no", "false", "off", "0"):
         return False
-    raise error()
+    raise ValueError(f"{label} = {text.strip()!r}: expected yes or no")
 
 
 def _remotes(sections: Mapping[str, Mapping[str, str]], base: Path, where: str) -> dict[str, RemoteAE]:
@@ -490,8 +496,7 @@ def _remotes(sections: Mapping[str, Mapping[str, str]], base: Path, where: str) 
             raise ValueError(f"{label} port = {items['port']!r}: expected a whole number") from None
 
         def flag(key: str) -> bool:
-            return _parse_flag(items.get(key, REMOTE_KEYS[key]),
-                               lambda: ValueError(f"{label} {key} = {items[key]!r}: expected yes or no"))
+            return parse_yes_no(items.get(key, REMOTE_KEYS[key]), f"{label} {key}")
 
         remotes[title] = _wrap(label + " ", RemoteAE, title, items.get("host", "").strip(), port, flag("may_send"),
                                flag("may_receive"), flag("check_host"), stow)

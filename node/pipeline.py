@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs onl
     import SimpleITK as sitk
 
 from inference.vocabulary import REGION_KEYS
+from node.config import parse_yes_no
 from node.dicom.selection import SelectionRules
 from node.service.jobs import JobState
 
@@ -95,22 +96,17 @@ class PipelineSettings:
         return cls(
             selection=SelectionRules.from_mapping(dict(selection)) if selection else defaults.selection,
             seg_type=outputs.get("seg", defaults.seg_type).strip().lower(),
-            write_sr=_flag(outputs, "sr", defaults.write_sr),
-            write_pdf=_flag(outputs, "pdf", defaults.write_pdf),
-            write_overlays=_flag(outputs, "overlays", defaults.write_overlays),
+            write_sr=_yes_no(outputs, "sr", defaults.write_sr),
+            write_pdf=_yes_no(outputs, "pdf", defaults.write_pdf),
+            write_overlays=_yes_no(outputs, "overlays", defaults.write_overlays),
             reference_path=Path(outputs["reference"]) if outputs.get("reference", "").strip() else None,
             z_threshold=float(outputs.get("z_threshold", defaults.z_threshold)),
             max_gap_factor=float(outputs.get("max_gap_factor", defaults.max_gap_factor)),
         )
 
 
-def _flag(mapping: Mapping[str, str], key: str, default: bool) -> bool:
-    value = str(mapping.get(key, "yes" if default else "no")).strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"setting {key} = {value!r}: expected yes or no")
+def _yes_no(outputs: Mapping[str, str], key: str, default: bool) -> bool:
+    return parse_yes_no(str(outputs[key]), f"[outputs] {key}") if key in outputs else default
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _settings(args: argparse.Namespace):
     if args.config is not None:
         from node.config import load_config
 
-        settings = load_config(args.config).pipeline_settings()
+        settings = load_config(args.config).pipeline
     else:
         settings = PipelineSettings()
     changes = {}

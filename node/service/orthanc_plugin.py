@@ -285,7 +285,7 @@ class LobevolPlugin:
         self.jobs = JobStore(config.database)
         self.spool = Spool(config.spool_dir)
         config.results_dir.mkdir(parents=True, exist_ok=True)
-        self.worker = Worker(factory, config.pipeline_settings())
+        self.worker = Worker(factory, config.pipeline)
         transport = OrthancTransport(studies)
         self.outbox = Outbox(config, self.jobs, transports=lambda d: transport if d == DESTINATION else None,
                              from_pacs=True)

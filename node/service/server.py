@@ -56,7 +56,7 @@ class Node:
         self.jobs = JobStore(config.database)
         self.outbox = Outbox(config, self.jobs)
         self.scp = StorageSCP(config, self.spool, self.jobs)
-        self.worker = Worker(factory or segmenter_factory(config), config.pipeline_settings())
+        self.worker = Worker(factory or segmenter_factory(config), config.pipeline)
         self._stopping = threading.Event()
         self._wake_processor = threading.Event()
         self._wake_sender = threading.Event()
