@@ -12,6 +12,7 @@ the plain statement :data:`DISAGREE_MESSAGE`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -21,6 +22,8 @@ import SimpleITK as sitk
 
 from inference.metrics import dice_per_region
 from inference.vocabulary import REGIONS
+
+log = logging.getLogger(__name__)
 
 DISAGREE_MESSAGE = "methods disagree: review the regions"
 #: Default Dice below which a region's two segmentations disagree. Set from phantoms: the atlas's
@@ -112,7 +115,9 @@ class CrossCheckedSegmenter:
     """Segments with ``primary`` and cross-checks with ``other``: the Segmenter interface.
 
     The result is ``primary``'s segmentation, with ``cross_check`` set; the other
-    method's time is in ``timings_s["cross_check"]``.
+    method's time is in ``timings_s["cross_check"]``. When the other method fails on the
+    image (ValueError, RuntimeError: e.g. a registration that finds no head), the primary
+    result stands and ``model["cross_check_error"]`` says why: a check must not lose a study.
     """
 
     def __init__(self, primary, other, min_dice: float = DEFAULT_MIN_DICE):
@@ -127,7 +132,11 @@ class CrossCheckedSegmenter:
     def segment(self, image: sitk.Image):
         result = self.primary.segment(image)
         started = time.perf_counter()
-        second = self.other.segment(image)
+        try:
+            second = self.other.segment(image)
+        except (ValueError, RuntimeError) as error:
+            log.warning("cross-check by %s failed: %s", _method(self.other.model), error)
+            return dataclasses.replace(result, model={**result.model, "cross_check_error": str(error)})
         seconds = time.perf_counter() - started
         check = compare_segmentations(result.labels, second.labels, result.volumes_cm3, second.volumes_cm3,
                                       method=_method(result.model), other_method=_method(second.model),

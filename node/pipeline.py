@@ -242,7 +242,10 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.reference_path),
                         z_threshold=settings.z_threshold)
     check = segmentation.cross_check
-    notes = quality_notes(image, segmentation.model, [*extra_notes, *([check.message] if check else [])])
+    check_notes = [check.message] if check else []
+    if segmentation.model.get("cross_check_error"):
+        check_notes.append(f"cross-check not made: {segmentation.model['cross_check_error']}")
+    notes = quality_notes(image, segmentation.model, [*extra_notes, *check_notes])
     out_dir.mkdir(parents=True, exist_ok=True)
     outcome = StudyOutcome(study_uid, JobState.DONE)
     outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)

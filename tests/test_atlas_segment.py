@@ -104,3 +104,10 @@ def test_cross_check_says_plainly_when_methods_disagree():
     assert "cross_check" in result.timings_s
     with pytest.raises(ValueError, match="Dice within 0..1"):
         CrossCheckedSegmenter(None, None, 1.5)
+
+    class Failing(Fixed):
+        def segment(self, image):
+            raise ValueError("no skull found")
+
+    result = CrossCheckedSegmenter(Fixed(images[0], "network"), Failing(images[0], "atlas")).segment(images[0])
+    assert result.cross_check is None and result.model["cross_check_error"] == "no skull found"

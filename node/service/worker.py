@@ -246,7 +246,9 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
 
 
 def _describe(segmenter) -> str:
-    """E.g. "Segmenter (resunet333_phantom.pt on cpu)"."""
+    """E.g. "Segmenter (resunet333_phantom.pt on cpu)", "... cross-checked by AtlasSegmenter"."""
+    if hasattr(segmenter, "primary") and hasattr(segmenter, "other"):
+        return f"{_describe(segmenter.primary)} cross-checked by {_describe(segmenter.other)}"
     details = [str(getattr(segmenter, name)) for name in ("checkpoint", "device") if hasattr(segmenter, name)]
     if details and hasattr(segmenter, "checkpoint"):
         details[0] = Path(details[0]).name
