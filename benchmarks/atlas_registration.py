@@ -19,6 +19,9 @@ examples:
   .venv/bin/python benchmarks/atlas_registration.py phantom512:910001
   .venv/bin/python benchmarks/atlas_registration.py phantom:910001 phantom:910002 --backend sitk
   .venv/bin/python benchmarks/atlas_registration.py /tmp/ge_head.nii.gz --montage /tmp/ge.png
+  .venv/bin/python benchmarks/atlas_registration.py /tmp/ge_head.nii.gz --network
+      also the bundled network on the same image: Dice and volumes network vs atlas, and the
+      hemisphere agreement (share of the voxels both call cerebral that both put on one side)
 """
 from __future__ import annotations
 
@@ -109,7 +112,27 @@ def sitk_segmenter(threads: int):
     return SimpleITKAtlasSegmenter(threads=threads, progress=False)
 
 
-def run_case(image_path: Path, truth_path: Path | None, backend: str, threads: int, montage: Path | None) -> dict:
+def network_vs_atlas(image, atlas_labels, threads: int) -> dict:
+    """The bundled network on ``image`` against the atlas labels: Dice, volumes, hemisphere agreement."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from inference.metrics import dice_per_region
+    from inference.predict import Segmenter
+    from inference.vocabulary import REGIONS
+
+    network = Segmenter(threads=threads, progress=False).segment(image)
+    side = np.array([0] + [{"left": 1, "right": 2}.get(r.laterality, 0) for r in REGIONS], np.uint8)
+    a = side[sitk.GetArrayViewFromImage(atlas_labels)]
+    n = side[sitk.GetArrayViewFromImage(network.labels)]
+    both = (a > 0) & (n > 0)
+    return {"dice_network_vs_atlas": {k: round(v, 3) for k, v in dice_per_region(network.labels, atlas_labels).items()},
+            "network_volumes_cm3": {k: round(v, 1) for k, v in network.volumes_cm3.items()},
+            "hemisphere_agreement": round(float((a[both] == n[both]).mean()), 3) if both.any() else None}
+
+
+def run_case(image_path: Path, truth_path: Path | None, backend: str, threads: int, montage: Path | None,
+             network: bool = False) -> dict:
     """One labelling in this process: figures as a dict."""
     import SimpleITK as sitk
 
@@ -130,6 +153,8 @@ def run_case(image_path: Path, truth_path: Path | None, backend: str, threads: i
         dice = dice_per_region(segmentation.labels, sitk.ReadImage(str(truth_path)))
         result["dice"] = {k: round(v, 3) for k, v in dice.items()}
         result["mean_dice"] = round(sum(dice.values()) / len(dice), 3)
+    if network:
+        result.update(network_vs_atlas(image, segmentation.labels, threads))
     if montage is not None:
         from inference.montage import save_montage
 
@@ -145,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lobevol-atlas-bench"))
     parser.add_argument("--montage", type=Path, default=None, help="QC montage PNG (one case)")
+    parser.add_argument("--network", action="store_true",
+                        help="also run the bundled network and compare it with the atlas labels")
     parser.add_argument("--child", nargs=2, metavar=("IMAGE", "TRUTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         truth = None if args.child[1] == "-" else Path(args.child[1])
-        print(json.dumps(run_case(Path(args.child[0]), truth, args.backend, args.threads, args.montage)))
+        print(json.dumps(run_case(Path(args.child[0]), truth, args.backend, args.threads, args.montage,
+                                  args.network)))
         return 0
     for case in args.cases:
         image, truth = case_files(case, args.cache)
@@ -157,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--backend", args.backend, "--threads", str(args.threads)]
         if args.montage is not None:
             command += ["--montage", str(args.montage)]
+        if args.network:
+            command.append("--network")
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         verdict = "within" if result["seconds"] <= TARGET_S and result["peak_gb"] <= TARGET_GB else "OUTSIDE"
@@ -166,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         if "dice" in result:
             print(f"  Dice vs truth: mean {result['mean_dice']}, {result['dice']}")
         print(f"  volumes cm3: {result['volumes_cm3']}", flush=True)
+        if "dice_network_vs_atlas" in result:
+            print(f"  network vs atlas Dice: {result['dice_network_vs_atlas']}")
+            print(f"  network volumes cm3: {result['network_volumes_cm3']}")
+            print(f"  hemisphere agreement: {result['hemisphere_agreement']}", flush=True)
     return 0
 
 
