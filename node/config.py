@@ -7,6 +7,20 @@ the file's own folder. The result is a frozen :class:`NodeConfig`;
 
 Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title; one with a
 ``stow_url`` gets results by DICOMweb STOW-RS (:class:`StowSettings`) instead of C-STORE.
+
+Each section is parsed once, here, into a frozen settings object handed whole to
+whoever needs it: ``[inference]`` into :class:`InferenceSettings` (every segmenter
+is built from one, by ``node.service.worker.load_segmenter``), ``[outputs]`` and
+``[selection]`` into ``node.pipeline.PipelineSettings`` (``NodeConfig.pipeline``),
+``[retry]`` and ``[tls]`` into :class:`RetryPolicy` and :class:`TLSSettings`.
+
+To add a key: its default (as text) in :data:`KNOWN` (or a field of
+``PipelineSettings`` / ``SelectionRules`` for ``[outputs]`` / ``[selection]``); a
+field on its section's settings class, whose ``__post_init__`` checks the value;
+one line in :func:`config_from_parser` reading it with ``values.text / number /
+integer / flag`` (errors name the section and key); its name in
+:meth:`NodeConfig.describe` so that ``lobevol config check`` shows it; and a
+commented line in config.ini (tests/test_config.py checks every key has one).
 """
 from __future__ import annotations
 
@@ -221,6 +235,48 @@ class TLSSettings:
         return context, host
 
 
+#: Segmentation methods of ``[inference] method``: the network, or the template registration.
+METHODS = ("network", "atlas")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the regions are made: the ``[inference]`` section, or a command's options.
+
+    :func:`node.service.worker.load_segmenter` builds every segmenter (network, atlas,
+    cross-checked) from one of these.
+
+    Attributes:
+        method: "network" (the 3D ResU-Net) or "atlas" (template registration).
+        model: network checkpoint; None: the bundled one.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        threads: CPU threads for torch and SimpleITK; None: their default.
+        tta: average with the left-right mirrored prediction (network only).
+        refine_surface: move the lobes' edge to the image's CSF/brain contrast.
+        cross_check: the other method runs too and the two are compared.
+        cross_check_min_dice: per-region Dice (0-1) below which the methods disagree.
+    """
+
+    method: str = "network"
+    model: Path | None = None
+    device: str = "auto"
+    threads: int | None = None
+    tta: bool = True
+    refine_surface: bool = True
+    cross_check: bool = False
+    cross_check_min_dice: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method = {self.method!r}: expected {' or '.join(METHODS)}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads = {self.threads}: expected at least 1")
+        if not 0 <= self.cross_check_min_dice <= 1:
+            raise ValueError(f"cross_check_min_dice = {self.cross_check_min_dice:g}: expected a number from 0 to 1")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Every setting of the node (see config.ini for the meaning of each; sizes in bytes, times in s)."""
@@ -242,14 +298,8 @@ class NodeConfig:
     max_instances_per_study: int = 5000
     disk_high_water_percent: float = 90.0
     stability_s: float = 15.0
-    method: str = "network"
-    cross_check: bool = True
-    cross_check_min_dice: float = 0.2
-    device: str = "auto"
-    threads: int | None = None
-    model: Path | None = None
-    tta: bool = True
-    refine_surface: bool = True
+    #: The [inference] section; its defaults are KNOWN's (cross_check on), not a bare InferenceSettings'.
+    inference: InferenceSettings = field(default_factory=lambda: InferenceSettings(cross_check=True))
     job_timeout_s: float = 1800.0
     send_to_origin: bool = True
     extra_destinations: tuple[str, ...] = ()
@@ -297,7 +347,7 @@ class NodeConfig:
                      "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "cross_check",
                      "cross_check_min_dice", "device", "threads", "model", "tta", "refine_surface", "job_timeout_s",
                      "send_to_origin", "extra_destinations", "images_retention_s", "results_retention_s"):
-            value = getattr(self, name)
+            value = getattr(self.inference if name in _INFERENCE_FIELDS else self, name)
             if name == "model" and value is None:
                 value = "(bundled model)"
             lines.append(f"  {name:<36}{value}")
@@ -324,6 +374,9 @@ class NodeConfig:
             if remote.stow is not None:
                 lines.append(f"  {'':<17}results by {remote.stow.describe()}")
         return "\n".join(lines)
+
+
+_INFERENCE_FIELDS = {f.name for f in dataclasses.fields(InferenceSettings)}
 
 
 def _yes(flag: bool) -> str:
@@ -401,14 +454,12 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         max_instances_per_study=values.integer("storage", "max_instances_per_study", 1, 10**7),
         disk_high_water_percent=values.number("storage", "disk_high_water_percent", 1, 100),
         stability_s=values.number("series", "stability_s", 0),
-        method=_check_method(values.text("inference", "method"), where),
-        cross_check=values.flag("inference", "cross_check"),
-        cross_check_min_dice=values.number("inference", "cross_check_min_dice", 0, 1),
-        device=_check_device(values.text("inference", "device"), where),
-        threads=int(values.number("inference", "threads", 1)) if threads else None,
-        model=_resolve(base, model) if model else None,
-        tta=values.flag("inference", "tta"),
-        refine_surface=values.flag("inference", "refine_surface"),
+        inference=_wrap(f"{where}[inference] ", InferenceSettings, values.text("inference", "method").lower(),
+                        _resolve(base, model) if model else None, values.text("inference", "device"),
+                        int(values.number("inference", "threads", 1)) if threads else None,
+                        values.flag("inference", "tta"), values.flag("inference", "refine_surface"),
+                        values.flag("inference", "cross_check"),
+                        values.number("inference", "cross_check_min_dice", 0, 1)),
         job_timeout_s=values.number("inference", "job_timeout_s", 1),
         send_to_origin=values.flag("results", "send_to_origin"),
         extra_destinations=extra,
@@ -420,8 +471,8 @@ def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Pa
         remotes=remotes,
         pipeline=pipeline,
     )
-    if config.model is not None and not config.model.is_file():
-        raise FileNotFoundError(f"{where}[inference] model {config.model} does not exist")
+    if config.inference.model is not None and not config.inference.model.is_file():
+        raise FileNotFoundError(f"{where}[inference] model {config.inference.model} does not exist")
     return config
 
 
@@ -552,18 +603,3 @@ def _check_ae_title(title: str, label: str) -> str:
         raise ValueError(f"{label}: AE title {title!r} must be 1-16 characters, no backslash, not only spaces")
     return title.strip()
 
-
-#: Segmentation methods of ``[inference] method``: the network, or the template registration.
-METHODS = ("network", "atlas")
-
-
-def _check_method(method: str, where: str) -> str:
-    if method.lower() in METHODS:
-        return method.lower()
-    raise ValueError(f"{where}[inference] method = {method!r}: expected {' or '.join(METHODS)}")
-
-
-def _check_device(device: str, where: str) -> str:
-    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
-        return device
-    raise ValueError(f"{where}[inference] device = {device!r}: expected auto, cpu, cuda or cuda:N")

@@ -26,7 +26,7 @@ def test_shipped_config_knows_the_pacs_and_resolves_paths_against_its_folder():
     assert (pacs.host, pacs.port, pacs.may_send, pacs.may_receive) == ("127.0.0.1", 4242, True, True)
     assert config.send_to_origin and config.result_destinations("PACS")[0] == [pacs]
     assert config.spool_dir == REPO / "var" / "spool" and config.database.parent == REPO / "var"
-    assert config.stability_s == 15 and config.model is None and not config.tls.enabled
+    assert config.stability_s == 15 and config.inference.model is None and not config.tls.enabled
     settings = config.pipeline
     assert (settings.seg_type, settings.write_sr, settings.write_pdf) == ("binary", True, True)
 

@@ -179,7 +179,7 @@ def test_only_the_sections_that_apply_inside_orthanc_are_read(tmp_path):
     with pytest.raises(ValueError):
         load_config(config)  # a node could not run on it
     loaded = load_applicable_config(config)
-    assert loaded.database == tmp_path / "jobs.sqlite" and loaded.threads == 1 and not loaded.tls.enabled
+    assert loaded.database == tmp_path / "jobs.sqlite" and loaded.inference.threads == 1 and not loaded.tls.enabled
     assert loaded.remotes == {} and loaded.pipeline.write_overlays is False
     config.write_text(config.read_text().replace("threads = 1", "threads = none"))
     with pytest.raises(ValueError, match=r"\[inference\] threads"):

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         load_config(args.config), port=node_port, bind_address="127.0.0.1", stability_s=2.0,
         spool_dir=work / "spool", results_dir=work / "results", database=work / "jobs.sqlite",
         remotes={"PACS": RemoteAE("PACS", "127.0.0.1", pacs_port, may_send=True, may_receive=True)},
-        extra_destinations=(), model=args.model or load_config(args.config).model)
+        extra_destinations=())
+    if args.model:
+        config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, model=args.model))
     logging.getLogger("node").setLevel(logging.INFO)
     print(f"demo folder: {work}")
     (work / "pacs").mkdir(exist_ok=True)

@@ -55,16 +55,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from inference.evaluation import format_table, write_csv
-    from inference.predict import Segmenter
+    from node.config import InferenceSettings
+    from node.service.worker import load_segmenter
 
     if (args.data is None) == (args.phantoms is None):
         raise ValueError("give either DATA or --phantoms N")
     if args.record is not None and not args.record.strip():
         raise ValueError("--record needs a description of the evaluated cases")
     # One bar over the cases (none when the output is a log file), not one per network pass.
-    segmenter = Segmenter(None if args.model == "bundled" else args.model, device=args.device,
-                          threads=args.threads, tta=args.tta, refine_surface=args.refine_surface,
-                          progress=False)
+    segmenter = load_segmenter(InferenceSettings(model=None if args.model == "bundled" else Path(args.model),
+                                                 device=args.device, threads=args.threads, tta=args.tta,
+                                                 refine_surface=args.refine_surface), progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
     evaluations = []
     for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case", disable=None):

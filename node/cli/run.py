@@ -7,6 +7,7 @@ measured volumes next to the phantom's true volumes.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from inference.vocabulary import REGIONS
 from node.cli._options import add_device_options
@@ -35,12 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inference.phantoms.generator import make_phantom
-    from inference.predict import Segmenter
+    from node.config import InferenceSettings
+    from node.service.worker import load_segmenter
     from inference.metrics import dice_per_region
 
     phantom = make_phantom(args.seed, slice_thickness_mm=args.slice_thickness)
-    segmenter = Segmenter(args.model, device=args.device, threads=args.threads, tta=args.tta,
-                          refine_surface=args.refine_surface)
+    segmenter = load_segmenter(InferenceSettings(model=Path(args.model) if args.model else None, device=args.device,
+                                                 threads=args.threads, tta=args.tta,
+                                                 refine_surface=args.refine_surface), progress=True)
     result = segmenter.segment(phantom.image)
     dice = dice_per_region(result.labels, phantom.labels)
     truth = phantom.meta["volumes_cm3"]

@@ -134,6 +134,9 @@ def _settings(args: argparse.Namespace):
 
 
 def _segmenter(args):
+    import dataclasses
+
+    from node.config import InferenceSettings
     from node.service.worker import load_segmenter
 
     config = None
@@ -141,13 +144,13 @@ def _segmenter(args):
         from node.config import load_config
 
         config = load_config(args.config)
-    method = getattr(args, "method", None) or (config.method if config else "network")
-    cross_check = getattr(args, "cross_check", None)
-    if cross_check is None:  # not given: the config file's, else off
-        cross_check = config.cross_check if config else False
-    return load_segmenter(args.model, args.device, args.threads, args.tta, args.refine_surface,
-                          method=method, progress=True, cross_check=cross_check,
-                          cross_check_min_dice=config.cross_check_min_dice if config else 0.2)
+    configured = config.inference if config else InferenceSettings()
+    cross_check = getattr(args, "cross_check", None)  # not given: the config file's, else off
+    settings = dataclasses.replace(configured, method=getattr(args, "method", None) or configured.method,
+                                   model=Path(args.model) if args.model else None, device=args.device,
+                                   threads=args.threads, tta=args.tta, refine_surface=args.refine_surface,
+                                   cross_check=configured.cross_check if cross_check is None else cross_check)
+    return load_segmenter(settings, progress=True)
 
 
 def _segment_image(args, settings) -> int:

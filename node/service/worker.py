@@ -14,6 +14,7 @@ and exits, so a restarted node never races an orphan.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from node.config import InferenceSettings, NodeConfig
 from node.service.jobs import JobState
 
 log = logging.getLogger(__name__)
@@ -66,44 +68,40 @@ class WorkerStopped(RuntimeError):
     """The node asked to stop before the job finished: the job must be checkpointed (re-run later)."""
 
 
-def load_segmenter(model: str | None, device: str, threads: int | None, tta: bool, refine_surface: bool = True,
-                   method: str = "network", progress: bool = False, cross_check: bool = False,
-                   cross_check_min_dice: float = 0.2):
-    """The real segmenter of ``method`` (runs in the worker process: one model load per worker).
+def load_segmenter(settings: InferenceSettings, progress: bool = False):
+    """The real segmenter of ``settings`` (the one place one is built; in the node it runs in the worker process).
 
-    "network": :class:`inference.predict.Segmenter` with ``model`` (None = bundled), ``device``, ``tta``;
-    "atlas": :class:`inference.atlas.registration.AtlasSegmenter` (those three do not apply).
-    ``cross_check``: the other method runs too (:class:`inference.cross_check.CrossCheckedSegmenter`).
+    method "network": :class:`inference.predict.Segmenter` (model, device, tta);
+    "atlas": :class:`inference.atlas.registration.AtlasSegmenter` (those three do not apply);
+    cross_check: the other method runs too (:class:`inference.cross_check.CrossCheckedSegmenter`).
     ``progress`` is off for the node: a server log, not a terminal.
     """
-    if cross_check:
+    if settings.cross_check:
         from inference.cross_check import CrossCheckedSegmenter
 
-        other = "atlas" if method == "network" else "network"
-        return CrossCheckedSegmenter(
-            load_segmenter(model, device, threads, tta, refine_surface, method, progress),
-            load_segmenter(model, device, threads, tta, refine_surface, other, progress), cross_check_min_dice)
-    if method == "atlas":
+        other = "atlas" if settings.method == "network" else "network"
+        alone = dataclasses.replace(settings, cross_check=False)
+        return CrossCheckedSegmenter(load_segmenter(alone, progress),
+                                     load_segmenter(dataclasses.replace(alone, method=other), progress),
+                                     settings.cross_check_min_dice)
+    if settings.method == "atlas":
         from inference.atlas.registration import AtlasSegmenter
 
-        return AtlasSegmenter(threads=threads, progress=progress, refine_surface=refine_surface)
-    if method != "network":
-        raise ValueError(f"unknown segmentation method {method!r}: expected network or atlas")
+        return AtlasSegmenter(threads=settings.threads, progress=progress, refine_surface=settings.refine_surface)
     from inference.predict import Segmenter
 
-    return Segmenter(model, device=device, threads=threads, tta=tta, refine_surface=refine_surface,
+    return Segmenter(str(settings.model) if settings.model else None, device=settings.device,
+                     threads=settings.threads, tta=settings.tta, refine_surface=settings.refine_surface,
                      progress=progress)
 
 
-def segmenter_factory(config) -> Callable[[], object]:
+def segmenter_factory(config: NodeConfig) -> Callable[[], object]:
     """A picklable factory of the configured model (``[inference]`` section).
 
     Tests give :class:`node.service.server.Node` (or ``node.cli.main``'s
     ``segmenter_factory``) a model-free stand-in instead.
     """
-    return functools.partial(load_segmenter, str(config.model) if config.model else None, config.device,
-                             config.threads, config.tta, config.refine_surface, config.method, False,
-                             config.cross_check, config.cross_check_min_dice)
+    return functools.partial(load_segmenter, config.inference)
 
 
 def stand_in_factory(spec: str, where: str) -> Callable[[], object]:
