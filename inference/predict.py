@@ -60,6 +60,7 @@ from inference.preprocess import (
     preprocess_image,
 )
 from inference.surface import SurfaceRefinement, refine_brain_surface
+from inference.volumes import region_volumes_cm3
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,11 @@ def voxel_volume_mm3(image: sitk.Image) -> float:
 
 
 def measure_volumes(labels: sitk.Image) -> dict[str, float]:
-    """Volume of every region (cm3) in a label image: voxel count x voxel volume.
+    """Volume of every region (cm3) in a label image: each voxel counts for the voxel volume.
+
+    The count is :func:`inference.volumes.region_volumes_cm3`'s, with every
+    slice of the grid standing for one voxel volume (|det| of direction x
+    spacing, so sheared grids count right).
 
     Raises:
         ValueError: not a 3D integer label image, or values outside 0..10.
@@ -114,13 +119,7 @@ def measure_volumes(labels: sitk.Image) -> dict[str, float]:
     values = sitk.GetArrayViewFromImage(labels)
     if not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"label image must have an integer pixel type, got {labels.GetPixelIDTypeAsString()}")
-    if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
-        raise ValueError(f"label values must lie within 0..{NUM_CLASSES - 1}, found {values.min()}..{values.max()}")
-    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for start in range(0, values.shape[0], 16):  # slabs: bincount copies to intp (8 bytes a voxel)
-        counts += np.bincount(values[start:start + 16].ravel(), minlength=NUM_CLASSES)
-    voxel_cm3 = voxel_volume_mm3(labels) / 1000.0
-    return {region.key: float(counts[region.value] * voxel_cm3) for region in REGIONS}
+    return region_volumes_cm3(values, voxel_volume_mm3(labels), np.ones(values.shape[0]))
 
 
 # --- device and network passes ------------------------------------------------------------

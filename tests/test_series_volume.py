@@ -314,7 +314,7 @@ def test_untilted_phantom_volume_is_the_phantom_image_exactly(tmp_path):
 
 
 def test_slice_extents_and_source_volumes_follow_uneven_spacing(tmp_path):
-    from node.dicom.volume import slice_extents_mm
+    from inference.volumes import slice_extents_mm
 
     np.testing.assert_allclose(slice_extents_mm([0.0, 2.0, 4.0, 10.0]), [2.0, 2.0, 4.0, 6.0])
     np.testing.assert_allclose(slice_extents_mm([10.0, 0.0, 4.0, 2.0]), [6.0, 2.0, 4.0, 2.0])  # any order

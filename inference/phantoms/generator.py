@@ -50,6 +50,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.vocabulary import REGION_KEYS, REGIONS, region_by_key
+from inference.volumes import region_volumes_cm3
 
 # ---------------------------------------------------------------------------------------
 # Cohort model (see module docstring)
@@ -949,14 +950,13 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     for target in (image_sitk, labels_sitk):
         target.CopyInformation(reference)
 
-    voxel_cm3 = pixel_spacing * pixel_spacing * thickness / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=len(REGIONS) + 1)
+    volumes = region_volumes_cm3(labels, pixel_spacing * pixel_spacing, np.full(labels.shape[0], thickness))
     meta = {
         "generation": GENERATION,
         "seed": int(seed),
         "sex": sex,
         "age_years": round(age_years, 4),
-        "volumes_cm3": {r.key: round(float(counts[r.value] * voxel_cm3), 3) for r in REGIONS},
+        "volumes_cm3": {key: round(value, 3) for key, value in volumes.items()},
         "target_volumes_cm3": {key: round(value, 3) for key, value in targets.items()},
         "pixel_spacing_mm": pixel_spacing,
         "slice_thickness_mm": thickness,

@@ -56,6 +56,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from inference.volumes import region_volumes_cm3, slice_extents_mm
 from node.dicom.pixels import MAX_VOXELS, pixel_data_problem
 
 log = logging.getLogger(__name__)
@@ -194,19 +195,12 @@ class SeriesVolume:
             label_slices: (n_planes, rows, columns) labels 0..10 in ``planes``
                 order (:meth:`labels_on_source_slices`).
         """
-        from inference.vocabulary import NUM_CLASSES, REGIONS
-
         label_slices = np.asarray(label_slices)
         expected = (len(self.planes), self.planes[0].rows, self.planes[0].columns)
         if label_slices.shape != expected:
             raise ValueError(f"label slices have shape {label_slices.shape}, expected {expected}")
-        if label_slices.size and (label_slices.min() < 0 or label_slices.max() >= NUM_CLASSES):
-            raise ValueError(f"label values must be 0..{NUM_CLASSES - 1}")
-        extents = slice_extents_mm(_normal_positions(self.planes))
         row_mm, column_mm = self.planes[0].pixel_spacing_mm
-        counts = np.stack([np.bincount(s.ravel(), minlength=NUM_CLASSES) for s in label_slices.astype(np.intp)])
-        volumes_mm3 = (counts * extents[:, None]).sum(axis=0) * row_mm * column_mm
-        return {region.key: float(volumes_mm3[region.value] / 1000.0) for region in REGIONS}
+        return region_volumes_cm3(label_slices, row_mm * column_mm, slice_extents_mm(_normal_positions(self.planes)))
 
     def source_slices_to_grid(self, slices: np.ndarray, *, nearest: bool = False) -> sitk.Image:
         """Put per-source-image arrays onto the volume grid (the inverse of :meth:`labels_on_source_slices`).
@@ -431,26 +425,6 @@ def _normal_positions(planes: Sequence[SourcePlane]) -> np.ndarray:
 def _sorted_order(planes: Sequence[SourcePlane]) -> np.ndarray:
     """Indices of ``planes`` sorted along the slice normal."""
     return np.argsort(_normal_positions(planes), kind="stable")
-
-
-def slice_extents_mm(positions: Sequence[float]) -> np.ndarray:
-    """Thickness of space each slice stands for along the normal (mm), in the given order.
-
-    Half the distance to each neighbour (the full distance to the only
-    neighbour for the first and last slice); evenly spaced slices all get
-    the spacing. A lone slice gets NaN (no spacing to go by).
-    """
-    positions = np.asarray(positions, float)
-    if len(positions) < 2:
-        return np.full(len(positions), np.nan)
-    order = np.argsort(positions, kind="stable")
-    gaps = np.diff(positions[order])
-    extents_sorted = np.empty(len(positions))
-    extents_sorted[0], extents_sorted[-1] = gaps[0], gaps[-1]
-    extents_sorted[1:-1] = (gaps[:-1] + gaps[1:]) / 2.0
-    extents = np.empty(len(positions))
-    extents[order] = extents_sorted
-    return extents
 
 
 def _check_spacing(sorted_planes: Sequence[SourcePlane], positions: np.ndarray, max_gap_factor: float) -> np.ndarray:

@@ -41,6 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
+from inference.volumes import label_volumes_mm3, slice_extents_mm
 from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
 
 SEG_SERIES_NUMBER = 9101
@@ -262,10 +263,9 @@ def segment_numbers_by_key(seg: pydicom.Dataset) -> dict[str, int]:
 def region_volumes_from_seg(seg: pydicom.Dataset, source: Sequence[pydicom.Dataset]) -> dict[str, float]:
     """Volume (cm3) of every segment of a SEG we wrote, computed from its frames.
 
-    Each frame pixel counts for PixelSpacing x (slice extent), where the slice
-    extent is the distance between neighbouring source image planes (the
-    same rule ``SeriesVolume``-based measurement uses). Used to check that
-    the SEG and the SR agree.
+    Counted by :mod:`inference.volumes` (each frame pixel counts for
+    PixelSpacing x its source image's slice extent), the counter the SR's
+    volumes come from. Used to check that the SEG and the SR agree.
     """
     seg = hd.seg.Segmentation.from_dataset(seg) if not isinstance(seg, hd.seg.Segmentation) else seg
     source_uids = [str(ds.SOPInstanceUID) for ds in source]
@@ -279,21 +279,16 @@ def region_volumes_from_seg(seg: pydicom.Dataset, source: Sequence[pydicom.Datas
         skip_overlap_checks=True,
         assert_missing_frames_are_empty=True,
     )
-    volumes = {}
-    for key, number in numbers.items():
-        per_slice = (array == number).reshape(len(source_uids), -1).sum(axis=1)
-        volumes[key] = float((per_slice * extents_mm).sum() * row_mm * col_mm / 1000.0)
-    return volumes
+    volumes_mm3 = label_volumes_mm3(np.asarray(array), row_mm * col_mm, extents_mm, num_values=NUM_CLASSES)
+    return {key: float(volumes_mm3[number] / 1000.0) for key, number in numbers.items()}
 
 
 def _slice_extents_mm(source: Sequence[pydicom.Dataset]) -> np.ndarray:
     """Thickness of space each source slice stands for, along the slice normal (mm).
 
-    The rule of :func:`node.dicom.volume.slice_extents_mm` (half the
+    The rule of :func:`inference.volumes.slice_extents_mm` (half the
     distance to each neighbour); a lone slice uses SliceThickness.
     """
-    from node.dicom.volume import slice_extents_mm
-
     orientation = np.asarray(source[0].ImageOrientationPatient, dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for ds in source])
