@@ -16,7 +16,7 @@ import numpy as np
 from reportlab.graphics.shapes import Circle, Drawing, Line, Rect, String
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
-from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.platypus import (
     KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table as PdfTable, TableStyle,
@@ -24,6 +24,7 @@ from reportlab.platypus import (
 
 from inference.vocabulary import REGION_KEYS
 from normative.cohort import Cohort
+from normative.report_styles import paragraph_styles
 from normative.stats import SEX_CODING, Table, label
 
 SEX_COLOURS = {"M": colors.HexColor("#1f77b4"), "F": colors.HexColor("#d62728")}
@@ -68,14 +69,12 @@ def render_stats_pdf(cohort: Cohort, tables: Sequence[Table], *, split_column: O
 
 
 def _styles() -> dict[str, ParagraphStyle]:
-    base = getSampleStyleSheet()["Normal"]
-    make = lambda name, **kw: ParagraphStyle(name, parent=base, **kw)  # noqa: E731
-    return {
-        "title": make("title", fontName="Helvetica-Bold", fontSize=15, leading=19, spaceAfter=2),
-        "heading": make("heading", fontName="Helvetica-Bold", fontSize=10, leading=13, spaceBefore=4, spaceAfter=2),
-        "small": make("small", fontSize=8, leading=10),
-        "note": make("note", fontName="Helvetica-Oblique", fontSize=7.5, leading=9, textColor=colors.HexColor("#444444")),
-    }
+    return paragraph_styles(
+        title=dict(fontName="Helvetica-Bold", fontSize=15, leading=19, spaceAfter=2),
+        heading=dict(fontName="Helvetica-Bold", fontSize=10, leading=13, spaceBefore=4, spaceAfter=2),
+        small=dict(fontSize=8, leading=10),
+        note=dict(fontName="Helvetica-Oblique", fontSize=7.5, leading=9, textColor=colors.HexColor("#444444")),
+    )
 
 
 def _summary(cohort: Cohort, split_column: Optional[str], created: Optional[datetime]) -> str:

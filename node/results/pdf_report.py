@@ -19,13 +19,14 @@ from reportlab.graphics.shapes import Drawing, Line, Rect, String
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_LEFT
 from reportlab.lib.pagesizes import A4
-from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.platypus import Image as PdfImage
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from inference.vocabulary import REGIONS, region_by_key
 from inference.vocabulary import __version__
+from normative.report_styles import paragraph_styles
 from node.results.derived import METHOD_DESCRIPTIONS, segmentation_method
 from node.results.key_images import KeyView
 
@@ -135,18 +136,15 @@ def render_pdf_report(
 
 
 def _styles() -> dict[str, ParagraphStyle]:
-    base = getSampleStyleSheet()["Normal"]
-    make = lambda name, **kw: ParagraphStyle(name, parent=base, **kw)  # noqa: E731
-    return {
-        "title": make("title", fontName="Helvetica-Bold", fontSize=15, leading=18),
-        "banner": make("banner", fontName="Helvetica-Bold", fontSize=8.5, textColor=colors.white, leading=11),
-        "cell": make("cell", fontSize=8, leading=9.6),
-        "cellbold": make("cellbold", fontName="Helvetica-Bold", fontSize=8, leading=9.6),
-        "heading": make("heading", fontName="Helvetica-Bold", fontSize=9.5, leading=12, spaceAfter=1),
-        "small": make("small", fontSize=7.5, leading=9, alignment=TA_LEFT),
-        "disclaimer": make("disclaimer", fontName="Helvetica-Oblique", fontSize=7.5, leading=9,
-                           textColor=colors.HexColor("#8b0000")),
-    }
+    return paragraph_styles(
+        title=dict(fontName="Helvetica-Bold", fontSize=15, leading=18),
+        banner=dict(fontName="Helvetica-Bold", fontSize=8.5, textColor=colors.white, leading=11),
+        cell=dict(fontSize=8, leading=9.6),
+        cellbold=dict(fontName="Helvetica-Bold", fontSize=8, leading=9.6),
+        heading=dict(fontName="Helvetica-Bold", fontSize=9.5, leading=12, spaceAfter=1),
+        small=dict(fontSize=7.5, leading=9, alignment=TA_LEFT),
+        disclaimer=dict(fontName="Helvetica-Oblique", fontSize=7.5, leading=9, textColor=colors.HexColor("#8b0000")),
+    )
 
 
 def _title(styles, width: float) -> Table:
