@@ -98,14 +98,15 @@ def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, refine_
     import numpy as np
     import SimpleITK as sitk
 
-    from inference.predict import Segmenter
+    from node.config import InferenceSettings
+    from node.service.worker import load_segmenter
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     image = sitk.ReadImage(str(image_path))
     baseline_mb = peak_resident_mb()
     started = time.perf_counter()
-    segmenter = Segmenter(checkpoint, device="cpu", threads=threads, tta=tta, refine_surface=refine_surface,
-                          progress=False)
+    segmenter = load_segmenter(InferenceSettings(device="cpu", threads=threads, model=checkpoint, tta=tta,
+                                                 refine_surface=refine_surface, cross_check=False), progress=False)
     load_s = time.perf_counter() - started
     runs = []
     for _ in range(repeat):

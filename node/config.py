@@ -1,26 +1,32 @@
-"""The node's configuration: one INI file (``config.ini``), validated on load.
+"""The node's configuration: one INI file (``config.ini``), parsed once into typed settings.
 
-:func:`load_config` reads the file, refuses unknown sections and keys (a typo
-must not pass silently), checks every value and resolves relative paths against
-the file's own folder. The result is a frozen :class:`NodeConfig`;
-``lobevol config check`` prints its :meth:`NodeConfig.describe`.
+Every section is a frozen dataclass and every key is one of its fields: the
+field's type says how the text is read (``bool``: yes/no, ``int``, ``float``,
+``Path``: resolved against the file's folder, ``X | None``: empty means
+None, ``tuple[str, ...]``: comma-separated), its default is the key's default
+and its :func:`setting` metadata gives the key's name in the file when it
+differs from the field's, its bounds and its allowed values. :func:`load_config`
+reads the file, refuses unknown sections and keys (a typo must not pass
+silently), reads every value by its field's type and returns a frozen
+:class:`NodeConfig` holding one object per section; ``lobevol config check``
+prints its :meth:`NodeConfig.describe`. Each section's constructor validates
+(bounds, cross-field rules), so settings built in code are checked too.
 
-Remote AEs are sections named ``[remote NAME]`` where NAME is the AE title; one with a
-``stow_url`` gets results by DICOMweb STOW-RS (:class:`StowSettings`) instead of C-STORE.
+Sections: [node] :class:`NodeSettings`, [storage] :class:`StorageSettings`,
+[series] :class:`SeriesSettings`, [selection] ``node.dicom.selection.SelectionRules``,
+[inference] :class:`InferenceSettings`, [outputs] :class:`OutputSettings`,
+[results] :class:`ResultsSettings`, [retry] :class:`RetryPolicy`, [retention]
+:class:`RetentionSettings`, [tls] :class:`TLSSettings`, and one ``[remote NAME]``
+:class:`RemoteAE` per peer, NAME being its AE title; its ``stow_*`` keys make its
+:class:`StowSettings` (results by DICOMweb STOW-RS instead of C-STORE).
 
-Each section is parsed once, here, into a frozen settings object handed whole to
-whoever needs it: ``[inference]`` into :class:`InferenceSettings` (every segmenter
-is built from one, by ``node.service.worker.load_segmenter``), ``[outputs]`` and
-``[selection]`` into ``node.pipeline.PipelineSettings`` (``NodeConfig.pipeline``),
-``[retry]`` and ``[tls]`` into :class:`RetryPolicy` and :class:`TLSSettings`.
-
-To add a key: its default (as text) in :data:`KNOWN` (or a field of
-``PipelineSettings`` / ``SelectionRules`` for ``[outputs]`` / ``[selection]``); a
-field on its section's settings class, whose ``__post_init__`` checks the value;
-one line in :func:`config_from_parser` reading it with ``values.text / number /
-integer / flag`` (errors name the section and key); its name in
-:meth:`NodeConfig.describe` so that ``lobevol config check`` shows it; and a
-commented line in config.ini (tests/test_config.py checks every key has one).
+To add a key: add a field to its section's dataclass (type, default, and
+``setting(...)`` when it needs a different name in the file, bounds or
+choices), document it in config.ini above the key and, if a rule spans several
+fields, check it in the dataclass's ``__post_init__``. Nothing else: parsing,
+unknown-key errors and ``config check`` follow from the field. To add a
+section: a frozen dataclass of such fields, one entry in :data:`SECTIONS` and a
+field of :class:`NodeConfig` of the same name.
 """
 from __future__ import annotations
 
@@ -28,10 +34,14 @@ import configparser
 import dataclasses
 import re
 import ssl
+import types
+import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+from node.dicom.selection import SelectionRules
 
 if TYPE_CHECKING:
     from node.pipeline import PipelineSettings
@@ -39,36 +49,273 @@ if TYPE_CHECKING:
 #: AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2).
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 REMOTE_PREFIX = "remote "
+SEG_TYPES = ("binary", "labelmap", "none")
+DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+#: Segmentation methods of ``[inference] method``: the network, or the template registration.
+METHODS = ("network", "atlas")
+_YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
 
-#: Every section and key the file may hold, with its default (None: no default, value required
-#: when the section is present). Sections [selection] and [outputs] are parsed, once, by
-#: node.pipeline.PipelineSettings.from_mapping (their keys are its fields).
-KNOWN: dict[str, dict[str, str]] = {
-    "node": {
-        "ae_title": "LOBEVOL", "bind_address": "127.0.0.1", "port": "11112", "max_associations": "8",
-        "log_patient_identifiers": "no", "shutdown_grace_s": "120", "association_request_timeout_s": "10",
-        "network_timeout_s": "60", "max_pending_connections": "32",
-    },
-    "storage": {
-        "spool": "var/spool", "results": "var/results", "database": "var/lobevol.sqlite",
-        "max_instance_mb": "200", "max_instances_per_study": "5000", "disk_high_water_percent": "90",
-    },
-    "series": {"stability_s": "15"},
-    "inference": {"method": "network", "cross_check": "yes", "cross_check_min_dice": "0.2", "device": "auto",
-                  "threads": "", "model": "", "tta": "yes", "refine_surface": "yes", "job_timeout_s": "1800"},
-    "results": {"send_to_origin": "yes", "extra_destinations": ""},
-    "retry": {"first_delay_s": "10", "max_delay_s": "600", "max_attempts": "8"},
-    "retention": {"images_hours": "24", "results_days": "30"},
-    "tls": {
-        "enabled": "no", "certificate": "", "private_key": "", "ca_certificates": "",
-        "require_client_certificate": "yes",
-    },
-}
-PIPELINE_SECTIONS = ("selection", "outputs")
-#: host and port are required unless the remote is reached by DICOMweb (stow_url).
-REMOTE_KEYS = {"host": None, "port": None, "may_send": "no", "may_receive": "no", "check_host": "no",
-               "stow_url": "", "stow_username": "", "stow_password_file": "", "stow_token_file": "",
-               "stow_ca_certificates": "", "stow_timeout_s": "60"}
+
+def setting(default: Any = dataclasses.MISSING, *, key: str | None = None, low: float | None = None,
+            high: float | None = None, choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = None,
+            expected: str | None = None, unset: str = "(none)", in_file: bool = True) -> Any:
+    """A section field with what the parser needs to know about its key.
+
+    Args:
+        default: the key's default (omit for a required key).
+        key: the key's name in the file when it is not the field's name.
+        low, high: bounds of a number (inclusive).
+        choices: the allowed words of a text.
+        pattern: a regular expression a text must match whole.
+        expected: how to say what is allowed, when ``pattern`` alone would not.
+        unset: what ``config check`` prints for None.
+        in_file: False for a field that is not a key of its own (set by code, not read from the file).
+    """
+    metadata = {"key": key, "low": low, "high": high, "choices": choices, "pattern": pattern,
+                "expected": expected, "unset": unset, "in_file": in_file}
+    return field(default=default, metadata=metadata)
+
+
+def parse_flag(text: str) -> bool:
+    """yes/true/on/1 or no/false/off/0 (any case); ValueError otherwise. The one yes/no parser."""
+    lowered = text.strip().lower()
+    if lowered in _YES:
+        return True
+    if lowered in _NO:
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def check_fields(settings: Any, section: str) -> None:
+    """Bounds, choices and patterns of every field (called by each section's ``__post_init__``)."""
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        problem = _value_problem(spec, value)
+        if problem:
+            raise ValueError(f"[{section}] {_key(spec)} = {value!r}: expected {problem}")
+
+
+def _value_problem(spec: dataclasses.Field, value: Any) -> str | None:
+    """What ``value`` should have been for this field, or None when it is fine."""
+    meta = spec.metadata
+    if value is None:
+        return None
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None or high is not None) and isinstance(value, (int, float)):
+        if not (low is None or value >= low) or not (high is None or value <= high):
+            kind = "a whole number" if isinstance(value, int) and not isinstance(value, bool) else "a number"
+            if high is None:
+                return f"{kind} of at least {low:g}"
+            return f"{kind} from {low:g} to {high:g}"
+    if meta.get("choices") and value not in meta["choices"]:
+        return meta.get("expected") or ", ".join(meta["choices"])
+    if meta.get("pattern") is not None and not meta["pattern"].fullmatch(str(value)):
+        return meta.get("expected") or f"text matching {meta['pattern'].pattern}"
+    return None
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """[node]: who we are on the network and how the service behaves."""
+
+    ae_title: str = "LOBEVOL"
+    bind_address: str = "127.0.0.1"
+    port: int = setting(11112, low=0, high=65535)
+    max_associations: int = setting(8, low=1, high=1000)
+    log_patient_identifiers: bool = False
+    #: seconds a running job may finish in after a stop request before it is checkpointed.
+    shutdown_grace_s: float = setting(120.0, low=0)
+    #: seconds from connecting to a complete A-ASSOCIATE-RQ.
+    association_request_timeout_s: float = setting(10.0, low=0.1, high=600)
+    #: seconds a read or write on a connection may make no progress.
+    network_timeout_s: float = setting(60.0, low=0.1, high=3600)
+    #: connections still asking (not yet associated) at once, beyond max_associations.
+    max_pending_connections: int = setting(32, low=1, high=1000)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "[node] ae_title"))
+        check_fields(self, "node")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """[storage]: where received images, results and the job database live, and intake limits."""
+
+    spool_dir: Path = setting(Path("var/spool"), key="spool")
+    results_dir: Path = setting(Path("var/results"), key="results")
+    database: Path = Path("var/lobevol.sqlite")
+    max_instance_mb: float = setting(200.0, low=0.001)
+    max_instances_per_study: int = setting(5000, low=1, high=10**7)
+    disk_high_water_percent: float = setting(90.0, low=1, high=100)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "storage")
+
+    @property
+    def max_instance_bytes(self) -> int:
+        """The largest instance accepted (bytes)."""
+        return int(self.max_instance_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class SeriesSettings:
+    """[series]: when a study counts as complete."""
+
+    #: seconds without a new instance after which a study is analysed.
+    stability_s: float = setting(15.0, low=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "series")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """[inference]: what makes the regions and how it runs (``node.service.worker.load_segmenter`` builds it).
+
+    ``method`` "network" is the ResU-Net (``model``: None = bundled; ``device``, ``tta``); "atlas" the
+    template registration (``device``, ``model`` and ``tta`` do not apply).
+    """
+
+    method: str = setting("network", choices=METHODS, expected=" or ".join(METHODS))
+    #: run the other method too and report the per-region agreement.
+    cross_check: bool = True
+    #: a region's Dice between the methods below this: "methods disagree: review the regions".
+    cross_check_min_dice: float = setting(0.2, low=0, high=1)
+    device: str = setting("auto", pattern=DEVICE, expected="auto, cpu, cuda or cuda:N")
+    threads: int | None = setting(None, low=1, high=1024, unset="(torch's choice)")
+    model: Path | None = setting(None, unset="(bundled model)")
+    tta: bool = True
+    refine_surface: bool = True
+    job_timeout_s: float = setting(1800.0, low=1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", self.method.strip().lower())
+        check_fields(self, "inference")
+        if self.model is not None and not Path(self.model).is_file():
+            raise FileNotFoundError(f"[inference] model {self.model} does not exist")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """[outputs]: which results to write and how volumes are compared.
+
+    Attributes:
+        seg_type: "binary" (default), "labelmap" or "none" (key ``seg``).
+        write_sr: write the TID 1500 SR, which references the SEG (key ``sr``).
+        write_pdf: write report.pdf and its Encapsulated PDF instance (key ``pdf``).
+        write_overlays: write the Secondary Capture key images (key ``overlays``).
+        reference_path: normative reference file; None = the bundled one (key ``reference``).
+        z_threshold: |z| above which a volume is flagged.
+        max_gap_factor: largest slice gap, in multiples of the usual spacing, accepted when
+            building the volume.
+    """
+
+    seg_type: str = setting("binary", key="seg", choices=SEG_TYPES)
+    write_sr: bool = setting(True, key="sr")
+    write_pdf: bool = setting(True, key="pdf")
+    write_overlays: bool = setting(True, key="overlays")
+    reference_path: Path | None = setting(None, key="reference", unset="(bundled)")
+    z_threshold: float = setting(2.0, low=1e-9)
+    max_gap_factor: float = setting(2.0, low=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "outputs")
+        if self.write_sr and self.seg_type == "none":
+            raise ValueError("[outputs] the SR references the SEG's segments: enable the SEG (seg) or "
+                             "disable the SR (sr = no)")
+
+
+@dataclass(frozen=True)
+class ResultsSettings:
+    """[results]: where results are sent (AE titles of [remote ...] sections that may receive)."""
+
+    send_to_origin: bool = True
+    extra_destinations: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self, "results")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """[retry]: exponential backoff for sending results: first_delay_s, doubled each attempt up to max_delay_s.
+
+    After ``max_attempts`` failed attempts a destination's items end as failed.
+    """
+
+    first_delay_s: float = setting(10.0, low=0)
+    max_delay_s: float = setting(600.0, low=0)
+    max_attempts: int = setting(8, low=1, high=1000)
+
+    def __post_init__(self) -> None:
+        if not self.first_delay_s > 0 or self.max_delay_s < self.first_delay_s:
+            raise ValueError("[retry] needs 0 < first_delay_s <= max_delay_s")
+        if self.max_attempts < 1:
+            raise ValueError("[retry] max_attempts must be at least 1")
+        check_fields(self, "retry")
+
+    def delay_after(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+        return min(self.first_delay_s * 2 ** max(attempts - 1, 0), self.max_delay_s)
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """[retention]: how long received images and results are kept."""
+
+    images_hours: float = setting(24.0, low=0)
+    results_days: float = setting(30.0, low=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "retention")
+
+    @property
+    def images_retention_s(self) -> float:
+        """Seconds the images of a finished job are kept."""
+        return self.images_hours * 3600.0
+
+    @property
+    def results_retention_s(self) -> float:
+        """Seconds a job's results are kept."""
+        return self.results_days * 86400.0
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """[tls]: optional TLS for both directions (our certificate and key, the CAs we trust)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is None:
+                raise ValueError(f"[tls] is enabled but {name} is not set")
+            if not path.is_file():
+                raise FileNotFoundError(f"[tls] {name} {path} does not exist")
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The context for our SCP, or None when TLS is off."""
+        if not self.enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_certificates))
+        context.load_cert_chain(str(self.certificate), str(self.private_key))
+        context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
+        return context
+
+    def client_context(self, host: str) -> tuple[ssl.SSLContext, str] | None:
+        """(context, server host name) for our SCU, or None when TLS is off."""
+        if not self.enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
+        context.load_cert_chain(str(self.certificate), str(self.private_key))
+        return context, host
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -92,12 +339,12 @@ class StowSettings:
         timeout_s: seconds to wait for the connection and for the answer to each request.
     """
 
-    url: str
-    username: str | None = None
-    password_file: Path | None = None
-    token_file: Path | None = None
-    ca_certificates: Path | None = None
-    timeout_s: float = 60.0
+    url: str = setting(key="stow_url")
+    username: str | None = setting(None, key="stow_username")
+    password_file: Path | None = setting(None, key="stow_password_file")
+    token_file: Path | None = setting(None, key="stow_token_file")
+    ca_certificates: Path | None = setting(None, key="stow_ca_certificates")
+    timeout_s: float = setting(60.0, key="stow_timeout_s")
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -142,10 +389,10 @@ class StowSettings:
 
 @dataclass(frozen=True)
 class RemoteAE:
-    """A peer we know: who may send to us and who may receive our results.
+    """[remote AE_TITLE]: a peer we know: who may send to us and who may receive our results.
 
     Attributes:
-        ae_title: its AE title (what it sends as calling AE, what we call it).
+        ae_title: its AE title (what it sends as calling AE, what we call it); the section's name.
         host: host name or IP address.
         port: its DICOM port.
         may_send: it may open associations to us (C-STORE, C-ECHO).
@@ -156,166 +403,64 @@ class RemoteAE:
     """
 
     ae_title: str
-    host: str
-    port: int
+    host: str = ""
+    port: int = setting(0, low=0, high=65535)
     may_send: bool = False
     may_receive: bool = False
     check_host: bool = False
-    stow: StowSettings | None = None
+    stow: StowSettings | None = setting(None, in_file=False)
 
     def __post_init__(self) -> None:
-        _check_ae_title(self.ae_title, f"remote {self.ae_title!r}")
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, f"remote {self.ae_title!r}"))
+        check_fields(self, f"remote {self.ae_title}")
         if self.stow is not None and not self.host.strip() and not self.port:
             if self.check_host:
-                raise ValueError(f"remote {self.ae_title}: check_host needs a host")
+                raise ValueError(f"[remote {self.ae_title}] check_host needs a host")
             return  # reached by DICOMweb only
-        if not self.host.strip():
-            raise ValueError(f"remote {self.ae_title}: host is empty")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"remote {self.ae_title}: port {self.port} is not in 1-65535")
+        missing = [key for key, value in (("host", self.host.strip()), ("port", self.port)) if not value]
+        if missing:
+            raise ValueError(f"[remote {self.ae_title}]: missing {', '.join(missing)}"
+                             + ("" if self.stow else " (or a stow_url)"))
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for sending results: first_delay_s, doubled each attempt up to max_delay_s.
-
-    After ``max_attempts`` failed attempts a destination's items end as failed.
-    """
-
-    first_delay_s: float = 10.0
-    max_delay_s: float = 600.0
-    max_attempts: int = 8
-
-    def __post_init__(self) -> None:
-        if not self.first_delay_s > 0 or self.max_delay_s < self.first_delay_s:
-            raise ValueError("[retry] needs 0 < first_delay_s <= max_delay_s")
-        if self.max_attempts < 1:
-            raise ValueError("[retry] max_attempts must be at least 1")
-
-    def delay_after(self, attempts: int) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
-        return min(self.first_delay_s * 2 ** max(attempts - 1, 0), self.max_delay_s)
-
-
-@dataclass(frozen=True)
-class TLSSettings:
-    """Optional TLS for both directions (our certificate and key, the CAs we trust)."""
-
-    enabled: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_certificates: Path | None = None
-    require_client_certificate: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.enabled:
-            return
-        for name in ("certificate", "private_key", "ca_certificates"):
-            path = getattr(self, name)
-            if path is None:
-                raise ValueError(f"[tls] is enabled but {name} is not set")
-            if not path.is_file():
-                raise FileNotFoundError(f"[tls] {name} {path} does not exist")
-
-    def server_context(self) -> ssl.SSLContext | None:
-        """The context for our SCP, or None when TLS is off."""
-        if not self.enabled:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_certificates))
-        context.load_cert_chain(str(self.certificate), str(self.private_key))
-        context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
-        return context
-
-    def client_context(self, host: str) -> tuple[ssl.SSLContext, str] | None:
-        """(context, server host name) for our SCU, or None when TLS is off."""
-        if not self.enabled:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
-        context.load_cert_chain(str(self.certificate), str(self.private_key))
-        return context, host
-
-
-#: Segmentation methods of ``[inference] method``: the network, or the template registration.
-METHODS = ("network", "atlas")
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How the regions are made: the ``[inference]`` section, or a command's options.
-
-    :func:`node.service.worker.load_segmenter` builds every segmenter (network, atlas,
-    cross-checked) from one of these.
-
-    Attributes:
-        method: "network" (the 3D ResU-Net) or "atlas" (template registration).
-        model: network checkpoint; None: the bundled one.
-        device: "auto", "cpu", "cuda" or "cuda:N".
-        threads: CPU threads for torch and SimpleITK; None: their default.
-        tta: average with the left-right mirrored prediction (network only).
-        refine_surface: move the lobes' edge to the image's CSF/brain contrast.
-        cross_check: the other method runs too and the two are compared.
-        cross_check_min_dice: per-region Dice (0-1) below which the methods disagree.
-    """
-
-    method: str = "network"
-    model: Path | None = None
-    device: str = "auto"
-    threads: int | None = None
-    tta: bool = True
-    refine_surface: bool = True
-    cross_check: bool = False
-    cross_check_min_dice: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method = {self.method!r}: expected {' or '.join(METHODS)}")
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads = {self.threads}: expected at least 1")
-        if not 0 <= self.cross_check_min_dice <= 1:
-            raise ValueError(f"cross_check_min_dice = {self.cross_check_min_dice:g}: expected a number from 0 to 1")
+#: The file's sections: name -> settings class (and field of NodeConfig).
+SECTIONS: dict[str, type] = {
+    "node": NodeSettings, "storage": StorageSettings, "series": SeriesSettings, "selection": SelectionRules,
+    "inference": InferenceSettings, "outputs": OutputSettings, "results": ResultsSettings, "retry": RetryPolicy,
+    "retention": RetentionSettings, "tls": TLSSettings,
+}
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Every setting of the node (see config.ini for the meaning of each; sizes in bytes, times in s)."""
+    """Every setting of the node, one object per section (see config.ini for the meaning of each key)."""
 
-    source: Path | None
-    ae_title: str = "LOBEVOL"
-    bind_address: str = "127.0.0.1"
-    port: int = 11112
-    max_associations: int = 8
-    log_patient_identifiers: bool = False
-    shutdown_grace_s: float = 120.0
-    association_request_timeout_s: float = 10.0
-    network_timeout_s: float = 60.0
-    max_pending_connections: int = 32
-    spool_dir: Path = Path("var/spool")
-    results_dir: Path = Path("var/results")
-    database: Path = Path("var/lobevol.sqlite")
-    max_instance_bytes: int = 200 * 2**20
-    max_instances_per_study: int = 5000
-    disk_high_water_percent: float = 90.0
-    stability_s: float = 15.0
-    #: The [inference] section; its defaults are KNOWN's (cross_check on), not a bare InferenceSettings'.
-    inference: InferenceSettings = field(default_factory=lambda: InferenceSettings(cross_check=True))
-    job_timeout_s: float = 1800.0
-    send_to_origin: bool = True
-    extra_destinations: tuple[str, ...] = ()
+    source: Path | None = None
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    series: SeriesSettings = field(default_factory=SeriesSettings)
+    selection: SelectionRules = field(default_factory=SelectionRules)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    results: ResultsSettings = field(default_factory=ResultsSettings)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    images_retention_s: float = 24 * 3600.0
-    results_retention_s: float = 30 * 86400.0
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     remotes: Mapping[str, RemoteAE] = field(default_factory=dict)
-    #: The [outputs] and [selection] sections, parsed and validated on load; None: the defaults.
-    pipeline: PipelineSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.pipeline is None:
-            from node.pipeline import PipelineSettings  # not at import: it pulls in pydicom
+        for title in self.results.extra_destinations:
+            if title not in self.remotes:
+                raise ValueError(f"[results] extra_destinations names {title!r}, which has no [remote {title}] section")
+            if not self.remotes[title].may_receive:
+                raise ValueError(f"[results] extra destination {title} has may_receive = no")
 
-            object.__setattr__(self, "pipeline", PipelineSettings())
+    @property
+    def pipeline(self) -> "PipelineSettings":
+        """The ``node.pipeline.PipelineSettings`` of [selection] and [outputs] (what the worker analyses with)."""
+        from node.pipeline import PipelineSettings  # not at import: it pulls in pydicom
+
+        return PipelineSettings(self.selection, self.outputs)
 
     def remote(self, ae_title: str) -> RemoteAE:
         """The remote AE with this title; KeyError naming the known ones when there is none."""
@@ -328,43 +473,23 @@ class NodeConfig:
     def result_destinations(self, origin_ae: str | None) -> tuple[list[RemoteAE], list[str]]:
         """Where a job's results go: (destinations, notes on destinations left out and why)."""
         titles, notes = [], []
-        if self.send_to_origin and origin_ae:
+        if self.results.send_to_origin and origin_ae:
             if origin_ae not in self.remotes:
                 notes.append(f"origin {origin_ae} is not in the remote table")
             elif not self.remotes[origin_ae].may_receive:
                 notes.append(f"origin {origin_ae} may not receive results (may_receive = no)")
             else:
                 titles.append(origin_ae)
-        titles += [t for t in self.extra_destinations if t not in titles]
+        titles += [t for t in self.results.extra_destinations if t not in titles]
         return [self.remotes[t] for t in titles], notes
 
     def describe(self) -> str:
-        """The effective settings, one per line (what ``lobevol config check`` prints)."""
+        """The effective settings, ``section.key  value`` one per line (what ``lobevol config check`` prints)."""
         lines = [f"configuration: {self.source or '(built-in defaults)'}"]
-        for name in ("ae_title", "bind_address", "port", "max_associations", "log_patient_identifiers",
-                     "shutdown_grace_s", "association_request_timeout_s", "network_timeout_s",
-                     "max_pending_connections", "spool_dir", "results_dir", "database", "max_instance_bytes",
-                     "max_instances_per_study", "disk_high_water_percent", "stability_s", "method", "cross_check",
-                     "cross_check_min_dice", "device", "threads", "model", "tta", "refine_surface", "job_timeout_s",
-                     "send_to_origin", "extra_destinations", "images_retention_s", "results_retention_s"):
-            value = getattr(self.inference if name in _INFERENCE_FIELDS else self, name)
-            if name == "model" and value is None:
-                value = "(bundled model)"
-            lines.append(f"  {name:<36}{value}")
-        lines.append(f"  {'retry':<36}first {self.retry.first_delay_s:g} s, doubling up to "
-                     f"{self.retry.max_delay_s:g} s, {self.retry.max_attempts} attempts")
-        lines.append(f"  {'tls':<36}" + (f"on (certificate {self.tls.certificate}, client certificate "
-                                             f"{'required' if self.tls.require_client_certificate else 'optional'})"
-                                             if self.tls.enabled else "off"))
-        settings = self.pipeline
-        lines.append(f"  {'outputs':<36}seg {settings.seg_type}, sr {_yes(settings.write_sr)}, "
-                     f"pdf {_yes(settings.write_pdf)}, overlays {_yes(settings.write_overlays)}, "
-                     f"z threshold {settings.z_threshold:g}, reference "
-                     f"{settings.reference_path or '(bundled)'}")
-        for rule in dataclasses.fields(settings.selection):
-            value = getattr(settings.selection, rule.name)
-            shown = ", ".join(str(v) for v in value) if isinstance(value, tuple) else value
-            lines.append(f"  {'selection.' + rule.name:<36}{shown}")
+        for section in SECTIONS:
+            settings = getattr(self, section)
+            for spec in dataclasses.fields(settings):
+                lines.append(f"  {section + '.' + _key(spec):<40}{_shown(spec, getattr(settings, spec.name))}")
         lines.append("remote AEs:")
         for remote in self.remotes.values():
             rights = [r for r, ok in (("may send", remote.may_send), ("may receive", remote.may_receive),
@@ -376,22 +501,20 @@ class NodeConfig:
         return "\n".join(lines)
 
 
-_INFERENCE_FIELDS = {f.name for f in dataclasses.fields(InferenceSettings)}
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def load_config(path: Path | str) -> NodeConfig:
     """Read and validate a config file; relative paths resolve against its folder.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: the file, the model or a TLS file does not exist.
         ValueError: a syntax error, an unknown section or key, or an invalid value (the
-            message names the section, key and what is expected).
+            message names the file, section, key and what is expected).
     """
     path = Path(path)
+    return config_from_sections(read_sections(path), path.resolve().parent, source=path)
+
+
+def read_sections(path: Path) -> dict[str, dict[str, str]]:
+    """The file's sections as text (section -> key -> value); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"configuration file {path} does not exist")
     parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
@@ -400,206 +523,151 @@ def load_config(path: Path | str) -> NodeConfig:
         parser.read(path, encoding="utf-8")
     except configparser.Error as error:
         raise ValueError(f"{path}: {error}") from None
-    return config_from_parser(parser, path.resolve().parent, source=path)
+    return {name: dict(parser.items(name)) for name in parser.sections()}
 
 
-def config_from_parser(parser: configparser.ConfigParser, base: Path, source: Path | None = None) -> NodeConfig:
-    """Validate parsed sections (see :func:`load_config`)."""
+def config_from_sections(sections: Mapping[str, Mapping[str, str]], base: Path,
+                         source: Path | None = None) -> NodeConfig:
+    """Typed settings from sections of text values (see :func:`load_config`); ``base`` resolves paths."""
     where = f"{source}: " if source else ""
-    sections = {name: dict(parser.items(name)) for name in parser.sections()}
+    parsed: dict[str, Any] = {}
+    remotes: dict[str, RemoteAE] = {}
     for name, items in sections.items():
-        if name.startswith(REMOTE_PREFIX) or name in PIPELINE_SECTIONS:
-            continue
-        if name not in KNOWN:
-            known = ", ".join([*KNOWN, *PIPELINE_SECTIONS, "remote AE_TITLE"])
+        if name.startswith(REMOTE_PREFIX):
+            title = name[len(REMOTE_PREFIX):].strip()
+            remotes[title] = _with_file(where, lambda: _remote(title, name, items, base))
+        elif name in SECTIONS:
+            parsed[name] = _with_file(where, lambda: parse_section(SECTIONS[name], name, items, base))
+        else:
+            known = ", ".join([*SECTIONS, "remote AE_TITLE"])
             raise ValueError(f"{where}unknown section [{name}]; known sections: {known}")
-        unknown = set(items) - set(KNOWN[name])
-        if unknown:
-            raise ValueError(f"{where}unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(KNOWN[name])}")
-    values = _Values(sections, where)
-    remotes = _remotes(sections, base, where)
-    extra = tuple(t.strip() for t in values.text("results", "extra_destinations").split(",") if t.strip())
-    for title in extra:
-        if title not in remotes:
-            raise ValueError(f"{where}[results] extra_destinations names {title!r}, which has no [remote {title}] section")
-        if not remotes[title].may_receive:
-            raise ValueError(f"{where}[results] extra destination {title} has may_receive = no")
-    outputs = dict(sections.get("outputs", {}))
-    if outputs.get("reference", "").strip():
-        outputs["reference"] = str(_resolve(base, outputs["reference"]))
-    from node.pipeline import PipelineSettings
-
-    try:
-        pipeline = PipelineSettings.from_mapping(outputs, sections.get("selection") or None)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{where}[outputs]/[selection]: {error}") from None
-    threads = values.text("inference", "threads")
-    model = values.text("inference", "model")
-    config = NodeConfig(
-        source=source,
-        ae_title=_check_ae_title(values.text("node", "ae_title"), f"{where}[node] ae_title"),
-        bind_address=values.text("node", "bind_address"),
-        port=values.integer("node", "port", 0, 65535),
-        max_associations=values.integer("node", "max_associations", 1, 1000),
-        log_patient_identifiers=values.flag("node", "log_patient_identifiers"),
-        shutdown_grace_s=values.number("node", "shutdown_grace_s", 0),
-        association_request_timeout_s=values.number("node", "association_request_timeout_s", 0.1, 600),
-        network_timeout_s=values.number("node", "network_timeout_s", 0.1, 3600),
-        max_pending_connections=values.integer("node", "max_pending_connections", 1, 1000),
-        spool_dir=_resolve(base, values.text("storage", "spool")),
-        results_dir=_resolve(base, values.text("storage", "results")),
-        database=_resolve(base, values.text("storage", "database")),
-        max_instance_bytes=int(values.number("storage", "max_instance_mb", 0.001) * 2**20),
-        max_instances_per_study=values.integer("storage", "max_instances_per_study", 1, 10**7),
-        disk_high_water_percent=values.number("storage", "disk_high_water_percent", 1, 100),
-        stability_s=values.number("series", "stability_s", 0),
-        inference=_wrap(f"{where}[inference] ", InferenceSettings, values.text("inference", "method").lower(),
-                        _resolve(base, model) if model else None, values.text("inference", "device"),
-                        int(values.number("inference", "threads", 1)) if threads else None,
-                        values.flag("inference", "tta"), values.flag("inference", "refine_surface"),
-                        values.flag("inference", "cross_check"),
-                        values.number("inference", "cross_check_min_dice", 0, 1)),
-        job_timeout_s=values.number("inference", "job_timeout_s", 1),
-        send_to_origin=values.flag("results", "send_to_origin"),
-        extra_destinations=extra,
-        retry=_wrap(where, RetryPolicy, values.number("retry", "first_delay_s", 0),
-                    values.number("retry", "max_delay_s", 0), values.integer("retry", "max_attempts", 1, 1000)),
-        images_retention_s=values.number("retention", "images_hours", 0) * 3600.0,
-        results_retention_s=values.number("retention", "results_days", 0) * 86400.0,
-        tls=_tls(values, base, where),
-        remotes=remotes,
-        pipeline=pipeline,
-    )
-    if config.inference.model is not None and not config.inference.model.is_file():
-        raise FileNotFoundError(f"{where}[inference] model {config.inference.model} does not exist")
-    return config
+    return _with_file(where, lambda: NodeConfig(source=source, remotes=remotes, **parsed))
 
 
-def default_config() -> NodeConfig:
-    """The built-in defaults (no remote AE), paths relative to the current folder."""
-    return config_from_parser(configparser.ConfigParser(), Path.cwd())
+def _remote(title: str, section: str, items: Mapping[str, str], base: Path) -> RemoteAE:
+    """A [remote TITLE] section: its stow_* keys make its :class:`StowSettings`, the others the AE."""
+    stow_items = {k: v for k, v in items.items() if k.startswith("stow_") and v.strip()}
+    stow = None
+    if stow_items:
+        if "stow_url" not in stow_items:
+            raise ValueError(f"[{section}]: {', '.join(sorted(stow_items))} without a stow_url")
+        stow = parse_section(StowSettings, section, stow_items, base)
+    rest = {k: v for k, v in items.items() if not k.startswith("stow_")}
+    return parse_section(RemoteAE, section, rest, base, fixed={"ae_title": title, "stow": stow},
+                         also_known=[_key(spec) for spec in dataclasses.fields(StowSettings)])
 
 
-class _Values:
-    """Typed access to section values with defaults from KNOWN and errors naming section and key."""
+def parse_section(cls: type, section: str, items: Mapping[str, str], base: Path,
+                  fixed: Mapping[str, Any] | None = None, also_known: list[str] | None = None) -> Any:
+    """One section's settings object from its text values, each read by its field's type.
 
-    def __init__(self, sections: Mapping[str, Mapping[str, str]], where: str):
-        self.sections, self.where = sections, where
-
-    def text(self, section: str, key: str) -> str:
-        return self.sections.get(section, {}).get(key, KNOWN[section][key]).strip()
-
-    def _fail(self, section: str, key: str, expected: str):
-        return ValueError(f"{self.where}[{section}] {key} = {self.text(section, key)!r}: expected {expected}")
-
-    def number(self, section: str, key: str, minimum: float, maximum: float = float("inf")) -> float:
+    Args:
+        cls: the section's dataclass.
+        section: its name in the file (for messages).
+        items: key -> text as read.
+        base: folder that relative paths resolve against.
+        fixed: fields not read from the file (a remote's AE title: the section's name).
+        also_known: keys of the section read elsewhere (named in the unknown-key message).
+    """
+    fixed = dict(fixed or {})
+    specs = {_key(spec): spec for spec in dataclasses.fields(cls)
+             if spec.name not in fixed and spec.metadata.get("in_file", True)}
+    unknown = sorted(set(items) - set(specs))
+    if unknown:
+        known = ", ".join([*specs, *(also_known or [])])
+        raise ValueError(f"unknown key(s) in [{section}]: {', '.join(unknown)}; known: {known}")
+    missing = [key for key, spec in specs.items() if _required(spec) and not items.get(key, "").strip()]
+    if missing:
+        raise ValueError(f"[{section}]: missing {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    values = dict(fixed)
+    for key, text in items.items():
+        spec = specs[key]
         try:
-            value = float(self.text(section, key))
+            value = _read(hints[spec.name], text, base)
         except ValueError:
-            raise self._fail(section, key, "a number") from None
-        if not minimum <= value <= maximum:
-            raise self._fail(section, key, f"a number from {minimum:g} to {maximum:g}")
-        return value
-
-    def integer(self, section: str, key: str, minimum: int, maximum: int) -> int:
-        try:
-            value = int(self.text(section, key))
-        except ValueError:
-            raise self._fail(section, key, "a whole number") from None
-        if not minimum <= value <= maximum:
-            raise self._fail(section, key, f"a whole number from {minimum} to {maximum}")
-        return value
-
-    def flag(self, section: str, key: str) -> bool:
-        return parse_yes_no(self.text(section, key), f"{self.where}[{section}] {key}")
-
-
-def parse_yes_no(text: str, label: str) -> bool:
-    """A yes/no setting (yes, true, on, 1 / no, false, off, 0; any case); ValueError naming ``label`` otherwise."""
-    lowered = text.strip().lower()
-    if lowered in ("yes", "true", "on", "1"):
-        return True
-    if lowered in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"{label} = {text.strip()!r}: expected yes or no")
-
-
-def _remotes(sections: Mapping[str, Mapping[str, str]], base: Path, where: str) -> dict[str, RemoteAE]:
-    remotes = {}
-    for name, items in sections.items():
-        if not name.startswith(REMOTE_PREFIX):
-            continue
-        title = name[len(REMOTE_PREFIX):].strip()
-        label = f"{where}[{name}]"
-        unknown = set(items) - set(REMOTE_KEYS)
-        if unknown:
-            raise ValueError(f"{label}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(REMOTE_KEYS)}")
-        stow = _stow(items, base, label)
-        required = ("host", "port") if stow is None or items.get("host", "").strip() or items.get("port", "").strip() \
-            else ()
-        missing = [k for k in required if not items.get(k, "").strip()]
-        if missing:
-            raise ValueError(f"{label}: missing {', '.join(missing)}" + ("" if stow else " (or a stow_url)"))
-        try:
-            port = int(items["port"]) if required else 0
-        except ValueError:
-            raise ValueError(f"{label} port = {items['port']!r}: expected a whole number") from None
-
-        def flag(key: str) -> bool:
-            return parse_yes_no(items.get(key, REMOTE_KEYS[key]), f"{label} {key}")
-
-        remotes[title] = _wrap(label + " ", RemoteAE, title, items.get("host", "").strip(), port, flag("may_send"),
-                               flag("may_receive"), flag("check_host"), stow)
-    return remotes
-
-
-def _stow(items: Mapping[str, str], base: Path, label: str) -> StowSettings | None:
-    """The remote's DICOMweb settings, or None when it has no stow_url (then no stow_* key may be set)."""
-    given = {k: items[k].strip() for k in items if k.startswith("stow_") and items[k].strip()}
-    if "stow_url" not in given:
-        if given:
-            raise ValueError(f"{label}: {', '.join(sorted(given))} without a stow_url")
-        return None
-
-    def path(key: str) -> Path | None:
-        return _resolve(base, given[key]) if key in given else None
-
+            raise ValueError(f"[{section}] {key} = {text!r}: expected {_describe_type(hints[spec.name])}") from None
+        problem = _value_problem(spec, value)
+        if problem:
+            raise ValueError(f"[{section}] {key} = {text!r}: expected {problem}")
+        values[spec.name] = value
     try:
-        timeout = float(items.get("stow_timeout_s", REMOTE_KEYS["stow_timeout_s"]))
-    except ValueError:
-        raise ValueError(f"{label} stow_timeout_s = {items['stow_timeout_s']!r}: expected a number") from None
-    try:
-        return StowSettings(given["stow_url"], given.get("stow_username"), path("stow_password_file"),
-                            path("stow_token_file"), path("stow_ca_certificates"), timeout)
+        return cls(**values)
     except (ValueError, FileNotFoundError) as error:
-        raise type(error)(f"{label} {error}") from None
+        message = str(error)
+        raise type(error)(message if message.startswith("[") else f"[{section}] {message}") from None
 
 
-def _tls(values: _Values, base: Path, where: str) -> TLSSettings:
-    def path(key: str) -> Path | None:
-        text = values.text("tls", key)
-        return _resolve(base, text) if text else None
+def _read(kind: Any, text: str, base: Path) -> Any:
+    """The value of type ``kind`` written as ``text`` (ValueError when it is not one)."""
+    text = text.strip()
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: empty is None
+        if not text:
+            return None
+        return _read(next(a for a in args if a is not type(None)), text, base)
+    if typing.get_origin(kind) is tuple:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if args[-1] is Ellipsis:
+            return tuple(_read(args[0], item, base) for item in items)
+        if len(items) != len(args):
+            raise ValueError(f"{len(items)} items instead of {len(args)}")
+        return tuple(_read(a, item, base) for a, item in zip(args, items))
+    if kind is bool:
+        return parse_flag(text)
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    if kind is Path:
+        if not text:
+            raise ValueError("empty path")
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    return text
 
-    return _wrap(where, TLSSettings, values.flag("tls", "enabled"), path("certificate"), path("private_key"),
-                 path("ca_certificates"), values.flag("tls", "require_client_certificate"))
+
+def _describe_type(kind: Any) -> str:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return _describe_type(next(a for a in args if a is not type(None))) + " or nothing"
+    if typing.get_origin(kind) is tuple:
+        if args[-1] is Ellipsis:
+            return "a comma-separated list"
+        return ", ".join(_describe_type(a) for a in args)
+    return {bool: "yes or no", int: "a whole number", float: "a number", Path: "a path"}.get(kind, "text")
 
 
-def _wrap(where: str, constructor, *args):
-    """Call a validating constructor, prefixing its error with the file name."""
+def _key(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("key") or spec.name
+
+
+def _required(spec: dataclasses.Field) -> bool:
+    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+
+
+def _shown(spec: dataclasses.Field, value: Any) -> str:
+    if value is None:
+        return spec.metadata.get("unset", "(none)")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) or "(none)"
+    return str(value)
+
+
+def _with_file(where: str, build):
+    """Run a validating constructor, prefixing its error with the file name."""
     try:
-        return constructor(*args)
+        return build()
     except ValueError as error:
         raise ValueError(f"{where}{error}") from None
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{where}{error}") from None
 
 
-def _resolve(base: Path, text: str) -> Path:
-    path = Path(text.strip()).expanduser()
-    return path if path.is_absolute() else (base / path).resolve()
-
-
-def _check_ae_title(title: str, label: str) -> str:
+def check_ae_title(title: str, label: str) -> str:
+    """``title`` without surrounding spaces; ValueError naming ``label`` when it is not an AE title."""
     if not AE_TITLE.match(title) or not title.strip():
         raise ValueError(f"{label}: AE title {title!r} must be 1-16 characters, no backslash, not only spaces")
     return title.strip()
-

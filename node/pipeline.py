@@ -34,79 +34,22 @@ if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs onl
     import SimpleITK as sitk
 
 from inference.vocabulary import REGION_KEYS
-from node.config import parse_yes_no
+from node.config import OutputSettings
 from node.dicom.selection import SelectionRules
 from node.service.jobs import JobState
 
 log = logging.getLogger(__name__)
 
-SEG_TYPES = ("binary", "labelmap", "none")
 #: Slices thicker than this make the volumes noticeably less precise (mm).
 THICK_SLICE_MM = 3.0
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """What to analyse and which results to write.
-
-    Attributes:
-        selection: series-selection rules.
-        seg_type: "binary" (default), "labelmap" or "none".
-        write_sr: write the TID 1500 SR (needs the SEG it references).
-        write_pdf: write report.pdf and its Encapsulated PDF instance.
-        write_overlays: write the Secondary Capture key images.
-        reference_path: normative reference file; None = the bundled one.
-        z_threshold: |z| above which a volume is flagged.
-        max_gap_factor: largest slice gap, in multiples of the usual
-            spacing, accepted when building the volume.
-    """
+    """What to analyse (the ``[selection]`` rules) and which results to write (``[outputs]``)."""
 
     selection: SelectionRules = field(default_factory=SelectionRules)
-    seg_type: str = "binary"
-    write_sr: bool = True
-    write_pdf: bool = True
-    write_overlays: bool = True
-    reference_path: Path | None = None
-    z_threshold: float = 2.0
-    max_gap_factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.seg_type not in SEG_TYPES:
-            raise ValueError(f"seg type {self.seg_type!r} is not one of {', '.join(SEG_TYPES)}")
-        if self.write_sr and self.seg_type == "none":
-            raise ValueError("the SR references the SEG's segments: enable the SEG or disable the SR")
-        if not self.z_threshold > 0:
-            raise ValueError(f"z threshold must be positive, got {self.z_threshold}")
-        if not self.max_gap_factor >= 1:
-            raise ValueError(f"max gap factor must be at least 1, got {self.max_gap_factor}")
-
-    @classmethod
-    def from_mapping(cls, outputs: Mapping[str, str], selection: Mapping[str, str] | None = None) -> "PipelineSettings":
-        """Settings from config.ini sections (``[outputs]`` and ``[selection]``), strings as read.
-
-        Keys of ``outputs``: seg (binary|labelmap|none), sr, pdf, overlays
-        (yes/no), reference (path, empty = bundled), z_threshold,
-        max_gap_factor. Unknown keys are refused so typos do not pass silently.
-        """
-        known = {"seg", "sr", "pdf", "overlays", "reference", "z_threshold", "max_gap_factor"}
-        unknown = set(outputs) - known
-        if unknown:
-            raise ValueError(f"unknown [outputs] settings: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        defaults = cls()
-        return cls(
-            selection=SelectionRules.from_mapping(dict(selection)) if selection else defaults.selection,
-            seg_type=outputs.get("seg", defaults.seg_type).strip().lower(),
-            write_sr=_yes_no(outputs, "sr", defaults.write_sr),
-            write_pdf=_yes_no(outputs, "pdf", defaults.write_pdf),
-            write_overlays=_yes_no(outputs, "overlays", defaults.write_overlays),
-            reference_path=Path(outputs["reference"]) if outputs.get("reference", "").strip() else None,
-            z_threshold=float(outputs.get("z_threshold", defaults.z_threshold)),
-            max_gap_factor=float(outputs.get("max_gap_factor", defaults.max_gap_factor)),
-        )
-
-
-def _yes_no(outputs: Mapping[str, str], key: str, default: bool) -> bool:
-    return parse_yes_no(str(outputs[key]), f"[outputs] {key}") if key in outputs else default
+    outputs: OutputSettings = field(default_factory=OutputSettings)
 
 
 @dataclass
@@ -168,7 +111,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
     volume, refused = None, []
     for series_uid in selection.ranked:
         try:
-            volume = load_series_volume(series[series_uid], max_gap_factor=settings.max_gap_factor)
+            volume = load_series_volume(series[series_uid], max_gap_factor=settings.outputs.max_gap_factor)
             break
         except ValueError as error:
             refused.append(f"{selection.labels[series_uid]} cannot be analysed: {error}")
@@ -239,8 +182,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
         segmentation = dataclasses.replace(segmentation, volumes_cm3=volume.region_volumes_cm3(label_slices))
     if not any(segmentation.volumes_cm3.values()):
         raise RuntimeError("the model found no brain region in the image: nothing to measure")
-    normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.reference_path),
-                        z_threshold=settings.z_threshold)
+    normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.outputs.reference_path),
+                        z_threshold=settings.outputs.z_threshold)
     check = segmentation.cross_check
     check_notes = [check.message] if check else []
     if segmentation.model.get("cross_check_error"):
@@ -251,7 +194,7 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)
     views = render_key_views(image, segmentation.labels)
     pdf = None
-    if settings.write_pdf:
+    if settings.outputs.write_pdf:
         header = StudyHeader.from_dataset(volume.datasets[0]) if volume is not None else StudyHeader()
         pdf = render_pdf_report(normative, segmentation.model, views, header=header, quality_notes=notes,
                                 cross_check=check)
@@ -287,17 +230,17 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
 
     written = []
     source = volume.datasets[0]
-    if settings.seg_type != "none" and _frame_of_reference(volume):
-        seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.seg_type == "labelmap")
+    if settings.outputs.seg_type != "none" and _frame_of_reference(volume):
+        seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.outputs.seg_type == "labelmap")
         written.append(_save(seg, out_dir / "seg.dcm"))
-        if settings.write_sr:
+        if settings.outputs.write_sr:
             sr = build_sr(volume, seg, segmentation.volumes_cm3, normative, segmentation.model,
                           cross_check=segmentation.cross_check)
             written.append(_save(sr, out_dir / "sr.dcm"))
     if pdf is not None:
         wrapped = build_encapsulated_pdf(pdf, source, source_instances=volume.datasets)
         written.append(_save(wrapped, out_dir / "report.dcm"))
-    if settings.write_overlays:
+    if settings.outputs.write_overlays:
         for view, image in zip(views, build_overlay_images(views, normative, source)):
             written.append(_save(image, out_dir / f"key_{view.name}.dcm"))
     return written

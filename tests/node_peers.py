@@ -171,7 +171,7 @@ def serve(config: Path, log: Path, segmenter: str = "tests.output_fixtures:Parti
 
     process = subprocess.Popen([sys.executable, "-m", "tests.stand_in_node", segmenter, "-v", "serve", "--config",
                                 str(config)], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    port = load_config(config).port
+    port = load_config(config).node.port
 
     def listening() -> bool:
         if process.poll() is not None:

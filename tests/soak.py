@@ -109,8 +109,8 @@ class Soak:
         text = self.config_path.read_text().replace("max_attempts = 30", "max_attempts = 200")
         self.config_path.write_text(text.replace("[node]\n", "[node]\nmax_associations = 16\n", 1))
         config = load_config(self.config_path)
-        self.port = config.port
-        self.jobs = JobStore(config.database)
+        self.port = config.node.port
+        self.jobs = JobStore(config.storage.database)
         self.node: subprocess.Popen | None = None
         self._kill_at: tuple[str, int] | None = None  # (study, k): kill the node at the study's k-th result
         self._killed_in_flight = threading.Event()

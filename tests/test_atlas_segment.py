@@ -62,8 +62,7 @@ def test_config_method_is_checked(tmp_path):
     path = tmp_path / "config.ini"
     path.write_text("[inference]\nmethod = atlas\ncross_check = no\ncross_check_min_dice = 0.3\n")
     config = load_config(path)
-    assert (config.inference.method, config.inference.cross_check, config.inference.cross_check_min_dice) == (
-        "atlas", False, 0.3)
+    assert (config.inference.method, config.inference.cross_check, config.inference.cross_check_min_dice) == ("atlas", False, 0.3)
     path.write_text("[inference]\ncross_check_min_dice = 2\n")
     with pytest.raises(ValueError, match="cross_check_min_dice"):
         load_config(path)

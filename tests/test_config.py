@@ -21,14 +21,13 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_config_knows_the_pacs_and_resolves_paths_against_its_folder():
     config = load_config(SHIPPED)
-    assert (config.ae_title, config.bind_address, config.port) == ("LOBEVOL", "127.0.0.1", 11112)
+    assert (config.node.ae_title, config.node.bind_address, config.node.port) == ("LOBEVOL", "127.0.0.1", 11112)
     pacs = config.remote("PACS")
     assert (pacs.host, pacs.port, pacs.may_send, pacs.may_receive) == ("127.0.0.1", 4242, True, True)
-    assert config.send_to_origin and config.result_destinations("PACS")[0] == [pacs]
-    assert config.spool_dir == REPO / "var" / "spool" and config.database.parent == REPO / "var"
-    assert config.stability_s == 15 and config.inference.model is None and not config.tls.enabled
-    settings = config.pipeline
-    assert (settings.seg_type, settings.write_sr, settings.write_pdf) == ("binary", True, True)
+    assert config.results.send_to_origin and config.result_destinations("PACS")[0] == [pacs]
+    assert config.storage.spool_dir == REPO / "var" / "spool" and config.storage.database.parent == REPO / "var"
+    assert config.series.stability_s == 15 and config.inference.model is None and not config.tls.enabled
+    assert (config.outputs.seg_type, config.outputs.write_sr, config.outputs.write_pdf) == ("binary", True, True)
 
 
 def test_every_key_of_the_shipped_file_is_documented_by_a_comment():
@@ -47,12 +46,24 @@ def test_every_key_of_the_shipped_file_is_documented_by_a_comment():
     ("[node]\nae_title = MUCH_TOO_LONG_AE_TITLE\n", "AE title .* 1-16 characters"),
     ("[node]\nlog_patient_identifiers = maybe\n", "expected yes or no"),
     ("[remote PACS]\nport = 104\n", r"\[remote PACS\]: missing host"),
-    ("[remote PACS]\nhost = h\nport = 104\nmay_sned = yes\n", r"unknown key\(s\) may_sned"),
+    ("[remote PACS]\nhost = h\nport = 104\nmay_sned = yes\n", r"unknown key\(s\) in \[remote PACS\]: may_sned"),
+    ("[remote PACS]\nhost = h\nport = 70000\n", r"\[remote PACS\] port = '70000': expected a whole number from 0 to 65535"),
+    ("[remote PACS]\nhost = h\n", r"\[remote PACS\]: missing port \(or a stow_url\)"),
     ("[results]\nextra_destinations = ARCHIVE\n", r"ARCHIVE.*no \[remote ARCHIVE\] section"),
     ("[retry]\nfirst_delay_s = 60\nmax_delay_s = 10\n", "first_delay_s <= max_delay_s"),
     ("[inference]\ndevice = tpu\n", "expected auto, cpu, cuda or cuda:N"),
-    ("[outputs]\nseg = fancy\n", r"\[outputs\]/\[selection\]: seg type 'fancy'"),
-    ("[outputs]\ncolour = yes\n", r"unknown \[outputs\] settings: colour"),
+    ("[outputs]\nseg = fancy\n", r"\[outputs\] seg = 'fancy': expected binary, labelmap, none"),
+    ("[outputs]\nseg = none\n", r"\[outputs\] the SR references the SEG"),
+    ("[outputs]\ncolour = yes\n", r"unknown key\(s\) in \[outputs\]: colour"),
+    ("[outputs]\npdf = maybe\n", r"\[outputs\] pdf = 'maybe': expected yes or no"),
+    ("[outputs]\nz_threshold = 0\n", r"\[outputs\] z_threshold = '0': expected a number"),
+    ("[inference]\nthreads = two\n", r"\[inference\] threads = 'two': expected a whole number or nothing"),
+    ("[selection]\nmax_thickness = 5\n", r"unknown key\(s\) in \[selection\]: max_thickness"),
+    ("[selection]\nmin_slices = ten\n", r"\[selection\] min_slices = 'ten': expected a whole number"),
+    ("[selection]\nmax_slice_thickness_mm = 0\n", r"\[selection\] max_slice_thickness_mm must be positive"),
+    ("[selection]\nbone_kernels = BONE(, EDGE\n", r"\[selection\] bone_kernels: 'BONE\(' is not a valid regular"),
+    ("[selection]\nsoft_window_center_hu = 40\n", r"\[selection\] soft_window_center_hu = '40': expected a number, a number"),
+    ("[selection]\nhead_keywords = ,\n", r"\[selection\] head_keywords is empty"),
     ("[tls]\nenabled = yes\n", r"\[tls\] is enabled but certificate is not set"),
     ("no section header\n", "File contains no section headers"),
 ])
@@ -71,7 +82,9 @@ def test_missing_model_and_missing_file_are_named(tmp_path):
 def test_config_check_prints_the_effective_settings(capsys):
     assert main(["config", "check", str(SHIPPED)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^  ae_title +LOBEVOL$", out, re.MULTILINE)
+    assert re.search(r"^  node.ae_title +LOBEVOL$", out, re.MULTILINE)
+    assert re.search(r"^  inference.model +\(bundled model\)$", out, re.MULTILINE)
+    assert re.search(r"^  outputs.seg +binary$", out, re.MULTILINE)
     assert re.search(r"^  selection.min_coverage_mm +90.0$", out, re.MULTILINE)
     assert "PACS             127.0.0.1:4242  may send, may receive" in out
     assert "configuration is valid" in out

@@ -72,7 +72,7 @@ def node(tmp_path_factory):
         log = root / "serve.log"
         process = serve(path, log)
         try:
-            yield Node(root / "node", config.port, log, JobStore(config.database), pacs, series, scratch)
+            yield Node(root / "node", config.node.port, log, JobStore(config.storage.database), pacs, series, scratch)
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(60) == 0, log.read_text()[-3000:]

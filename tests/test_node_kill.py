@@ -38,9 +38,9 @@ def test_kill_9_after_the_pacs_stored_the_first_result_resends_only_the_object_i
 
     with CountingSCP(on_store=kill_at_the_second_object) as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=1)
-        jobs = JobStore(load_config(config).database)
+        jobs = JobStore(load_config(config).storage.database)
         node["process"] = serve(config, log)
-        storescu(load_config(config).port, study)
+        storescu(load_config(config).node.port, study)
         wait_for(killed.is_set, 120, "the PACS to receive the second result object")
         node["process"].wait(10)
         (first, in_flight) = [uid for _, _, uid in pacs.receipts[:2]]

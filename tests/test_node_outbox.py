@@ -32,7 +32,7 @@ def results(tmp_path_factory) -> list[Path]:
 
 
 def _sending_job(tmp_path: Path, port: int, results: list[Path], retry: RetryPolicy) -> tuple[Outbox, JobStore, int]:
-    config = NodeConfig(source=None, remotes={"PACS": RemoteAE("PACS", "127.0.0.1", port, True, True)}, retry=retry)
+    config = NodeConfig(remotes={"PACS": RemoteAE("PACS", "127.0.0.1", port, True, True)}, retry=retry)
     jobs = JobStore(tmp_path / "jobs.sqlite")
     spool = Spool(tmp_path / "spool")
     path, _ = spool.write_instance(b"x", "1.2.3", "1.2.3.4", "1.2.3.4.5")

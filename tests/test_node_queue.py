@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from node.config import NodeConfig, RemoteAE, RetryPolicy
+from node.config import NodeConfig, RemoteAE, ResultsSettings, RetentionSettings, RetryPolicy, StorageSettings
 from node.service.jobs import Delivery, JobStore
 from node.service.spool import Spool, check_uid
 
@@ -150,7 +150,7 @@ def test_retry_policy_doubles_up_to_the_limit():
 def test_result_destinations_follow_the_remote_table():
     remotes = {"PACS": RemoteAE("PACS", "h", 1, True, True), "CT": RemoteAE("CT", "h", 2, True, False),
                "ARCHIVE": RemoteAE("ARCHIVE", "h", 3, False, True)}
-    config = NodeConfig(source=None, remotes=remotes, extra_destinations=("ARCHIVE",))
+    config = NodeConfig(remotes=remotes, results=ResultsSettings(extra_destinations=("ARCHIVE",)))
     assert [r.ae_title for r in config.result_destinations("PACS")[0]] == ["PACS", "ARCHIVE"]
     destinations, notes = config.result_destinations("CT")
     assert [r.ae_title for r in destinations] == ["ARCHIVE"] and "may_receive = no" in notes[0]
@@ -160,8 +160,9 @@ def test_retention_removes_images_of_done_jobs_and_old_results(tmp_path):
     from node.service.server import Node
     from tests.output_fixtures import PartitionSegmenter
 
-    config = NodeConfig(source=None, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
-                        database=tmp_path / "jobs.sqlite", images_retention_s=3600, results_retention_s=86400)
+    config = NodeConfig(storage=StorageSettings(spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                                                database=tmp_path / "jobs.sqlite"),
+                        retention=RetentionSettings(images_hours=1, results_days=1))
     node = Node(config, PartitionSegmenter)  # not started: retention works on the database and the disk
     done = _receive(node.jobs, node.spool, "1.1")
     failed = _receive(node.jobs, node.spool, "2.1", study="1.2.3.5")
@@ -170,7 +171,7 @@ def test_retention_removes_images_of_done_jobs_and_old_results(tmp_path):
         node.spool.freeze_job_input(job_id, node.jobs.job_inputs(job_id))
         node.jobs.mark_input_ready(job_id)
         node.jobs.claim_next()
-        (config.results_dir / str(job_id)).mkdir(parents=True)
+        (config.storage.results_dir / str(job_id)).mkdir(parents=True)
     node.jobs.finish_analysis(done, "done", "", "", None, [])
     node.jobs.finish_analysis(failed, "failed", "bad series", "", None, [])
     assert node.apply_retention() == (0, 0)  # nothing old enough yet
@@ -178,4 +179,4 @@ def test_retention_removes_images_of_done_jobs_and_old_results(tmp_path):
     assert not node.spool.job_input(done).exists() and not node.spool.study_folder(STUDY).exists()
     assert node.spool.job_input(failed).exists()  # failed jobs keep their images for a retry
     assert node.apply_retention(now=time.time() + 2 * 86400) == (0, 2)
-    assert not (config.results_dir / str(done)).exists() and node.jobs.get(done).results_removed
+    assert not (config.storage.results_dir / str(done)).exists() and node.jobs.get(done).results_removed

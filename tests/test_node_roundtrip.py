@@ -77,7 +77,7 @@ def test_storescu_to_node_to_storescp_valid_results_in_the_source_study(tmp_path
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         node = node_factory(config)
         storescu(node.port, study)
-        jobs = JobStore(load_config(config).database)
+        jobs = JobStore(load_config(config).storage.database)
         job = wait_for(lambda: next((j for j in jobs.jobs() if j.state in ("done", "failed", "skipped")), None),
                        60, "the job to end")
         assert job.state == "done", job.reason
@@ -183,8 +183,8 @@ def test_kill_9_mid_receive_and_mid_processing_delivers_every_result_once(tmp_pa
     log = tmp_path / "serve.log"
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port, stability_s=3)
-        node_port = load_config(config).port
-        jobs = JobStore(load_config(config).database)
+        node_port = load_config(config).node.port
+        jobs = JobStore(load_config(config).storage.database)
         serve = serve_node(config, log)
         _send_some_then_kill(node_port, study, 5, serve)
         assert [j.instances for j in jobs.jobs()] == [5]  # what was acknowledged is on disk

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from node.config import NodeConfig, RemoteAE
+from node.config import NodeConfig, NodeSettings, RemoteAE, StorageSettings
 from node.service.jobs import JobStore
 from node.service.scp import StorageSCP
 from node.service.spool import Spool
@@ -36,10 +36,13 @@ def series(tmp_path_factory) -> list[Path]:
 def scp_factory(tmp_path):
     started = []
 
-    def start(**overrides) -> StorageSCP:
-        config = NodeConfig(source=None, port=0, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
-                            database=tmp_path / "jobs.sqlite", remotes=REMOTES, **overrides)
-        scp = StorageSCP(config, Spool(config.spool_dir), JobStore(config.database))
+    def start(storage: dict | None = None, **node) -> StorageSCP:
+        config = NodeConfig(
+            node=NodeSettings(**{"port": 0, **node}),
+            storage=StorageSettings(spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                                    database=tmp_path / "jobs.sqlite", **(storage or {})),
+            remotes=REMOTES)
+        scp = StorageSCP(config, Spool(config.storage.spool_dir), JobStore(config.storage.database))
         scp.start()
         started.append(scp)
         return scp
@@ -125,18 +128,19 @@ def test_other_sop_classes_are_acknowledged_counted_and_not_kept(scp_factory, se
 
 
 def test_limits_answer_out_of_resources(scp_factory, series):
-    scp = scp_factory(max_instances_per_study=2)
+    scp = scp_factory(storage={"max_instances_per_study": 2})
     result = storescu(scp.port, series[:4], check=False)
     assert "Refused: OutOfResources" in result.stderr
     assert len(_spooled(scp)) == 2
     scp.stop()
-    scp = scp_factory(max_instance_bytes=1000)
+    scp = scp_factory(storage={"max_instance_mb": 0.001})
     result = storescu(scp.port, series[:1], check=False)
     assert "Refused: OutOfResources" in result.stderr
 
 
 def test_disk_high_water_mark_refuses_new_data(scp_factory, series):
-    scp = scp_factory(disk_high_water_percent=0.0001)
+    scp = scp_factory(storage={"disk_high_water_percent": 1})
+    scp.spool.disk_used_percent = lambda: 50.0  # a test disk may be almost empty; the mark is at least 1 %
     result = storescu(scp.port, series[:1], check=False)
     assert "Refused: OutOfResources" in result.stderr
     assert _spooled(scp) == []

@@ -42,7 +42,7 @@ def results(tmp_path_factory) -> list[Path]:
 
 
 def _sending_job(tmp_path: Path, stow: StowSettings, results: list[Path], retry: RetryPolicy):
-    config = NodeConfig(source=None, retry=retry,
+    config = NodeConfig(retry=retry,
                         remotes={"PACS": RemoteAE("PACS", "", 0, may_receive=True, stow=stow)})
     jobs = JobStore(tmp_path / "jobs.sqlite")
     path, _ = Spool(tmp_path / "spool").write_instance(b"x", "1.2.3", "1.2.3.4", "1.2.3.4.5")

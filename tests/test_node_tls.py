@@ -9,7 +9,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from node.config import NodeConfig, RemoteAE, TLSSettings
+from node.config import NodeConfig, NodeSettings, RemoteAE, StorageSettings, TLSSettings
 from node.service.jobs import JobStore
 from node.service.scp import StorageSCP
 from node.service.scu import PeerUnavailable, echo
@@ -39,10 +39,11 @@ def certificates(tmp_path_factory) -> Path:
 
 def test_tls_association_with_certificates_and_refusal_without(tmp_path, certificates):
     tls = TLSSettings(True, certificates / "node.pem", certificates / "node.key", certificates / "ca.pem", True)
-    config = NodeConfig(source=None, port=0, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
-                        database=tmp_path / "jobs.sqlite", tls=tls,
+    config = NodeConfig(node=NodeSettings(port=0), tls=tls,
+                        storage=StorageSettings(spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                                                database=tmp_path / "jobs.sqlite"),
                         remotes={"PACS": RemoteAE("PACS", "127.0.0.1", 4242, True, True)})
-    scp = StorageSCP(config, Spool(config.spool_dir), JobStore(config.database))
+    scp = StorageSCP(config, Spool(config.storage.spool_dir), JobStore(config.storage.database))
     scp.start()
     try:
         node = RemoteAE("LOBEVOL", "127.0.0.1", scp.port)

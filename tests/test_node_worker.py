@@ -10,14 +10,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.config import load_config
+from node.config import OutputSettings, load_config
 from node.pipeline import PipelineSettings
 from node.service.server import Node
 from node.service.worker import MAX_WORKER_CRASHES, JobRequest, Worker, WorkerCrashed, WorkerStopped
 from tests.node_peers import StoreSCP, free_port, storescu, wait_for, write_node_config
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 
-SETTINGS = PipelineSettings(write_overlays=False)
+SETTINGS = PipelineSettings(outputs=OutputSettings(write_overlays=False))
 
 
 class CountingSegmenter(PartitionSegmenter):

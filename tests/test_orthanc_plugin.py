@@ -179,8 +179,8 @@ def test_only_the_sections_that_apply_inside_orthanc_are_read(tmp_path):
     with pytest.raises(ValueError):
         load_config(config)  # a node could not run on it
     loaded = load_applicable_config(config)
-    assert loaded.database == tmp_path / "jobs.sqlite" and loaded.inference.threads == 1 and not loaded.tls.enabled
-    assert loaded.remotes == {} and loaded.pipeline.write_overlays is False
+    assert loaded.storage.database == tmp_path / "jobs.sqlite" and loaded.inference.threads == 1 and not loaded.tls.enabled
+    assert loaded.remotes == {} and loaded.outputs.write_overlays is False
     config.write_text(config.read_text().replace("threads = 1", "threads = none"))
     with pytest.raises(ValueError, match=r"\[inference\] threads"):
         load_applicable_config(config)
@@ -387,4 +387,4 @@ def lobevol_jobs_from_database(config: Path) -> list:
     from node.config import load_config
     from node.service.jobs import JobStore
 
-    return JobStore(load_config(config).database).jobs()
+    return JobStore(load_config(config).storage.database).jobs()

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from inference.vocabulary import REGION_KEYS, REGIONS
 from node.dicom.files import find_dicom_files, group_by_study
+from node.config import OutputSettings
 from node.pipeline import PipelineSettings, analyse_study
 from node.results.seg import region_volumes_from_seg
 from tests.dicom_validation import validate
@@ -92,7 +93,8 @@ def test_study_results_are_complete_consistent_and_valid(synthetic_study, tmp_pa
 
 def test_outputs_follow_the_settings(synthetic_study, tmp_path):
     _, instances = _single_study(synthetic_study)
-    settings = PipelineSettings(seg_type="labelmap", write_sr=False, write_pdf=False, write_overlays=False)
+    settings = PipelineSettings(outputs=OutputSettings(seg_type="labelmap", write_sr=False, write_pdf=False,
+                                                       write_overlays=False))
     outcome = analyse_study(instances, tmp_path, PartitionSegmenter(), settings)
     assert [p.name for p in outcome.result_files] == ["seg.dcm"]
     assert pydicom.dcmread(outcome.result_files[0]).SegmentationType == "LABELMAP"
@@ -102,7 +104,7 @@ def test_study_without_a_ct_series_is_skipped_with_reasons(synthetic_study, tmp_
     # Our own key images are Secondary Captures of the same study: nothing to analyse.
     _, instances = _single_study(synthetic_study)
     first = analyse_study(instances, tmp_path / "first", PartitionSegmenter(),
-                          PipelineSettings(seg_type="none", write_sr=False, write_pdf=False))
+                          PipelineSettings(outputs=OutputSettings(seg_type="none", write_sr=False, write_pdf=False)))
     captures = tmp_path / "captures"
     captures.mkdir()
     for path in first.result_files:
@@ -133,7 +135,7 @@ def test_next_best_series_is_analysed_when_the_chosen_one_cannot_make_a_volume(t
         path.unlink()
     _, instances = _single_study(root)
     outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter(),
-                            PipelineSettings(seg_type="none", write_sr=False, write_overlays=False))
+                            PipelineSettings(outputs=OutputSettings(seg_type="none", write_sr=False, write_overlays=False)))
     assert outcome.status == "done", outcome.reason
     notes = json.loads((tmp_path / "out" / "volumes.json").read_text())["quality_notes"]
     assert any(note.startswith("series 2 (HEAD 5MM STD) cannot be analysed: gap of 15.00 mm") for note in notes)
@@ -142,20 +144,12 @@ def test_next_best_series_is_analysed_when_the_chosen_one_cannot_make_a_volume(t
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"seg_type": "contour"}, "seg type"), ({"seg_type": "none"}, "SR references"), ({"z_threshold": 0}, "z threshold")],
+    [({"seg_type": "contour"}, r"\[outputs\] seg = 'contour'"), ({"seg_type": "none"}, "SR references"),
+     ({"z_threshold": 0}, r"\[outputs\] z_threshold = 0")],
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        PipelineSettings(**kwargs)
-
-
-def test_settings_from_config_mapping():
-    settings = PipelineSettings.from_mapping({"seg": "labelmap", "overlays": "no", "z_threshold": "2.5"})
-    assert (settings.seg_type, settings.write_overlays, settings.z_threshold) == ("labelmap", False, 2.5)
-    with pytest.raises(ValueError, match="unknown"):
-        PipelineSettings.from_mapping({"segs": "binary"})
-    with pytest.raises(ValueError, match="yes or no"):
-        PipelineSettings.from_mapping({"pdf": "maybe"})
+        OutputSettings(**kwargs)
 
 
 @pytest.mark.slow

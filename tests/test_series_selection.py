@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
 
+from node.config import parse_section
 from node.dicom.files import InstanceHeader, find_dicom_files, group_by_study
 from node.dicom.selection import BONE, SOFT, SelectionRules, select_series
 from tests.output_fixtures import region_labels, write_ct_series
@@ -158,8 +159,13 @@ def test_enhanced_ct_is_eligible(tmp_path):
     assert "24 images" in selection.reasons[selection.chosen]
 
 
+def _rules(mapping: dict) -> SelectionRules:
+    """Rules as node.config reads a [selection] section."""
+    return parse_section(SelectionRules, "selection", mapping, Path.cwd())
+
+
 def test_rules_from_config_mapping():
-    rules = SelectionRules.from_mapping({
+    rules = _rules({
         "head_keywords": "HEAD, THORAX", "max_slice_thickness_mm": "7.5", "min_slices": "5",
         "soft_kernels": r"MYSOFT\d", "soft_window_center_hu": "-10, 90",
     })
@@ -171,16 +177,16 @@ def test_rules_from_config_mapping():
 
 
 @pytest.mark.parametrize("mapping, message", [
-    ({"max_thickness": "5"}, "unknown \\[selection\\] settings: max_thickness"),
-    ({"min_slices": "ten"}, "expected an integer"),
+    ({"max_thickness": "5"}, "unknown key\\(s\\) in \\[selection\\]: max_thickness"),
+    ({"min_slices": "ten"}, "expected a whole number"),
     ({"max_slice_thickness_mm": "0"}, "must be positive"),
     ({"bone_kernels": "BONE(, EDGE"}, "not a valid regular expression"),
-    ({"soft_window_center_hu": "40"}, "expected low, high"),
+    ({"soft_window_center_hu": "40"}, "expected a number, a number"),
     ({"head_keywords": " , "}, "head_keywords is empty"),
 ])
 def test_bad_rules_are_refused(mapping, message):
     with pytest.raises(ValueError, match=message):
-        SelectionRules.from_mapping(mapping)
+        _rules(mapping)
 
 
 def test_empty_input_is_an_error():

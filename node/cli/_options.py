@@ -29,3 +29,26 @@ def add_device_options(parser: argparse.ArgumentParser, *, tta: bool = False) ->
                             help="move the cerebral lobes' edge to the CSF/brain contrast of the image, on "
                                  "series with slices up to 2 mm (default on; on held-out 1.25 mm phantoms "
                                  "it brought every total within 3 %%)")
+
+
+def inference_settings(args: argparse.Namespace, base=None):
+    """``InferenceSettings`` from ``--model``, ``--device``, ``--threads``, ``--tta``, ``--refine-surface``,
+    ``--method`` and ``--cross-check``.
+
+    ``--model bundled`` or no ``--model`` is the bundled model. ``--method`` and ``--cross-check``, when
+    a command has them and they are given, win over ``base`` (a config file's [inference]); without a
+    base the method is the network, without cross-check. Options a command lacks keep their default.
+    """
+    import dataclasses
+
+    from node.config import InferenceSettings
+
+    base = base if base is not None else InferenceSettings(cross_check=False)
+    model = getattr(args, "model", None)
+    method = getattr(args, "method", None)
+    cross_check = getattr(args, "cross_check", None)
+    return dataclasses.replace(
+        base, device=args.device, threads=args.threads, model=None if model in (None, "bundled") else Path(model),
+        tta=getattr(args, "tta", True), refine_surface=getattr(args, "refine_surface", True),
+        method=base.method if method is None else method,
+        cross_check=base.cross_check if cross_check is None else cross_check)

@@ -60,13 +60,16 @@ def run(args: argparse.Namespace) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lobevol-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     pacs_port, node_port = _free_port(), _free_port()
+    loaded = load_config(args.config)
     config = dataclasses.replace(
-        load_config(args.config), port=node_port, bind_address="127.0.0.1", stability_s=2.0,
-        spool_dir=work / "spool", results_dir=work / "results", database=work / "jobs.sqlite",
+        loaded,
+        node=dataclasses.replace(loaded.node, port=node_port, bind_address="127.0.0.1"),
+        series=dataclasses.replace(loaded.series, stability_s=2.0),
+        storage=dataclasses.replace(loaded.storage, spool_dir=work / "spool", results_dir=work / "results",
+                                    database=work / "jobs.sqlite"),
         remotes={"PACS": RemoteAE("PACS", "127.0.0.1", pacs_port, may_send=True, may_receive=True)},
-        extra_destinations=())
-    if args.model:
-        config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, model=args.model))
+        results=dataclasses.replace(loaded.results, extra_destinations=()),
+        inference=dataclasses.replace(loaded.inference, model=args.model or loaded.inference.model))
     logging.getLogger("node").setLevel(logging.INFO)
     print(f"demo folder: {work}")
     (work / "pacs").mkdir(exist_ok=True)
@@ -94,7 +97,7 @@ def _demo(args, config, work: Path) -> int:
         results = store_files(_node_as_remote(config, node.port), files, "PACS")
         if any(r.outcome != "sent" for r in results):
             raise RuntimeError(f"the node did not store every image: {[r.detail for r in results if r.outcome != 'sent']}")
-        print(f"sent {len(files)} images to {config.ae_title} in {time.monotonic() - started:.1f} s; waiting for results")
+        print(f"sent {len(files)} images to {config.node.ae_title} in {time.monotonic() - started:.1f} s; waiting for results")
         job = None
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
@@ -121,7 +124,7 @@ def _demo(args, config, work: Path) -> int:
 def _node_as_remote(config, port: int):
     from node.config import RemoteAE
 
-    return RemoteAE(config.ae_title, "127.0.0.1", port)
+    return RemoteAE(config.node.ae_title, "127.0.0.1", port)
 
 
 def _write_phantom(seed: int, matrix: int, folder: Path):

@@ -36,14 +36,14 @@ def peer(config, ae_title: str, calling_ae: str | None):
     """(remote, calling AE) for AE: a remote of the table, or the node itself."""
     from node.config import RemoteAE
 
-    if ae_title == config.ae_title:
-        host = "127.0.0.1" if config.bind_address in ("0.0.0.0", "") else config.bind_address
+    if ae_title == config.node.ae_title:
+        host = "127.0.0.1" if config.node.bind_address in ("0.0.0.0", "") else config.node.bind_address
         caller = calling_ae or next((r.ae_title for r in config.remotes.values() if r.may_send), None)
         if caller is None:
             raise ValueError("no remote may send to the node: give --as with an AE title of the remote table")
-        return RemoteAE(config.ae_title, host, config.port), caller
+        return RemoteAE(config.node.ae_title, host, config.node.port), caller
     try:
-        return config.remote(ae_title), calling_ae or config.ae_title
+        return config.remote(ae_title), calling_ae or config.node.ae_title
     except KeyError as error:
         raise ValueError(error.args[0]) from None
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from node.cli._options import add_device_options
+from node.cli._options import add_device_options, inference_settings
 
 #: Where ``--record`` keeps the figures in the checkpoint's metrics.
 RECORD_KEY = "heldout_evaluation"
@@ -55,17 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from inference.evaluation import format_table, write_csv
-    from node.config import InferenceSettings
-    from node.service.worker import load_segmenter
 
     if (args.data is None) == (args.phantoms is None):
         raise ValueError("give either DATA or --phantoms N")
     if args.record is not None and not args.record.strip():
         raise ValueError("--record needs a description of the evaluated cases")
     # One bar over the cases (none when the output is a log file), not one per network pass.
-    segmenter = load_segmenter(InferenceSettings(model=None if args.model == "bundled" else Path(args.model),
-                                                 device=args.device, threads=args.threads, tta=args.tta,
-                                                 refine_surface=args.refine_surface), progress=False)
+    from node.service.worker import load_segmenter
+
+    segmenter = load_segmenter(inference_settings(args), progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
     evaluations = []
     for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case", disable=None):

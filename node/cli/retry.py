@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from node.service.jobs import JobStore
 
     config = load_config(args.config)
-    jobs = JobStore(config.database, create=False)
+    jobs = JobStore(config.storage.database, create=False)
     print(f"job {args.job}: {jobs.retry(args.job)}")
     return 0

@@ -7,10 +7,9 @@ measured volumes next to the phantom's true volumes.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from inference.vocabulary import REGIONS
-from node.cli._options import add_device_options
+from node.cli._options import add_device_options, inference_settings
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -36,14 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inference.phantoms.generator import make_phantom
-    from node.config import InferenceSettings
-    from node.service.worker import load_segmenter
     from inference.metrics import dice_per_region
+    from node.service.worker import load_segmenter
 
     phantom = make_phantom(args.seed, slice_thickness_mm=args.slice_thickness)
-    segmenter = load_segmenter(InferenceSettings(model=Path(args.model) if args.model else None, device=args.device,
-                                                 threads=args.threads, tta=args.tta,
-                                                 refine_surface=args.refine_surface), progress=True)
+    segmenter = load_segmenter(inference_settings(args), progress=True)
     result = segmenter.segment(phantom.image)
     dice = dice_per_region(result.labels, phantom.labels)
     truth = phantom.meta["volumes_cm3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from node.cli._options import add_config_option, add_device_options
+from node.cli._options import add_config_option, add_device_options, inference_settings
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 
@@ -109,14 +109,10 @@ def _settings(args: argparse.Namespace):
     """PipelineSettings: the config file's (or the defaults), with the options given on the command line."""
     import dataclasses
 
+    from node.config import NodeConfig, load_config
     from node.pipeline import PipelineSettings
 
-    if args.config is not None:
-        from node.config import load_config
-
-        settings = load_config(args.config).pipeline
-    else:
-        settings = PipelineSettings()
+    config = load_config(args.config) if args.config is not None else NodeConfig()
     changes = {}
     if args.seg is not None:
         changes["seg_type"] = args.seg
@@ -130,27 +126,19 @@ def _settings(args: argparse.Namespace):
                                ("max_gap_factor", "max_gap_factor")):
         if getattr(args, option) is not None:
             changes[field_name] = getattr(args, option)
-    return dataclasses.replace(settings, **changes)
+    return PipelineSettings(config.selection, dataclasses.replace(config.outputs, **changes))
 
 
 def _segmenter(args):
-    import dataclasses
-
-    from node.config import InferenceSettings
-    from node.service.worker import load_segmenter
-
-    config = None
+    """The segmenter of the options; method and cross-check default to the config file's [inference]."""
+    base = None
     if getattr(args, "config", None) is not None:
         from node.config import load_config
 
-        config = load_config(args.config)
-    configured = config.inference if config else InferenceSettings()
-    cross_check = getattr(args, "cross_check", None)  # not given: the config file's, else off
-    settings = dataclasses.replace(configured, method=getattr(args, "method", None) or configured.method,
-                                   model=Path(args.model) if args.model else None, device=args.device,
-                                   threads=args.threads, tta=args.tta, refine_surface=args.refine_surface,
-                                   cross_check=configured.cross_check if cross_check is None else cross_check)
-    return load_segmenter(settings, progress=True)
+        base = load_config(args.config).inference
+    from node.service.worker import load_segmenter
+
+    return load_segmenter(inference_settings(args, base), progress=True)
 
 
 def _segment_image(args, settings) -> int:

@@ -54,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
     if args.port is not None:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port} is not in 0-65535")
-        config = dataclasses.replace(config, port=args.port)
+        config = dataclasses.replace(config, node=dataclasses.replace(config.node, port=args.port))
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
     node = Node(config, args.segmenter_factory)
     node.start()
-    print(f"lobevol node {config.ae_title} listening on {config.bind_address}:{node.port} "
-          f"(results in {config.results_dir}); stop with Ctrl-C", flush=True)
+    print(f"lobevol node {config.node.ae_title} listening on {config.node.bind_address}:{node.port} "
+          f"(results in {config.storage.results_dir}); stop with Ctrl-C", flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: node.request_stop())
     try:
         node.wait()

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from node.service.jobs import STATES, JobStore
 
     config = load_config(args.config)
-    jobs = JobStore(config.database, create=False)
+    jobs = JobStore(config.storage.database, create=False)
     if args.job is not None:
         print(describe_job(jobs, args.job))
         return 0

@@ -27,12 +27,13 @@ Preference among eligible series:
 3. then more coverage, then the lower series number (reproducible ties).
 
 Every rule is configurable from the ``[selection]`` section of config.ini
-(:meth:`SelectionRules.from_mapping`).
+(read by ``node.config``: lists comma-separated,
+``soft_window_center_hu = 0, 100``).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -134,36 +135,6 @@ class SelectionRules:
         if not 0 < self.max_axial_angle_deg < 90:
             raise ValueError(f"max_axial_angle_deg must be between 0 and 90, got {self.max_axial_angle_deg}")
 
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, str]) -> "SelectionRules":
-        """Rules from config.ini's ``[selection]`` section (string values, as read).
-
-        Lists are comma-separated (``head_keywords = HEAD, BRAIN``; kernel
-        patterns are regular expressions, so they cannot contain commas);
-        ``soft_window_center_hu = 0, 100``. Keys not given keep their
-        default; unknown keys are refused so that typos do not pass silently.
-        """
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(mapping) - set(known))
-        if unknown:
-            raise ValueError(f"unknown [selection] settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values: dict[str, object] = {}
-        for key, text in mapping.items():
-            default = getattr(cls, key)
-            try:
-                if isinstance(default, tuple):
-                    items = [item.strip() for item in str(text).split(",") if item.strip()]
-                    values[key] = tuple(float(i) for i in items) if key == "soft_window_center_hu" else tuple(items)
-                elif isinstance(default, int):
-                    values[key] = int(str(text).strip())
-                else:
-                    values[key] = float(str(text).strip())
-            except ValueError:
-                raise ValueError(f"[selection] {key} = {text!r}: expected {_kind(default)}") from None
-        if "soft_window_center_hu" in values and len(values["soft_window_center_hu"]) != 2:
-            raise ValueError(f"[selection] soft_window_center_hu = {mapping['soft_window_center_hu']!r}: expected low, high")
-        return cls(**values)
-
     def kernel_tissue(self, kernel: str) -> str | None:
         """SOFT, BONE or None (not recognised) for a reconstruction kernel name."""
         if not kernel:
@@ -198,12 +169,6 @@ class SelectionRules:
 def _starts_a_word(keyword: str, text: str) -> bool:
     """Whether ``keyword`` occurs in ``text`` at the start of a word."""
     return re.search(r"(?<![A-Z0-9])" + re.escape(keyword), text) is not None
-
-
-def _kind(default: object) -> str:
-    if isinstance(default, tuple):
-        return "a comma-separated list"
-    return "an integer" if isinstance(default, int) else "a number"
 
 
 @dataclass(frozen=True)

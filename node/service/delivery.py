@@ -55,4 +55,4 @@ def transport_for(remote: "RemoteAE", config: "NodeConfig", calling_ae: str | No
         return StowTransport(remote.ae_title, remote.stow)
     from node.service.scu import CStoreTransport
 
-    return CStoreTransport(remote, calling_ae or config.ae_title, config.tls)
+    return CStoreTransport(remote, calling_ae or config.node.ae_title, config.tls)

@@ -282,9 +282,9 @@ class LobevolPlugin:
         from node.service.worker import Worker
 
         self.studies, self.config, self.stable_age_s = studies, config, stable_age_s
-        self.jobs = JobStore(config.database)
-        self.spool = Spool(config.spool_dir)
-        config.results_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs = JobStore(config.storage.database)
+        self.spool = Spool(config.storage.spool_dir)
+        config.storage.results_dir.mkdir(parents=True, exist_ok=True)
         self.worker = Worker(factory, config.pipeline)
         transport = OrthancTransport(studies)
         self.outbox = Outbox(config, self.jobs, transports=lambda d: transport if d == DESTINATION else None,
@@ -489,11 +489,11 @@ class LobevolPlugin:
         from node.service.scu import read_file_header
         from node.service.worker import MAX_WORKER_CRASHES, JobRequest, WorkerCrashed, WorkerStopped, WorkerTimedOut
 
-        output = self.config.results_dir / str(job.id)
+        output = self.config.storage.results_dir / str(job.id)
         request = JobRequest(job.id, str(self.spool.job_input(job.id)), str(output))
         log.info("lobevol: job %d (study %s): processing (attempt %d)", job.id, job.study_uid, job.attempts)
         try:
-            outcome = self.worker.run(request, self.config.job_timeout_s, self._stopping.is_set, 0.0)
+            outcome = self.worker.run(request, self.config.inference.job_timeout_s, self._stopping.is_set, 0.0)
         except WorkerStopped as error:
             self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
             return
@@ -581,22 +581,10 @@ def load_applicable_config(path: Path):
 
     The others keep their defaults, unread: a node's [tls] files or [remote] table need not exist here.
     """
-    import configparser
+    from node.config import config_from_sections, read_sections
 
-    from node.config import config_from_parser
-
-    if not path.is_file():
-        raise FileNotFoundError(f"configuration file {path} does not exist")
-    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
-    parser.optionxform = str  # as load_config: a key's wrong case is a typo to report
-    try:
-        parser.read(path, encoding="utf-8")
-    except configparser.Error as error:
-        raise ValueError(f"{path}: {error}") from None
-    for name in parser.sections():
-        if name not in APPLICABLE_SECTIONS:
-            parser.remove_section(name)
-    return config_from_parser(parser, path.resolve().parent, source=path)
+    sections = {name: items for name, items in read_sections(path).items() if name in APPLICABLE_SECTIONS}
+    return config_from_sections(sections, path.resolve().parent, source=path)
 
 
 def _send_error(output, status: int, message: str) -> None:
@@ -651,7 +639,7 @@ def _register(api) -> None:
         log.error("lobevol: the plugin stays idle: %s", problem)
     if plugin is not None:
         api.RegisterOnChangeCallback(plugin.on_change)
-        log.warning("lobevol: plugin loaded (job database %s)", plugin.config.database)
+        log.warning("lobevol: plugin loaded (job database %s)", plugin.config.storage.database)
 
     def route(answer: Callable[[Sequence[str], Mapping[str, str]], dict], methods: tuple[str, ...]):
         def callback(output, uri, **request):

@@ -86,8 +86,8 @@ def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str,
                       address: str) -> tuple[tuple[int, int, int], str] | None:
     """Why an association must be rejected ((result, source, diagnostic), reason), or None to accept it."""
     calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
-    if called_ae != config.ae_title:
-        return REJECT_CALLED, f"called AE title {called_ae!r} is not ours ({config.ae_title})"
+    if called_ae != config.node.ae_title:
+        return REJECT_CALLED, f"called AE title {called_ae!r} is not ours ({config.node.ae_title})"
     remote = config.remotes.get(calling_ae)
     if remote is None:
         return REJECT_CALLING, f"calling AE title {calling_ae!r} is not in the remote table"
@@ -125,7 +125,7 @@ class StorageSCP:
         self._server = None
         self._tallies: dict[int, AssociationTally] = {}
         self._lock = threading.Lock()
-        self.connections = ConnectionGuard(config.max_associations, config.association_request_timeout_s)
+        self.connections = ConnectionGuard(config.node.max_associations, config.node.association_request_timeout_s)
 
     @property
     def port(self) -> int:
@@ -136,12 +136,12 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen (non-blocking); associations are served on pynetdicom's threads."""
-        ae = AE(ae_title=self.config.ae_title)
+        ae = AE(ae_title=self.config.node.ae_title)
         # pynetdicom's count includes connections not yet associated: ours (ConnectionGuard) hands out the
         # max_associations slots; its own only bounds the threads of connections still asking.
-        ae.maximum_associations = self.config.max_associations + self.config.max_pending_connections
-        ae.acse_timeout = self.config.association_request_timeout_s  # also the ARTIM timer
-        ae.network_timeout = self.config.network_timeout_s  # idle time of an association
+        ae.maximum_associations = self.config.node.max_associations + self.config.node.max_pending_connections
+        ae.acse_timeout = self.config.node.association_request_timeout_s  # also the ARTIM timer
+        ae.network_timeout = self.config.node.network_timeout_s  # idle time of an association
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
@@ -157,15 +157,15 @@ class StorageSCP:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = ae.make_server((self.config.bind_address, self.config.port), evt_handlers=handlers,
+        server = ae.make_server((self.config.node.bind_address, self.config.node.port), evt_handlers=handlers,
                                 ssl_context=self.config.tls.server_context(), server_class=GuardedAssociationServer)
-        server.network_timeout_s = self.config.network_timeout_s
+        server.network_timeout_s = self.config.node.network_timeout_s
         # What AE.start_server(block=False) does, with our server class (it cannot take one).
         ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="lobevol-scp-accept", daemon=True).start()
         self._server = server
         self.connections.start()
-        log.info("listening as %s on %s:%d%s", self.config.ae_title, self.config.bind_address, self.port,
+        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, self.config.node.bind_address, self.port,
                  " (TLS)" if self.config.tls.enabled else "")
 
     def stop(self) -> None:
@@ -203,8 +203,8 @@ class StorageSCP:
 
     def _on_rejected(self, event) -> None:
         log.warning("association from %s rejected by the connection limit (%d associations + %d not yet "
-                    "associated): %s", event.assoc.requestor.address, self.config.max_associations,
-                    self.config.max_pending_connections, "; ".join(self.connections.holders()))
+                    "associated): %s", event.assoc.requestor.address, self.config.node.max_associations,
+                    self.config.node.max_pending_connections, "; ".join(self.connections.holders()))
 
     def _on_ended(self, event) -> None:
         with self._lock:
@@ -224,13 +224,13 @@ class StorageSCP:
 
     def _store(self, event, tally: AssociationTally) -> Dataset | int:
         size = event.request.DataSet.getbuffer().nbytes
-        if size > self.config.max_instance_bytes:
+        if size > self.config.storage.max_instance_bytes:
             log.warning("instance from %s refused: %.1f MiB, above max_instance_mb", tally.calling_ae, size / 2**20)
             return _refusal(OUT_OF_RESOURCES, f"instance of {size / 2**20:.0f} MiB is above max_instance_mb")
         used = self.spool.disk_used_percent()
-        if used > self.config.disk_high_water_percent:
+        if used > self.config.storage.disk_high_water_percent:
             log.error("spool disk %.0f%% full (high-water mark %.0f%%): refusing new instances", used,
-                      self.config.disk_high_water_percent)
+                      self.config.storage.disk_high_water_percent)
             return _refusal(OUT_OF_RESOURCES, "spool disk above its high-water mark")
         try:
             dataset = event.dataset
@@ -248,7 +248,7 @@ class StorageSCP:
                         tally.calling_ae, sop_uid, printable(event.request.AffectedSOPInstanceUID))
             return _refusal(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request's")
         sop_class = str(event.request.AffectedSOPClassUID)
-        if self.config.log_patient_identifiers:
+        if self.config.node.log_patient_identifiers:
             log.debug("study %s: patient %s, id %s", study_uid, dataset.get("PatientName"), dataset.get("PatientID"))
         if sop_class not in KEPT_SOP_CLASSES:
             self.jobs.record_ignored(study_uid, tally.calling_ae)
@@ -264,9 +264,9 @@ class StorageSCP:
             log.warning("study %s: instance %s from %s refused: %s", study_uid, sop_uid, tally.calling_ae, problem)
             return _refusal(DATASET_DOES_NOT_MATCH, problem)
         if (not self.jobs.has_instance(sop_uid)
-                and self.jobs.study_instance_count(study_uid) >= self.config.max_instances_per_study):
+                and self.jobs.study_instance_count(study_uid) >= self.config.storage.max_instances_per_study):
             log.warning("study %s refused an instance: already %d instances (max_instances_per_study)",
-                        study_uid, self.config.max_instances_per_study)
+                        study_uid, self.config.storage.max_instances_per_study)
             return _refusal(OUT_OF_RESOURCES, "study has max_instances_per_study instances")
         try:
             stored = self.committer.store(event.encoded_dataset(), study_uid, series_uid, sop_class, sop_uid, size,

@@ -51,9 +51,9 @@ class Node:
 
     def __init__(self, config: NodeConfig, factory: Callable[[], object] | None = None):
         self.config = config
-        self.spool = Spool(config.spool_dir)
-        config.results_dir.mkdir(parents=True, exist_ok=True)
-        self.jobs = JobStore(config.database)
+        self.spool = Spool(config.storage.spool_dir)
+        config.storage.results_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs = JobStore(config.storage.database)
         self.outbox = Outbox(config, self.jobs)
         self.scp = StorageSCP(config, self.spool, self.jobs)
         self.worker = Worker(factory or segmenter_factory(config), config.pipeline)
@@ -118,7 +118,7 @@ class Node:
     def dispatch(self) -> list[int]:
         """Select stable studies and freeze their input; returns the job ids made ready."""
         ready = []
-        for job_id in self.jobs.select_stable(self.config.stability_s) + self.jobs.jobs_needing_input():
+        for job_id in self.jobs.select_stable(self.config.series.stability_s) + self.jobs.jobs_needing_input():
             if job_id in ready:
                 continue
             paths = [p for p in self.jobs.job_inputs(job_id) if p.is_file()]
@@ -158,12 +158,12 @@ class Node:
             return False
 
     def _process(self, job) -> None:
-        output = self.config.results_dir / str(job.id)
+        output = self.config.storage.results_dir / str(job.id)
         request = JobRequest(job.id, str(self.spool.job_input(job.id)), str(output))
         log.info("job %d (study %s): processing (attempt %d)", job.id, job.study_uid, job.attempts)
         try:
-            outcome = self.worker.run(request, self.config.job_timeout_s, self._stopping.is_set,
-                                      self.config.shutdown_grace_s)
+            outcome = self.worker.run(request, self.config.inference.job_timeout_s, self._stopping.is_set,
+                                      self.config.node.shutdown_grace_s)
         except WorkerStopped as error:
             self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
             return
@@ -217,16 +217,16 @@ class Node:
 def apply_retention(jobs: JobStore, spool: Spool, config: NodeConfig, now: float | None = None) -> tuple[int, int]:
     """Delete expired received images and result folders (``[retention]``); returns (jobs whose images, whose results went)."""
     now = time.time() if now is None else now
-    images = jobs.expired_images(now - config.images_retention_s)
+    images = jobs.expired_images(now - config.retention.images_retention_s)
     for job in images:
         spool.remove_job_input(job.id)
         if jobs.study_is_idle(job.study_uid):
             spool.remove_study(job.study_uid)
             jobs.forget_study_instances(job.study_uid)
         jobs.mark_images_removed(job.id)
-    results = jobs.expired_results(now - config.results_retention_s)
+    results = jobs.expired_results(now - config.retention.results_retention_s)
     for job in results:
-        shutil.rmtree(config.results_dir / str(job.id), ignore_errors=True)
+        shutil.rmtree(config.storage.results_dir / str(job.id), ignore_errors=True)
         jobs.mark_results_removed(job.id)
     if images or results:
         log.info("retention: removed the images of %d job(s) and the results of %d", len(images), len(results))
