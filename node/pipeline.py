@@ -234,7 +234,7 @@ def _write_dicom_results(volume, label_slices, segmentation, normative, views, p
         seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.outputs.seg_type == "labelmap")
         written.append(_save(seg, out_dir / "seg.dcm"))
         if settings.outputs.write_sr:
-            sr = build_sr(volume, seg, segmentation.volumes_cm3, normative, segmentation.model,
+            sr = build_sr(volume, seg, normative, segmentation.model,
                           cross_check=segmentation.cross_check)
             written.append(_save(sr, out_dir / "sr.dcm"))
     if pdf is not None:

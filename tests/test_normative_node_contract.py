@@ -52,7 +52,7 @@ def test_real_results_make_a_valid_sr_and_a_pdf(study, fitted, which, tmp_path):
     volumes = _paper_like_volumes()
     reference = {"bundled": None, "fitted": fitted, "no age": None}[which]
     normative = compare(volumes, "F", None if which == "no age" else 2.1, reference)
-    sr = build_sr(volume, seg, volumes, normative, MODEL)
+    sr = build_sr(volume, seg, normative, MODEL)
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     verdict = validate(path)

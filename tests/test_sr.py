@@ -1,6 +1,8 @@
 """TID 1500 SR writer: content, agreement with the SEG, validation with dciodvfy."""
 from __future__ import annotations
 
+import dataclasses
+
 import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
@@ -35,7 +37,7 @@ def _groups(sr):
 
 def test_region_groups_reference_segments_and_match_seg_volumes(study):
     volume, seg, volumes = study
-    sr = build_sr(volume, seg, volumes, hand_made_normative(volumes), MODEL)
+    sr = build_sr(volume, seg, hand_made_normative(volumes), MODEL)
     groups, _ = _groups(sr)
     seg_volumes = region_volumes_from_seg(seg, volume.datasets)
     segment_numbers = {item.TrackingID: item.SegmentNumber for item in seg.SegmentSequence}
@@ -56,7 +58,7 @@ def test_region_groups_reference_segments_and_match_seg_volumes(study):
 def test_normative_statistics_and_normality_are_encoded(study):
     volume, seg, volumes = study
     normative = hand_made_normative(volumes)
-    sr = build_sr(volume, seg, volumes, normative, MODEL)
+    sr = build_sr(volume, seg, normative, MODEL)
     groups, _ = _groups(sr)
     result = normative.regions[0]
     (item,) = groups["Right frontal lobe"].get_measurements(name=codes.SCT.Volume)
@@ -77,7 +79,7 @@ def test_normative_statistics_and_normality_are_encoded(study):
 def test_missing_z_scores_are_explained(study):
     volume, seg, volumes = study
     normative = hand_made_normative(volumes, with_z=False)
-    sr = build_sr(volume, seg, volumes, normative, MODEL)
+    sr = build_sr(volume, seg, normative, MODEL)
     groups, _ = _groups(sr)
     group = groups["Left temporal lobe"]
     comments = [c.TextValue for c in group[0].ContentSequence if c.ValueType == "TEXT"
@@ -89,7 +91,7 @@ def test_missing_z_scores_are_explained(study):
 def test_total_asymmetry_and_missing_region_groups(study):
     volume, seg, volumes = study
     normative = hand_made_normative(volumes)
-    sr = build_sr(volume, seg, volumes, normative, MODEL)
+    sr = build_sr(volume, seg, normative, MODEL)
     _, report = _groups(sr)
     others = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
     assert {"Total of the 10 regions", "Brainstem", "Asymmetry of the frontal lobe"} <= set(others)
@@ -101,15 +103,16 @@ def test_total_asymmetry_and_missing_region_groups(study):
 
 def test_sr_is_in_the_source_study_and_refuses_bad_input(study):
     volume, seg, volumes = study
-    sr = build_sr(volume, seg, volumes, hand_made_normative(volumes), MODEL)
+    sr = build_sr(volume, seg, hand_made_normative(volumes), MODEL)
     source = volume.datasets[0]
     assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
     assert sr.SeriesInstanceUID not in (source.SeriesInstanceUID, seg.SeriesInstanceUID)
     evidence_series = {s.SeriesInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
     assert {source.SeriesInstanceUID, seg.SeriesInstanceUID} <= evidence_series
     with pytest.raises(ValueError, match="cerebellum"):
-        build_sr(volume, seg, {k: v for k, v in volumes.items() if k != "cerebellum"},
-                 hand_made_normative(volumes), MODEL)
+        normative = hand_made_normative(volumes)
+        build_sr(volume, seg, dataclasses.replace(
+            normative, regions=tuple(r for r in normative.regions if r.key != "cerebellum")), MODEL)
 
 
 @pytest.mark.integration
@@ -117,7 +120,7 @@ def test_sr_is_in_the_source_study_and_refuses_bad_input(study):
 def test_sr_passes_dciodvfy(study, tmp_path, with_z):
     volume, seg, volumes = study
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, volumes, hand_made_normative(volumes, with_z=with_z), MODEL).save_as(path)
+    build_sr(volume, seg, hand_made_normative(volumes, with_z=with_z), MODEL).save_as(path)
     result = validate(path)
     assert result.errors == [], result.output
     assert result.unexplained_warnings(EXPLAINED_WARNINGS) == [], result.output

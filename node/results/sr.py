@@ -70,7 +70,6 @@ _NORMALITY = {
 def build_sr(
     volume,
     seg: pydicom.Dataset,
-    volumes_cm3: Mapping[str, float],
     normative,
     model: Mapping[str, object],
     *,
@@ -83,14 +82,15 @@ def build_sr(
         volume: the ``SeriesVolume`` analysed (its ``datasets`` are the
             evidence and the source series).
         seg: the SEG written by :func:`node.results.seg.build_seg` for these labels.
-        volumes_cm3: volume per region key (cm3), all 10 keys.
-        normative: ``NormativeResult`` from :func:`normative.compare.compare`.
+        normative: ``NormativeResult`` from :func:`normative.compare.compare`: the
+            volumes (cm3) of all 10 regions with their deviations.
         model: the model description (``Segmentation.model``).
         series_number: Series Number of the new series.
     """
-    missing = [key for key in REGION_KEYS if key not in volumes_cm3]
+    results = {result.key: result for result in normative.regions}
+    missing = [key for key in REGION_KEYS if key not in results]
     if missing:
-        raise ValueError(f"volumes lack regions: {', '.join(missing)}")
+        raise ValueError(f"the normative result lacks regions: {', '.join(missing)}")
     datasets = list(volume.datasets)
     if not datasets:
         raise ValueError("the series volume has no source images")
@@ -103,14 +103,13 @@ def build_sr(
                     f"model={model.get('name', '')}"]
         + [f"{key}={model[key]}" for key in ("test_time_augmentation", "surface_refinement") if key in model],
     )
-    results = {result.key: result for result in normative.regions}
     segments = _segments_by_key(seg)
     no_z_reason = _no_z_reason(normative)
     groups: list = []
     for region in REGIONS:
         groups.append(
             _region_group(
-                region, float(volumes_cm3[region.key]), results.get(region.key), segments.get(region.key),
+                region, float(results[region.key].volume_cm3), results[region.key], segments.get(region.key),
                 seg, datasets[0].SeriesInstanceUID, algorithm, normative.reference, no_z_reason,
             )
         )
