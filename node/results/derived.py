@@ -10,9 +10,12 @@ import re
 import socket
 from typing import Sequence
 
+import highdicom as hd
 import pydicom
 from pydicom.datadict import dictionary_VM
 from pydicom.multival import MultiValue
+
+from inference.vocabulary import __version__
 
 MANUFACTURER = "lobevol"
 
@@ -52,6 +55,27 @@ def segmentation_method(model) -> str:
 def device_serial_number() -> str:
     """This node's identity in Device Serial Number (the host name, at most 64 characters)."""
     return (socket.gethostname() or "unknown")[:64]
+
+
+def new_instance_arguments(series_number: int, *, instance_number: int = 1,
+                           series_instance_uid: str | None = None) -> dict[str, object]:
+    """The arguments every derived instance's highdicom constructor takes alike.
+
+    New SOP Instance UID (and Series Instance UID unless given, for several
+    instances of one series), the numbers, and this node as the equipment
+    (General Equipment: manufacturer, model, software version, device serial
+    number), so SEG, SR and key images identify their maker the same way.
+    """
+    return {
+        "series_instance_uid": series_instance_uid or hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": instance_number,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MANUFACTURER,
+        "software_versions": f"{MANUFACTURER} {__version__}",
+        "device_serial_number": device_serial_number(),
+    }
 
 
 def with_required_patient_study(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

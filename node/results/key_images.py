@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from inference.vocabulary import NUM_CLASSES, REGIONS
-from node.results.derived import MANUFACTURER, with_required_patient_study
+from node.results.derived import new_instance_arguments, with_required_patient_study
 
 OVERLAY_SERIES_NUMBER = 9104
 OVERLAY_SERIES_DESCRIPTION = "lobevol key images"
@@ -197,11 +197,7 @@ def build_overlay_images(
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=number,
-            manufacturer=MANUFACTURER,
+            **new_instance_arguments(series_number, instance_number=number, series_instance_uid=series_uid),
             patient_orientation=_PATIENT_ORIENTATION[view.name],
             transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
         )

@@ -42,7 +42,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
 from inference.volumes import label_volumes_mm3, slice_extents_mm
-from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
+from node.results.derived import (MANUFACTURER, new_instance_arguments, segmentation_method,
+                                   with_required_patient_study)
 
 SEG_SERIES_NUMBER = 9101
 SEG_SERIES_DESCRIPTION = "lobevol SEG"
@@ -201,14 +202,7 @@ def build_seg(
         pixel_array=labels,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=f"{MANUFACTURER} {__version__}",
-        device_serial_number=device_serial_number(),
+        **new_instance_arguments(series_number),
         content_label="BRAINREGIONS",
         content_description="Brain regions (lobes, cerebellum, brainstem)",
         content_creator_name="lobevol^automatic",

@@ -46,7 +46,8 @@ from pydicom.uid import generate_uid
 
 from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
-from node.results.derived import MANUFACTURER, device_serial_number, segmentation_method, with_required_patient_study
+from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
+                                   with_required_patient_study)
 from node.results.seg import laterality_code, structure_code
 
 SR_SERIES_NUMBER = 9102
@@ -127,11 +128,7 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*with_required_patient_study(datasets), seg],
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **new_instance_arguments(series_number),
         is_complete=True,
     )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
