@@ -41,7 +41,7 @@ class CheckpointMeta:
         kernel_size: convolution kernel (depth, height, width): (3, 3, 3) or (1, 3, 3).
         channels: feature widths per level.
         num_classes: output channels (background + regions).
-        label_keys: region keys of output channels 1.. (must equal inference.labels).
+        label_keys: region keys of output channels 1.. (must equal inference.vocabulary).
         spacing_mm: working spacing (x, y, z) in mm.
         preprocessing: ``PreprocessConfig.to_dict()`` used in training.
         trained_on: plain-language description of the training data.

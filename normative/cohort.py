@@ -41,7 +41,7 @@ class Cohort:
         ids: one identifier per child.
         sex: "M", "F" or None (unknown) per child.
         age_years: age in years, NaN when unknown (float array, shape (n,)).
-        volumes_cm3: shape (n, 10), columns in inference.labels.REGION_KEYS order.
+        volumes_cm3: shape (n, 10), columns in inference.vocabulary.REGION_KEYS order.
         extra: extra column name -> its text values.
         lines: line number of each child in the source file (for messages).
         source: the file read (None for a cohort built in memory).

@@ -39,7 +39,7 @@ class RegionResult:
     """One volume against the reference.
 
     Attributes:
-        key: region key (inference.labels.REGION_KEYS) or "total".
+        key: region key (inference.vocabulary.REGION_KEYS) or "total".
         volume_cm3: measured volume, cm3.
         reference_mean_cm3, reference_sd_cm3: expected volume and SD for this
             child, cm3 (None when the reference gives none or does not apply).
@@ -98,7 +98,7 @@ class NormativeResult:
     Attributes:
         regions: the 10 regions in DESIGN order.
         total: the total of the 10 regions (key "total").
-        asymmetry: one result per lobe pair of inference.labels.LOBE_PAIRS.
+        asymmetry: one result per lobe pair of inference.vocabulary.LOBE_PAIRS.
         reference: the reference used.
         sex: "M", "F" or None (as used; unknown values become None).
         age_years: age used, years, or None.
@@ -172,7 +172,7 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
     """Compare a child's volumes with a reference.
 
     Args:
-        volumes: region key -> volume in cm3, all 10 regions of inference.labels.
+        volumes: region key -> volume in cm3, all 10 regions of inference.vocabulary.
         sex: "M", "F", "O" or None/"" (unknown).
         age_years: age in years, or None (unknown): then no z-scores.
         reference: a loaded :class:`Reference`; None = the bundled one.

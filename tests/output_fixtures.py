@@ -187,7 +187,7 @@ def _normative_types():
 
 @dataclass
 class StandInVolume:
-    """The parts of node.series_volume.SeriesVolume the writers use, for an axial untilted series."""
+    """The parts of node.dicom.volume.SeriesVolume the writers use, for an axial untilted series."""
 
     image: "sitk.Image"
     datasets: list

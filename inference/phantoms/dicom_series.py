@@ -31,7 +31,7 @@ WINDOW_CENTER_HU = 30
 WINDOW_WIDTH_HU = 100
 HU_RANGE = (-1024, 3071)
 
-#: Meta keys the writer needs (what inference.phantom.make_phantom records).
+#: Meta keys the writer needs (what inference.phantoms.generator.make_phantom records).
 REQUIRED_META = ("seed", "sex", "birth_date", "study_date", "slice_thickness_mm", "pixel_spacing_mm", "tilt_deg")
 
 
@@ -61,7 +61,7 @@ def _date(text: str, what: str) -> dt.date:
 def _check_phantom(phantom) -> None:
     missing = [key for key in REQUIRED_META if key not in phantom.meta]
     if missing:
-        raise ValueError(f"phantom meta lacks {', '.join(missing)}; make it with inference.phantom.make_phantom")
+        raise ValueError(f"phantom meta lacks {', '.join(missing)}; make it with inference.phantoms.generator.make_phantom")
     if phantom.image.GetPixelID() != sitk.sitkInt16:
         raise ValueError(f"phantom image must be Int16 HU, got {phantom.image.GetPixelIDTypeAsString()}")
     if phantom.image.GetDimension() != 3:
