@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -95,6 +95,16 @@ class Segmentation:
     model: dict
     timings_s: dict[str, float] = field(default_factory=dict)
     cross_check: object | None = None
+
+
+class RegionSegmenter(Protocol):
+    """What the node asks of a segmentation method: :class:`Segmenter` (the network),
+    ``inference.atlas.registration.AtlasSegmenter`` (template registration) and
+    ``inference.cross_check.CrossCheckedSegmenter`` (one checked by the other)."""
+
+    def segment(self, image: sitk.Image) -> Segmentation:
+        """The 10 regions of ``image`` (HU, on its own grid) and their volumes."""
+        ...
 
 
 # --- volumes -----------------------------------------------------------------------------

@@ -33,6 +33,10 @@ import pydicom
 if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs only PipelineSettings (~100 MB less)
     import SimpleITK as sitk
 
+    from inference.predict import RegionSegmenter, Segmentation
+    from node.dicom.volume import SeriesVolume
+    from normative.compare import NormativeResult
+
 from inference.vocabulary import REGION_KEYS
 from node.config import OutputSettings
 from node.dicom.selection import SelectionRules
@@ -75,7 +79,8 @@ class StudyOutcome:
     volumes_row: dict | None = None
 
 
-def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: PipelineSettings = PipelineSettings()) -> StudyOutcome:
+def analyse_study(instances: Sequence, out_dir: Path, segmenter: RegionSegmenter,
+                  settings: PipelineSettings = PipelineSettings()) -> StudyOutcome:
     """Analyse one study's instances and write its results into ``out_dir``.
 
     Args:
@@ -144,7 +149,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter, settings: Pipel
 def analyse_image(
     image: sitk.Image,
     out_dir: Path,
-    segmenter,
+    segmenter: RegionSegmenter,
     settings: PipelineSettings = PipelineSettings(),
     *,
     case_id: str,
@@ -163,7 +168,8 @@ def analyse_image(
                            extra_notes=notes, case_id=case_id, image=image)
 
 
-def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: PipelineSettings, *,
+def _analyse_volume(volume: SeriesVolume, study_uid: str, out_dir: Path, segmenter: RegionSegmenter,
+                    settings: PipelineSettings, *,
                     sex, age_years, extra_notes: Sequence[str], case_id: str,
                     image: sitk.Image | None = None) -> StudyOutcome:
     """Segment, compare, write. ``volume`` is a SeriesVolume, or None for plain-image input."""
@@ -217,7 +223,8 @@ def _analyse_volume(volume, study_uid: str, out_dir: Path, segmenter, settings: 
     return outcome
 
 
-def _write_dicom_results(volume, label_slices, segmentation, normative, views, pdf: bytes | None, settings,
+def _write_dicom_results(volume: SeriesVolume, label_slices, segmentation: Segmentation,
+                         normative: NormativeResult, views, pdf: bytes | None, settings,
                          out_dir: Path) -> list[Path]:
     """SEG, SR, Encapsulated PDF and key images, as the settings ask.
 
@@ -291,7 +298,8 @@ def write_volumes_csv(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def write_plain_files(out_dir: Path, case_id: str, segmentation, normative, notes: Sequence[str]) -> list[Path]:
+def write_plain_files(out_dir: Path, case_id: str, segmentation: Segmentation, normative: NormativeResult,
+                      notes: Sequence[str]) -> list[Path]:
     """labels.nii.gz, volumes.json and volumes.csv for research use."""
     import SimpleITK as sitk
 

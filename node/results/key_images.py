@@ -13,7 +13,7 @@ Views are in radiological convention: patient right on the image left
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -23,6 +23,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from inference.vocabulary import NUM_CLASSES, REGIONS
 from node.results.derived import new_instance_arguments, with_required_patient_study
+
+if TYPE_CHECKING:
+    from normative.compare import NormativeResult
 
 OVERLAY_SERIES_NUMBER = 9104
 OVERLAY_SERIES_DESCRIPTION = "lobevol key images"
@@ -132,7 +135,7 @@ def _draw_orientation_letters(picture: Image.Image, letters: tuple[str, str, str
         draw.text(position, text, fill=(255, 255, 0), font=font, anchor=anchor)
 
 
-def volume_table_rows(normative) -> list[tuple[str, str, str, str]]:
+def volume_table_rows(normative: NormativeResult) -> list[tuple[str, str, str, str]]:
     """(region, volume cm3, z-score, flag) as text: the header, the 10 regions, the total."""
     rows = [("Region", "cm3", "z", "flag")]
     for result in (*normative.regions, normative.total):
@@ -170,7 +173,7 @@ def _overlay_canvas(view: KeyView, normative, caption: str) -> np.ndarray:
 
 def build_overlay_images(
     views: Sequence[KeyView],
-    normative,
+    normative: NormativeResult,
     source: pydicom.Dataset,
     *,
     series_number: int = OVERLAY_SERIES_NUMBER,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pydicom
 from reportlab.graphics.shapes import Drawing, Line, Rect, String
@@ -29,6 +29,10 @@ from inference.vocabulary import __version__
 from normative.report_styles import paragraph_styles
 from node.results.derived import METHOD_DESCRIPTIONS, segmentation_method
 from node.results.key_images import KeyView
+
+if TYPE_CHECKING:
+    from inference.cross_check import CrossCheck
+    from normative.compare import NormativeResult
 
 DISCLAIMER = (
     "Not for clinical use. Research demonstration: the segmentation model was trained on synthetic "
@@ -84,14 +88,14 @@ def _shortened(text: str) -> str:
 
 
 def render_pdf_report(
-    normative,
+    normative: NormativeResult,
     model: dict,
     views: Sequence[KeyView],
     *,
     header: StudyHeader = StudyHeader(),
     quality_notes: Sequence[str] = (),
     created: datetime | None = None,
-    cross_check=None,
+    cross_check: CrossCheck | None = None,
 ) -> bytes:
     """Render the report and return the PDF bytes.
 

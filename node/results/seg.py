@@ -31,7 +31,7 @@ Choices:
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -44,6 +44,9 @@ from inference.vocabulary import __version__
 from inference.volumes import label_volumes_mm3, slice_extents_mm
 from node.results.derived import (MANUFACTURER, new_instance_arguments, segmentation_method,
                                    with_required_patient_study)
+
+if TYPE_CHECKING:
+    from node.dicom.volume import SeriesVolume
 
 SEG_SERIES_NUMBER = 9101
 SEG_SERIES_DESCRIPTION = "lobevol SEG"
@@ -163,7 +166,7 @@ def check_label_slices(label_slices: np.ndarray, datasets: Sequence[pydicom.Data
 
 
 def build_seg(
-    volume,
+    volume: SeriesVolume,
     label_slices: np.ndarray,
     model: Mapping[str, object],
     *,

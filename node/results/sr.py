@@ -37,7 +37,7 @@ Structure (written with highdicom.sr):
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import highdicom as hd
 import pydicom
@@ -49,6 +49,11 @@ from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
                                    with_required_patient_study)
 from node.results.seg import laterality_code, structure_code
+
+if TYPE_CHECKING:
+    from inference.cross_check import CrossCheck
+    from node.dicom.volume import SeriesVolume
+    from normative.compare import NormativeResult
 
 SR_SERIES_NUMBER = 9102
 SR_SERIES_DESCRIPTION = "lobevol SR"
@@ -69,13 +74,13 @@ _NORMALITY = {
 
 
 def build_sr(
-    volume,
+    volume: SeriesVolume,
     seg: pydicom.Dataset,
-    normative,
+    normative: NormativeResult,
     model: Mapping[str, object],
     *,
     series_number: int = SR_SERIES_NUMBER,
-    cross_check=None,
+    cross_check: CrossCheck | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of the region volumes.
 

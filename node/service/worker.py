@@ -24,10 +24,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from node.config import InferenceSettings, NodeConfig
 from node.service.jobs import JobState
+
+if TYPE_CHECKING:  # the network process does not import the engine
+    from inference.predict import RegionSegmenter
+    from node.pipeline import PipelineSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ class WorkerStopped(RuntimeError):
     """The node asked to stop before the job finished: the job must be checkpointed (re-run later)."""
 
 
-def load_segmenter(settings: InferenceSettings, progress: bool = False):
+def load_segmenter(settings: InferenceSettings, progress: bool = False) -> RegionSegmenter:
     """The real segmenter of ``settings`` (the one place one is built; in the node it runs in the worker process).
 
     method "network": :class:`inference.predict.Segmenter` (model, device, tta);
@@ -263,7 +267,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def analyse_job(request: JobRequest, segmenter, settings) -> JobOutcome:
+def analyse_job(request: JobRequest, segmenter: RegionSegmenter, settings: PipelineSettings) -> JobOutcome:
     """Read the job's frozen input and run the study pipeline on it."""
     import shutil
 
