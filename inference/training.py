@@ -475,8 +475,18 @@ def load_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
 
 
 def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callable[[], tuple[sitk.Image, sitk.Image]]]]:
-    """(name, loader) of ``count`` phantoms with seeds ``seed``, ``seed+1``, ... (loaders make them lazily)."""
-    from inference.phantoms.generator import GENERATION, make_phantom
+    """(name, loader) of ``count`` phantoms with seeds ``seed``, ``seed+1``, ... (loaders make them lazily).
+
+    Raises:
+        ValueError: a seed among the held-out phantoms' (``generator.HELD_OUT_SEEDS``): a
+            held-out case's deformation must never be seen in training.
+    """
+    from inference.phantoms.generator import GENERATION, HELD_OUT_SEEDS, make_phantom
+
+    seeds = range(seed, seed + count)
+    if seeds and seeds.start < HELD_OUT_SEEDS.stop and HELD_OUT_SEEDS.start < seeds.stop:
+        raise ValueError(f"phantom seeds {seeds.start}-{seeds.stop - 1} overlap the held-out seeds "
+                         f"{HELD_OUT_SEEDS.start}-{HELD_OUT_SEEDS.stop - 1} (kept for evaluation): choose another --phantom-seed")
 
     for index in range(count):
         case_seed = seed + index

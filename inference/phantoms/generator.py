@@ -1,31 +1,28 @@
-"""Synthetic pediatric head-CT phantoms with known brain-region labels and volumes.
+"""Synthetic pediatric head-CT phantoms with known brain-region labels and volumes (generation 3).
 
-A phantom is a 2-year-old's head: scalp (skin and fat), skull (cortical tables and
-diploe, thicker at the base, petrous ridges between the middle and posterior fossae),
-face (orbits, nasal airway) and neck, extra-axial CSF, lateral / third / fourth
-ventricles, brain parenchyma with a grey-matter ribbon, deep grey nuclei and random
-cortical sulci (none on the brainstem and cord, which have no cortex), and the 10
-labelled regions of :mod:`inference.vocabulary`. The regions are told apart by anatomy the
-image shows, never by an intensity code: every lobe has the same parenchyma HU
-distribution; the interhemispheric, Sylvian, central and parieto-occipital fissures and
-the tentorium are thin CSF sheets at the region boundaries, and the rest of each
-boundary is given by position.
+A phantom is a 2-year-old's head made from real anatomy: the bundled atlas's 10-region
+map, the template's grey / white / CSF maps and its skull and scalp, pulled through a
+random smooth diffeomorphism and given a toddler's tissue densities
+(:mod:`inference.phantoms.anatomy`), then scanned: scaled to the child's drawn brain
+volume, posed on the table, cut into slices of the drawn thickness (partial volume across
+the slice), blurred by a drawn reconstruction kernel, with CT noise of drawn level and
+grain. The regions are told apart by the anatomy the image shows, never by an intensity
+code (each region's parenchyma gets a small random offset, the contrast is drawn per case).
 
-How a phantom is made (all lengths in mm, head frame = LPS with the origin near the
-centre of the cerebrum: +x patient left, +y posterior, +z superior):
+How a phantom is made (lengths in mm, head frame = LPS with the origin at the atlas's
+intracranial centroid: +x patient left, +y posterior, +z superior):
 
-1. Draw the case from the seed: sex, age, target volumes, pose, geometry, noise.
-2. Evaluate smooth scalar fields (signed distances, region scores) on a 1 mm
-   canonical grid after a smooth random displacement of the anatomy.
-3. Calibrate the region partition: each region is a quantile of its score field, so
-   that the regions' shares of the parenchyma match the drawn targets; the whole head
-   is then scaled so that the total matches too.
-4. Build the HU image on the canonical grid and resample it (linear) with the pose
-   onto the series grid, averaging sub-slices across the slice thickness (slice
-   profile); resample the region fields (linear) onto the slice centres and threshold
-   them there, so label boundaries stay smooth at any resolution.
-5. Add CT noise (Gaussian, slightly smoothed), round to Int16 HU, count the volumes on
-   the written labels.
+1. Draw the case from the seed: sex, age, target volumes (the paper's cohort), the
+   deformation, the densities, pose, geometry, kernel and noise; separate generators for
+   the child, the deformation, the appearance and the scan.
+2. The canonical head (:func:`inference.phantoms.anatomy.make_canonical_head`) on the atlas's
+   1 mm grid: the deformation also scales each region towards the child's drawn regional
+   shares; the whole head is then scaled so the parenchyma's total matches the drawn total.
+3. The HU image resampled (linear) with the pose onto the series grid, averaging
+   sub-slices across the slice thickness (slice profile); the labels resampled (nearest)
+   onto the slice centres.
+4. Kernel blur in-plane, CT noise (Gaussian with the kernel's grain), round to Int16 HU,
+   count the volumes on the written labels.
 
 Choices this module makes where the paper is silent (documented, not measured):
 
@@ -34,10 +31,15 @@ Choices this module makes where the paper is silent (documented, not measured):
   age 1.98 y; the sex and age effects are centred so that the cohort mean (55.5 % boys)
   equals the published mean; the remaining spread is a shared brain-size factor
   (correlation 0.8 between regions) plus a regional part, keeping each region's SD.
-- Ventricles, fissures, sulci and extra-axial CSF are background (label 0): a region's
-  volume is its parenchyma. Deep grey nuclei belong to the lobe their position gives.
+  The adult atlas's own proportions differ (its brainstem is three times the paper's
+  share): the regional scaling is bounded (``anatomy.MAX_REGION_SCALE``), so a drawn share
+  far from the atlas's is approached, not reached.
+- Ventricles, sulci and extra-axial CSF are background (label 0): a region's volume is
+  its parenchyma. Deep grey nuclei belong to the region the atlas mapping gives them.
 - ``meta["volumes_cm3"]`` is counted on the written label map (the truth for
-  evaluation); ``meta["target_volumes_cm3"]`` are the drawn targets (within a few %).
+  evaluation); ``meta["target_volumes_cm3"]`` are the drawn targets.
+- Seeds from :data:`HELD_OUT_SEEDS` are for evaluation: training refuses them, so the
+  deformation of a held-out case never occurs in training.
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.vocabulary import REGION_KEYS, REGIONS, region_by_key
+from inference.phantoms.anatomy import SPACING_MM, TissueDensities, make_canonical_head
+from inference.vocabulary import REGION_KEYS
 from inference.volumes import region_volumes_cm3
 
 # ---------------------------------------------------------------------------------------
 # Cohort model (see module docstring)
 # ---------------------------------------------------------------------------------------
+
 
 #: Whole-cohort regional volumes of Xi et al. 2025, mean and SD in cm3.
 COHORT_VOLUMES_CM3: dict[str, tuple[float, float]] = {
@@ -71,7 +75,10 @@ COHORT_VOLUMES_CM3: dict[str, tuple[float, float]] = {
 }
 #: Raised whenever a seed's output changes (meta.json carries it; training caches are keyed by it).
 #: 2: the brainstem and cord have no sulci (generation 1 cut cortical sulci into them).
-GENERATION = 2
+#: 3: the anatomy is the bundled atlas's, deformed (generation 2 drew lobes between planes).
+GENERATION = 3
+#: Seeds of held-out phantoms (evaluation only; training refuses them).
+HELD_OUT_SEEDS = range(900_000, 1_000_000)
 
 COHORT_BOY_FRACTION = 826 / 1487
 COHORT_MEAN_AGE_YEARS = 1.98
@@ -88,30 +95,10 @@ PIXEL_SPACING_RANGE_MM = (0.35, 0.6)
 MIN_FIELD_OF_VIEW_MM = 215.0   # drawn pixel sizes keep a rotated, scaled head inside the field of view
 MAX_ROTATION_DEG = 20.0
 NOISE_RANGE_HU = (3.0, 12.0)
-NOISE_GRAIN_MM = 0.45         # SD of the Gaussian that shapes the noise (a standard kernel's texture)
 
-#: Canonical grid: 1 mm, head frame, covers the head of the largest drawn child.
-CANONICAL_SPACING_MM = 1.0
-CANONICAL_MIN_MM = np.array([-84.0, -104.0, -104.0])   # x, y, z
-CANONICAL_SIZE = (168, 208, 194)                         # x, y, z voxels
-
-#: Tissue HU (means; the image adds texture and noise).
+KERNEL_SIGMA_RANGE_MM = (0.0, 0.6)   # in-plane blur of the reconstruction kernel (sharp bone to soft)
+NOISE_GRAIN_RANGE_MM = (0.35, 0.6)   # SD of the Gaussian that shapes the noise (the kernel's texture)
 HU_AIR = -1000.0
-HU_FAT = -90.0
-HU_SKIN = 35.0
-HU_CORTICAL_BONE = 1500.0
-HU_DIPLOE = 450.0
-HU_CSF = 6.0
-HU_GREY = 37.0
-HU_WHITE = 28.0
-HU_SOFT = 40.0
-
-#: Anatomical widths (mm, before the whole-head scale).
-FISSURE_HALF_WIDTH = 1.0       # fissures ~2 mm wide
-SULCAL_UNDULATION_MM = 2.5     # SD of the wave of the central, parieto-occipital and Sylvian boundaries
-CORTEX_THICKNESS_MM = 2.6
-
-LOBES = ("frontal", "parietal", "occipital", "temporal")
 
 
 @dataclass
@@ -171,502 +158,6 @@ def _rotation_matrix(degrees: np.ndarray) -> np.ndarray:
     ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
     rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
-
-
-@dataclass
-class _Anatomy:
-    """Random anatomical parameters of one case (head frame, mm, before scaling)."""
-
-    cerebrum_axes: np.ndarray
-    fossa_axes: np.ndarray
-    ventricle_scale: float
-    csf_width: float
-    skull_thickness: float
-    scalp_thickness: float
-    tentorium_height: float
-    sylvian_height: float
-    sylvian_slope: float
-    central_position: float
-    central_slope: float
-    parieto_occipital_position: float
-    parieto_occipital_slope: float
-    deformation_mm: float
-    sulcus_depth: float
-    calibration_hu: float        # scanner-to-scanner offset of soft-tissue HU
-    grey_white_hu: float         # grey-white contrast (myelination and kernel vary)
-
-
-def _draw_anatomy(rng: np.random.Generator, targets: dict[str, float]) -> _Anatomy:
-    """Random shape parameters; the posterior fossa is sized for the child's cerebellum share."""
-    u = rng.uniform
-    share = targets["cerebellum"] / sum(targets.values())
-    mean_share = COHORT_VOLUMES_CM3["cerebellum"][0] / sum(m for m, _ in COHORT_VOLUMES_CM3.values())
-    cerebrum_factors = u(0.95, 1.05, 3)
-    fossa_factor = (float(np.prod(cerebrum_factors)) * share / mean_share) ** (1 / 3)
-    return _Anatomy(
-        cerebrum_axes=np.array([64.0, 80.0, 66.0]) * cerebrum_factors,
-        fossa_axes=np.array([56.0, 39.0, 31.0]) * fossa_factor * u(0.97, 1.03, 3),
-        ventricle_scale=u(0.8, 1.3),
-        csf_width=u(1.5, 3.0),
-        skull_thickness=u(2.5, 4.0),
-        scalp_thickness=u(4.0, 7.0),
-        tentorium_height=u(-3.0, 3.0),
-        sylvian_height=u(-3.0, 3.0),
-        sylvian_slope=u(0.25, 0.45),
-        central_position=u(-3.0, 3.0),
-        central_slope=u(0.35, 0.6),
-        parieto_occipital_position=u(-3.0, 3.0),
-        parieto_occipital_slope=u(0.3, 0.6),
-        deformation_mm=u(2.0, 4.0),
-        sulcus_depth=u(6.0, 10.0),
-        calibration_hu=u(-3.0, 3.0),
-        grey_white_hu=u(6.0, 11.0),
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Canonical fields
-# ---------------------------------------------------------------------------------------
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels: float, factor: int) -> np.ndarray:
-    """Zero-mean, unit-SD smooth random field: white noise on a lattice ``factor`` times coarser,
-    smoothed there, then interpolated (linear) up to ``shape``."""
-    coarse_shape = tuple(max(2, math.ceil(n / factor) + 2) for n in shape)
-    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), sigma_voxels / factor,
-                                     mode="wrap")
-    coarse_image = sitk.GetImageFromArray(coarse)
-    coarse_image.SetSpacing((float(factor),) * 3)
-    reference = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
-    field = sitk.GetArrayFromImage(sitk.Resample(coarse_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0))
-    field -= field.mean()
-    return field / max(float(field.std()), 1e-6)
-
-
-def _ellipsoid(x, y, z, centre, axes) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid."""
-    q = np.sqrt(((x - centre[0]) / axes[0]) ** 2 + ((y - centre[1]) / axes[1]) ** 2 + ((z - centre[2]) / axes[2]) ** 2)
-    return (q - 1.0) * float(np.min(axes))
-
-
-def _capsule(x, y, z, start, end, radius) -> np.ndarray:
-    """Signed distance (mm) to a capsule (segment start-end inflated by radius)."""
-    start, end = np.asarray(start, float), np.asarray(end, float)
-    axis = end - start
-    length2 = float(axis @ axis)
-    t = np.clip(((x - start[0]) * axis[0] + (y - start[1]) * axis[1] + (z - start[2]) * axis[2]) / length2, 0, 1)
-    return np.sqrt((x - start[0] - t * axis[0]) ** 2 + (y - start[1] - t * axis[1]) ** 2
-                   + (z - start[2] - t * axis[2]) ** 2) - radius
-
-
-def _ramp(v):
-    """0 below -2, 1 above +2, linear between: a cheap smooth-enough step for blending surfaces."""
-    return np.clip(0.5 + 0.25 * v, 0.0, 1.0)
-
-
-def _tentorium(x, y, anatomy: _Anatomy) -> np.ndarray:
-    """Height (mm) of the tentorium: highest at the incisura, sloping down laterally and back."""
-    return -14.0 + anatomy.tentorium_height - 0.32 * np.maximum(y - 12.0, 0) - 0.1 * np.abs(x)
-
-
-BASE_EXTRA_BONE_MM = 5.0    # the skull base is thicker than the vault
-BASE_START_Z = -28.0
-PETROUS_APEX_X = 12.0        # |x| of the petrous apex, beside the clivus
-PETROUS_SLOPE = 0.66         # the ridge runs back 0.66 mm per mm laterally
-PETROUS_TOP_Z = -30.0
-
-
-def _petrous_line(x) -> np.ndarray:
-    """y (mm) of the front of the posterior fossa: the petrous ridges laterally, the brainstem medially."""
-    lateral = np.abs(x) - PETROUS_APEX_X
-    ridge = 4.0 + PETROUS_SLOPE * np.where(lateral > 0, lateral, 0.0)
-    # Medially the posterior fossa's front is the brainstem: the cerebellum starts behind it.
-    return np.maximum(ridge, 14.0 - 0.5 * np.abs(x))
-
-
-def _petrous_ridges(x, y, z) -> np.ndarray:
-    """Signed distance-like field (< 0 inside) of the two petrous bone wedges."""
-    across = np.abs(y - _petrous_line(x)) / math.hypot(1.0, PETROUS_SLOPE)
-    half_width = 3.0 + 0.35 * np.maximum(PETROUS_TOP_Z - z, 0.0)      # a wedge, wider downwards
-    return np.maximum.reduce([across - half_width, z - PETROUS_TOP_Z, PETROUS_APEX_X - np.abs(x)])
-
-
-BRAINSTEM_TOP = (0.0, 4.0, -14.0)
-BRAINSTEM_BOTTOM = (0.0, 15.0, -82.0)
-
-
-@dataclass
-class _Fields:
-    """Scalar fields on the canonical grid (arrays z, y, x; float32; mm-like units)."""
-
-    intracranial: np.ndarray   # signed distance to the intracranial surface (negative inside)
-    head: np.ndarray           # signed distance to the skin (negative inside)
-    ventricles: np.ndarray     # < 0 inside a ventricle or a basal cistern
-    brainstem: np.ndarray      # distance to the brainstem axis
-    infratentorial: np.ndarray # height above the tentorium (low = cerebellum)
-    midline: np.ndarray        # x distance from the midsagittal plane (+ = left)
-    sylvian: np.ndarray        # height above the Sylvian plane (low = temporal)
-    parieto_occipital: np.ndarray  # distance anterior to the parieto-occipital plane (low = occipital)
-    central: np.ndarray        # distance behind the central-sulcus plane (low = frontal)
-    sulci: np.ndarray          # band-pass noise: cortical sulci where |sulci| is small
-    deep_grey: np.ndarray      # < 0 inside thalamus / basal ganglia
-    texture: np.ndarray        # smooth unit noise for parenchyma texture
-
-    height: np.ndarray         # head-frame height (mm): the brain ends at the foramen magnum
-    face: np.ndarray           # HU of orbits and nasal airway, NaN elsewhere
-
-    REGION_FIELDS = ("intracranial", "ventricles", "brainstem", "infratentorial", "midline", "sylvian",
-                     "parieto_occipital", "central", "sulci", "height")
-
-
-def _canonical_coordinates(rng: np.random.Generator, anatomy: _Anatomy):
-    """Warped head-frame coordinates (z, y, x arrays) of the canonical grid."""
-    nx, ny, nz = CANONICAL_SIZE
-    shape = (nz, ny, nx)
-    z = (CANONICAL_MIN_MM[2] + CANONICAL_SPACING_MM * np.arange(nz, dtype=np.float32))[:, None, None]
-    y = (CANONICAL_MIN_MM[1] + CANONICAL_SPACING_MM * np.arange(ny, dtype=np.float32))[None, :, None]
-    x = (CANONICAL_MIN_MM[0] + CANONICAL_SPACING_MM * np.arange(nx, dtype=np.float32))[None, None, :]
-    # Smooth random displacement: boundaries move by a few mm, differently in every case.
-    warp = [anatomy.deformation_mm * _smooth_noise(rng, shape, 22.0, 8) for _ in range(3)]
-    return x + warp[0], y + warp[1], z + warp[2], shape
-
-
-def _box(x_mm: tuple[float, float], y_mm: tuple[float, float], z_mm: tuple[float, float]) -> tuple[slice, ...]:
-    """Index slices (z, y, x) of the canonical grid covering a head-frame box (mm)."""
-    def axis(bounds, a):
-        lo = int(max(0, math.floor((bounds[0] - CANONICAL_MIN_MM[a]) / CANONICAL_SPACING_MM)))
-        hi = int(min(CANONICAL_SIZE[a], math.ceil((bounds[1] - CANONICAL_MIN_MM[a]) / CANONICAL_SPACING_MM) + 1))
-        return slice(lo, hi)
-    return axis(z_mm, 2), axis(y_mm, 1), axis(x_mm, 0)
-
-
-def _in_box(shape, box, default: float, function, x, y, z) -> np.ndarray:
-    """A full-grid float32 field equal to ``function(x, y, z)`` inside ``box`` and ``default`` outside.
-
-    Small structures (ventricles, nuclei, face) are evaluated only where they can be.
-    """
-    field = np.full(shape, default, np.float32)
-    field[box] = function(x[box], y[box], z[box])
-    return field
-
-
-def _compute_fields(rng: np.random.Generator, anatomy: _Anatomy) -> _Fields:
-    x, y, z, shape = _canonical_coordinates(rng, anatomy)
-    tent = _tentorium(x, y, anatomy)
-    # Intracranial space: cerebrum (cut by the skull base floor) + posterior fossa + foramen magnum.
-    floor_anterior = -22.0 + 0.08 * np.abs(x)
-    floor_middle = -44.0 + 16.0 * np.exp(-(x / 16.0) ** 2)
-    w_ant = _ramp((-30.0 - y) / 4.0)
-    w_post = _ramp((y - 8.0) / 4.0)
-    floor = w_ant * floor_anterior + w_post * tent + (1 - w_ant - w_post) * floor_middle
-    del floor_anterior, floor_middle, w_ant, w_post
-    implicit = np.maximum(_ellipsoid(x, y, z, (0.0, 2.0, -2.0), anatomy.cerebrum_axes), floor - z)
-    del floor
-    lower = _box((-80, 80), (-20, 90), (-104, 0))
-    implicit[lower] = np.minimum(implicit[lower], np.maximum(
-        _ellipsoid(x[lower], y[lower], z[lower], (0.0, 36.0, -42.0), anatomy.fossa_axes), z[lower] - tent[lower] - 3.0))
-    implicit[lower] = np.minimum(implicit[lower], _capsule(x[lower], y[lower], z[lower], (0.0, 6.0, -20.0),
-                                                           (0.0, 17.0, -92.0), 11.0))
-    # Petrous ridges: bone walls between the middle and the posterior fossa.
-    implicit[lower] = np.maximum(implicit[lower], -_petrous_ridges(x[lower], y[lower], z[lower]))
-    intracranial = _signed_distance(implicit < 0)
-    # Head: skull + scalp around the intracranial space (thicker at the base), face and neck.
-    outer = intracranial - (anatomy.skull_thickness + anatomy.scalp_thickness
-                            + BASE_EXTRA_BONE_MM * _ramp((BASE_START_Z - z) / 5.0))
-    below = _box((-84, 84), (-104, 104), (-104, -10))
-    outer[below] = np.minimum(outer[below], _capsule(x[below], y[below], z[below], (0.0, 2.0, -45.0),
-                                                     (0.0, 2.0, -160.0), 40.0))
-    front = _box((-84, 84), (-104, 0), (-104, -5))
-    outer[front] = np.minimum(outer[front], _ellipsoid(x[front], y[front], z[front], (0.0, -50.0, -58.0),
-                                                       np.array([44.0, 38.0, 36.0])))
-    head = _signed_distance(outer < 0)
-    del outer, implicit
-
-    v = anatomy.ventricle_scale
-    ventricles = _in_box(shape, _box((-45, 45), (-45, 50), (-60, 35)), 100.0, lambda x, y, z: np.minimum.reduce([
-        _ellipsoid(np.abs(x), y, z, (8.0, -2.0, 14.0), np.array([3.8, 24.0, 5.5]) * v),        # bodies
-        _ellipsoid(np.abs(x), y, z, (10.0, -22.0, 8.0), np.array([4.0, 8.0, 6.0]) * v),        # frontal horns
-        _ellipsoid(np.abs(x), y, z, (15.0, 24.0, 6.0), np.array([4.5, 9.0, 6.0]) * v),        # atria
-        _ellipsoid(np.abs(x), y, z, (25.0, 4.0, -18.0), np.array([2.0, 14.0, 2.5]) * v),      # temporal horns
-        _ellipsoid(x, y, z, (0.0, 2.0, -6.0), np.array([1.3, 11.0, 8.0]) * v),                # third
-        _ellipsoid(x, y, z, (0.0, 25.0, -44.0), np.array([5.0, 2.5, 6.0]) * v),               # fourth
-        # Basal cisterns (CSF, unlabelled like the ventricles): suprasellar, quadrigeminal.
-        _ellipsoid(x, y, z, (0.0, -10.0, -27.0), np.array([11.0, 6.0, 4.0])),
-        _ellipsoid(x, y, z, (0.0, 19.0, -13.0), np.array([7.0, 4.0, 4.0])),
-    ]), x, y, z)
-    deep_grey = _in_box(shape, _box((-40, 40), (-40, 30), (-25, 25)), 100.0, lambda x, y, z: np.minimum(
-        _ellipsoid(np.abs(x), y, z, (12.0, 4.0, -2.0), np.array([8.0, 13.0, 8.0])),           # thalami
-        _ellipsoid(np.abs(x), y, z, (20.0, -14.0, 2.0), np.array([7.0, 14.0, 9.0])),          # basal ganglia
-    ), x, y, z)
-    brainstem = _in_box(shape, _box((-50, 50), (-40, 70), (-104, 20)), 100.0,
-                        lambda x, y, z: _capsule(x, y, z, BRAINSTEM_TOP, BRAINSTEM_BOTTOM, 0.0), x, y, z)
-    face = _in_box(shape, _box((-60, 60), (-104, -20), (-104, -5)), np.nan, _face_hu, x, y, z)
-    # Below the tentorium and behind the petrous ridges; distance-like (unit gradient) on
-    # both parts, so the CSF sheet around the cerebellum has the same width everywhere.
-    infratentorial = np.maximum(z - tent, (_petrous_line(x) - y) / math.hypot(1.0, PETROUS_SLOPE))
-    del tent
-    # Sylvian plane rising medially: the temporal lobe is lateral; only low medial tissue
-    # (uncus, hippocampus) falls below it.
-    sylvian = (z - (-14.0 + anatomy.sylvian_height + anatomy.sylvian_slope * (y + 20.0))
-               + 1.2 * np.maximum(30.0 - np.abs(x), 0.0))
-    po_slope = anatomy.parieto_occipital_slope
-    parieto_occipital = ((52.0 + anatomy.parieto_occipital_position + po_slope * (z - 20.0)) - y) / math.hypot(1, po_slope)
-    cs_slope = anatomy.central_slope
-    central = (y - (4.0 + anatomy.central_position + cs_slope * (z - 40.0))) / math.hypot(1, cs_slope)
-    # Sulci are not planes: a shorter-range undulation (gyri) on the three lobar boundaries.
-    undulation = SULCAL_UNDULATION_MM * _smooth_noise(rng, shape, 7.0, 4)
-    sylvian += 0.6 * undulation
-    parieto_occipital -= undulation
-    central += undulation
-    del undulation
-    sulci = _smooth_noise(rng, shape, 3.0, 2)
-    texture = _smooth_noise(rng, shape, 4.0, 2)
-    return _Fields(
-        intracranial=intracranial, head=head, ventricles=ventricles, brainstem=brainstem,
-        infratentorial=_f32(infratentorial, shape), midline=_f32(x, shape), sylvian=_f32(sylvian, shape),
-        parieto_occipital=_f32(parieto_occipital, shape), central=_f32(central, shape), sulci=sulci,
-        deep_grey=deep_grey, texture=texture, height=_f32(z, shape), face=face,
-    )
-
-
-def _face_hu(x, y, z) -> np.ndarray:
-    """HU of the face's own structures (NaN elsewhere): orbits (fat, globe, lens) and nasal airway."""
-    hu = np.full(x.shape, np.nan, np.float32)
-    orbit = _ellipsoid(np.abs(x), y, z, (25.0, -62.0, -34.0), np.array([14.0, 18.0, 13.0]))
-    globe = _ellipsoid(np.abs(x), y, z, (25.0, -70.0, -34.0), np.array([9.5, 9.5, 9.5]))
-    lens = _ellipsoid(np.abs(x), y, z, (25.0, -78.5, -34.0), np.array([4.0, 1.8, 4.0]))
-    nasal = _ellipsoid(x, y, z, (0.0, -66.0, -58.0), np.array([7.0, 17.0, 12.0]))
-    hu[orbit < 0] = HU_FAT
-    hu[globe < 0] = 12.0
-    hu[lens < 0] = 90.0
-    hu[nasal < 0] = HU_AIR
-    return hu
-
-
-def _f32(array, shape) -> np.ndarray:
-    return np.ascontiguousarray(np.broadcast_to(array, shape), dtype=np.float32)
-
-
-def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Euclidean signed distance (mm, negative inside) of a boolean mask on the canonical grid."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing((CANONICAL_SPACING_MM,) * 3)
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    # Maurer gives the object's own boundary voxels 0; half a voxel less puts the surface
-    # midway between inside and outside voxels, so interpolated grids see the same volume.
-    return sitk.GetArrayFromImage(distance).astype(np.float32) - 0.5 * CANONICAL_SPACING_MM
-
-
-# ---------------------------------------------------------------------------------------
-# Region partition
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Partition:
-    """Thresholds of the region scores and the widths that shape the brain."""
-
-    csf_width: float
-    sulcus_depth: float
-    brainstem: float = 0.0
-    infratentorial: float = 0.0
-    midline: float = 0.0
-    occipital: tuple[float, float] = (0.0, 0.0)   # (right, left)
-    temporal: tuple[float, float] = (0.0, 0.0)
-    frontal: tuple[float, float] = (0.0, 0.0)
-
-
-SULCUS_HALF_WIDTH = 0.13    # in units of the sulci field's SD (~1.5 mm)
-FORAMEN_MAGNUM_Z = -78.0    # head frame: below it the brainstem becomes the (unlabelled) spinal cord
-
-
-def _depth_below_brain_surface(intracranial: np.ndarray, csf_width: float) -> np.ndarray:
-    """Depth (mm) below the brain's surface, which lies ``csf_width`` inside the inner table."""
-    return -intracranial - csf_width
-
-
-def _parenchyma(f: dict[str, np.ndarray], depth: np.ndarray) -> np.ndarray:
-    """Brain tissue before sulci and partition: below the brain surface, outside the ventricles."""
-    return (depth > 0) & (f["ventricles"] > 0)
-
-
-def _sulci(f: dict[str, np.ndarray], depth: np.ndarray, sulcus_depth: float) -> np.ndarray:
-    """Cortical sulci: thin CSF clefts reaching ``sulcus_depth`` (mm) below the brain surface."""
-    return (np.abs(f["sulci"]) < SULCUS_HALF_WIDTH) & (depth < sulcus_depth)
-
-
-def _label_fields(f: dict[str, np.ndarray], p: _Partition) -> np.ndarray:
-    """Labels (uint8) from region fields and thresholds; the same rule on any grid.
-
-    ``f`` maps the names of :attr:`_Fields.REGION_FIELDS` to arrays of one shape.
-    """
-    depth = _depth_below_brain_surface(f["intracranial"], p.csf_width)
-    above_foramen = f["height"] > FORAMEN_MAGNUM_Z
-    tissue = _parenchyma(f, depth) & above_foramen
-    # The brainstem has no cortex, hence no sulci: its surface is smooth.
-    stem = tissue & (f["brainstem"] < p.brainstem)
-    brain = tissue & ~_sulci(f, depth, p.sulcus_depth) | stem
-    labels = np.zeros(depth.shape, np.uint8)
-    labels[stem] = region_by_key("brainstem").value
-    rest = brain & ~stem
-    tent = f["infratentorial"] - p.infratentorial
-    cerebellum = rest & (tent < -FISSURE_HALF_WIDTH)
-    labels[cerebellum] = region_by_key("cerebellum").value
-    cerebrum = rest & (tent > FISSURE_HALF_WIDTH)
-    mid = f["midline"] - p.midline
-    # Interhemispheric fissure everywhere except through the corpus callosum / diencephalon core.
-    core = (np.abs(f["sylvian"] - 8.0) < 22.0) & (np.abs(f["central"] + 10.0) < 30.0) & (depth > 14.0)
-    cerebrum &= ~((np.abs(mid) < FISSURE_HALF_WIDTH) & ~core)
-    medial_depth = np.abs(mid)
-    for side, sign in (("right", -1.0), ("left", 1.0)):
-        index = 0 if side == "right" else 1
-        hemisphere = cerebrum & (sign * mid > 0)
-        po = f["parieto_occipital"] - p.occipital[index]
-        syl = f["sylvian"] - p.temporal[index]
-        cs = f["central"] - p.frontal[index]
-        occipital = hemisphere & (po < 0)
-        temporal = hemisphere & (po > 0) & (syl < 0)
-        frontal = hemisphere & (po > 0) & (syl > 0) & (cs < 0)
-        parietal = hemisphere & (po > 0) & (syl > 0) & (cs > 0)
-        surface_depth = np.minimum(depth, medial_depth)
-        fissures = (
-            (np.abs(po) < FISSURE_HALF_WIDTH) & (surface_depth < 22.0) & (syl > 0)
-            | (np.abs(syl) < FISSURE_HALF_WIDTH) & ((medial_depth > 26.0) | (depth < 15.0)) & (po > 18.0)
-            & (f["central"] < 12.0)
-            | (np.abs(cs) < FISSURE_HALF_WIDTH) & (surface_depth < 18.0) & (syl > 3.0) & (po > 0)
-        )
-        for lobe, mask in (("frontal", frontal), ("parietal", parietal), ("occipital", occipital),
-                           ("temporal", temporal)):
-            labels[mask & ~fissures] = region_by_key(f"{side}_{lobe}_lobe").value
-    return labels
-
-
-def _quantile_threshold(values: np.ndarray, count: float) -> float:
-    """The value below which ``count`` of ``values`` lie (values sorted ascending)."""
-    if values.size == 0:
-        raise RuntimeError("phantom anatomy has an empty compartment; this seed cannot be built")
-    k = int(np.clip(round(count), 1, values.size - 1))
-    return float(np.partition(values, k)[k])
-
-
-def _calibrate(fields: _Fields, anatomy: _Anatomy, targets: dict[str, float]) -> tuple[_Partition, float, np.ndarray]:
-    """Thresholds giving each region its share of the parenchyma, the head scale factor,
-    and the labels on the canonical grid.
-
-    Regions are taken in turn (brainstem, cerebellum, hemispheres, then per hemisphere
-    occipital, temporal, frontal; parietal is the rest); losses to fissures are measured
-    and compensated in the next pass. The first passes use every second canonical voxel
-    (cheap), the last one all of them (precise: volumes within ~1 % of the targets).
-    """
-    partition = _Partition(csf_width=anatomy.csf_width, sulcus_depth=anatomy.sulcus_depth)
-    total_target = sum(targets.values())
-    inflation = {key: 1.0 for key in REGION_KEYS}
-    for stride in (2, 2, 1):
-        sub = (slice(None, None, stride),) * 3
-        f = {name: getattr(fields, name)[sub] for name in _Fields.REGION_FIELDS}
-        voxel_cm3 = (stride * CANONICAL_SPACING_MM) ** 3 / 1000.0
-        depth = _depth_below_brain_surface(f["intracranial"], partition.csf_width)
-        tissue = _parenchyma(f, depth) & (f["height"] > FORAMEN_MAGNUM_Z)
-        brain = tissue & ~_sulci(f, depth, partition.sulcus_depth)
-        # Shares of the brain voxels (before fissures) each region should take.
-        want = {key: targets[key] * inflation[key] for key in REGION_KEYS}
-        scale_count = brain.sum() / sum(want.values())
-        n = {key: want[key] * scale_count for key in REGION_KEYS}
-        # The brainstem takes its share of the tissue without sulci (it has none).
-        partition.brainstem = _quantile_threshold(f["brainstem"][tissue], n["brainstem"])
-        rest = brain & (f["brainstem"] >= partition.brainstem)
-        partition.infratentorial = _quantile_threshold(f["infratentorial"][rest], n["cerebellum"])
-        cerebrum = rest & (f["infratentorial"] > partition.infratentorial)
-        right_total = sum(n[f"right_{lobe}_lobe"] for lobe in LOBES)
-        partition.midline = _quantile_threshold(f["midline"][cerebrum], right_total)
-        thresholds: dict[str, list[float]] = {"occipital": [], "temporal": [], "frontal": []}
-        for side, sign in (("right", -1.0), ("left", 1.0)):
-            hemisphere = cerebrum & (sign * (f["midline"] - partition.midline) > 0)
-            occ = _quantile_threshold(f["parieto_occipital"][hemisphere], n[f"{side}_occipital_lobe"])
-            hemisphere &= f["parieto_occipital"] > occ
-            tem = _quantile_threshold(f["sylvian"][hemisphere], n[f"{side}_temporal_lobe"])
-            hemisphere &= f["sylvian"] > tem
-            fro = _quantile_threshold(f["central"][hemisphere], n[f"{side}_frontal_lobe"])
-            thresholds["occipital"].append(occ)
-            thresholds["temporal"].append(tem)
-            thresholds["frontal"].append(fro)
-        partition.occipital = tuple(thresholds["occipital"])
-        partition.temporal = tuple(thresholds["temporal"])
-        partition.frontal = tuple(thresholds["frontal"])
-        labels = _label_fields(f, partition)
-        counts = np.bincount(labels.ravel(), minlength=len(REGIONS) + 1)
-        measured_total = counts[1:].sum()
-        for region in REGIONS:
-            share_measured = counts[region.value] / measured_total
-            share_target = targets[region.key] / total_target
-            inflation[region.key] *= share_target / max(share_measured, 1e-9)
-    scale = (total_target / (measured_total * voxel_cm3)) ** (1.0 / 3.0)
-    return partition, float(scale), labels
-
-
-# ---------------------------------------------------------------------------------------
-# The HU image on the canonical grid
-# ---------------------------------------------------------------------------------------
-
-
-def _canonical_hu(fields: _Fields, anatomy: _Anatomy, partition: _Partition, labels: np.ndarray) -> np.ndarray:
-    """HU of the head on the canonical grid (float32, z, y, x), before noise; ``labels`` on that grid."""
-    f = {name: getattr(fields, name) for name in _Fields.REGION_FIELDS}
-    inside = fields.intracranial < 0
-    depth = _depth_below_brain_surface(fields.intracranial, partition.csf_width)
-    cord = _parenchyma(f, depth) & (fields.height <= FORAMEN_MAGNUM_Z)   # no sulci
-    parenchyma = (labels > 0) | cord
-    # Grey-matter ribbon: within the cortical thickness of any CSF the brain touches
-    # (surface, fissures, sulci), not of the ventricles (their walls are white matter).
-    csf = inside & ~parenchyma & (fields.ventricles > 0)
-    to_csf = _distance_to(csf)
-    grey = np.clip(1.5 - to_csf / CORTEX_THICKNESS_MM, 0.0, 1.0)
-    grey = np.maximum(grey, np.clip(0.5 - fields.deep_grey / 3.0, 0.0, 1.0))
-    cerebellum = labels == region_by_key("cerebellum").value
-    grey[cerebellum] = np.maximum(grey[cerebellum], 0.6)
-    white = (HU_GREY + HU_WHITE) / 2.0 - anatomy.grey_white_hu / 2.0 + anatomy.calibration_hu
-    brain_hu = white + anatomy.grey_white_hu * grey + 1.5 * fields.texture
-    hu = np.full(inside.shape, HU_AIR, np.float32)
-    hu[inside] = HU_CSF + anatomy.calibration_hu + 1.5 * fields.texture[inside]
-    hu[parenchyma] = brain_hu[parenchyma]
-    # Skull: outer and inner cortical tables around a diploe that appears where bone is thick.
-    base_extra = BASE_EXTRA_BONE_MM * _ramp((BASE_START_Z - fields.height) / 5.0)
-    thickness = anatomy.skull_thickness + base_extra
-    bone_depth = fields.intracranial                      # 0 at the inner table
-    bone = (bone_depth >= 0) & (bone_depth < thickness)
-    table = np.minimum(bone_depth, thickness - bone_depth)
-    bone_hu = np.where(table < 1.0, HU_CORTICAL_BONE + 150.0 * fields.texture, HU_DIPLOE + 120.0 * fields.texture)
-    # Scalp: fat under the skin; face and neck soft tissue.
-    head = fields.head < 0
-    soft = head & ~inside & ~bone
-    scalp = soft & (fields.head > -anatomy.scalp_thickness)     # subcutaneous fat under the skin
-    hu[soft] = HU_SOFT + 8.0 * fields.texture[soft]
-    hu[scalp] = HU_FAT + 15.0 * fields.texture[scalp]
-    hu[head & (fields.head > -1.5)] = HU_SKIN
-    face = head & ~inside & ~bone & np.isfinite(fields.face)
-    hu[face] = fields.face[face]
-    hu[bone] = bone_hu[bone]
-    return hu
-
-
-def _distance_to(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance (mm) of every canonical voxel to the nearest voxel of ``mask``."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing((CANONICAL_SPACING_MM,) * 3)
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    return np.maximum(sitk.GetArrayFromImage(distance), 0.0).astype(np.float32)
-
-
-def _canonical_image(array: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing((CANONICAL_SPACING_MM,) * 3)
-    image.SetOrigin(tuple(float(v) for v in CANONICAL_MIN_MM))
-    return image
-
-
-# ---------------------------------------------------------------------------------------
-# Series geometry
-# ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -748,10 +239,11 @@ def _pose_transform(geometry: _SeriesGeometry, rotation: np.ndarray, translation
     return transform
 
 
-def _head_points(mask: np.ndarray, rotation: np.ndarray, translation: np.ndarray, scale: float) -> np.ndarray:
+def _head_points(mask: np.ndarray, origin_mm: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
+                 scale: float) -> np.ndarray:
     """Patient coordinates (N x 3) of a subsample of canonical voxels in ``mask``."""
     zyx = np.argwhere(mask[::3, ::3, ::3]) * 3
-    head = CANONICAL_MIN_MM + CANONICAL_SPACING_MM * zyx[:, ::-1]
+    head = origin_mm + SPACING_MM * zyx[:, ::-1]
     return (scale * head) @ rotation.T + translation
 
 
@@ -785,15 +277,9 @@ def _resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transfor
     return sitk.GetArrayFromImage(resampled)
 
 
-#: Values of region fields outside the canonical grid (far outside the brain).
-_FIELD_DEFAULTS = {"intracranial": 100.0, "ventricles": 100.0, "brainstem": 100.0, "infratentorial": 100.0,
-                   "midline": 0.0, "sylvian": 0.0, "parieto_occipital": 0.0, "central": 0.0, "sulci": 0.0,
-                   "height": 0.0}
-
-
-def _labels_on_grid(fields: _Fields, partition: _Partition, geometry: _SeriesGeometry,
-                    transform: sitk.Transform, intracranial_points: np.ndarray) -> np.ndarray:
-    """Labels (uint8, k, j, i) on the slice centres, computed only inside the brain's index box."""
+def _labels_on_grid(labels: sitk.Image, geometry: _SeriesGeometry, transform: sitk.Transform,
+                    intracranial_points: np.ndarray) -> np.ndarray:
+    """Labels (uint8, k, j, i) on the slice centres (nearest), resampled only inside the brain's index box."""
     index = geometry.index_of(intracranial_points)
     size = np.array([geometry.matrix, geometry.matrix, geometry.n_slices])
     # The points sample the intracranial space every 3 canonical voxels: keep a 6 mm margin.
@@ -801,20 +287,14 @@ def _labels_on_grid(fields: _Fields, partition: _Partition, geometry: _SeriesGeo
     margin = np.ceil(6.0 / spacing).astype(int) + 1
     start = np.clip(np.floor(index.min(axis=0)).astype(int) - margin, 0, size)
     stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + margin + 1, 0, size)
-    labels = np.zeros(size[::-1], np.uint8)
+    out = np.zeros(size[::-1], np.uint8)
     if np.any(stop <= start):
-        return labels
-    canonical = {name: _canonical_image(getattr(fields, name)) for name in _Fields.REGION_FIELDS}
-    # Slabs of ~8 M voxels bound the memory of the resampled fields on fine grids.
-    slab = max(1, int(8e6 // ((stop[0] - start[0]) * (stop[1] - start[1]))))
-    for k0 in range(int(start[2]), int(stop[2]), slab):
-        k1 = min(int(stop[2]), k0 + slab)
-        box = (np.array([start[0], start[1], k0]), np.array([stop[0], stop[1], k1]))
-        reference = geometry.reference(index_box=box)
-        on_grid = {name: _resample(image, reference, transform, _FIELD_DEFAULTS[name])
-                   for name, image in canonical.items()}
-        labels[k0:k1, start[1]:stop[1], start[0]:stop[0]] = _label_fields(on_grid, partition)
-    return labels
+        return out
+    box = (start, stop)
+    reference = geometry.reference(index_box=box)
+    resampled = sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] = sitk.GetArrayFromImage(resampled)
+    return out
 
 
 def _slice_profile_image(hu: sitk.Image, geometry: _SeriesGeometry, rotation: np.ndarray,
@@ -841,9 +321,17 @@ def _sub_slices(thickness: float) -> int:
     return n if n % 2 == 1 else n + 1
 
 
-def _ct_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_hu: float, pixel_spacing_mm: float) -> np.ndarray:
-    """Gaussian noise with CT's grain (~NOISE_GRAIN_MM, whatever the pixel size), SD ``sigma_hu``."""
-    sigma_px = max(0.5, NOISE_GRAIN_MM / pixel_spacing_mm)
+def _kernel_blur(image: np.ndarray, sigma_mm: float, pixel_spacing_mm: float) -> np.ndarray:
+    """In-plane Gaussian blur of every slice: a softer reconstruction kernel (none below 0.05 mm)."""
+    if sigma_mm < 0.05:
+        return image
+    return ndimage.gaussian_filter(image, (0.0, sigma_mm / pixel_spacing_mm, sigma_mm / pixel_spacing_mm))
+
+
+def _ct_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_hu: float, pixel_spacing_mm: float,
+              grain_mm: float) -> np.ndarray:
+    """Gaussian noise with CT's grain (SD ``grain_mm`` whatever the pixel size), SD ``sigma_hu``."""
+    sigma_px = max(0.5, grain_mm / pixel_spacing_mm)
     impulse = np.zeros((25, 25), np.float32)
     impulse[12, 12] = 1.0
     gain = float(np.sqrt((ndimage.gaussian_filter(impulse, sigma_px) ** 2).sum()))   # SD after filtering white noise
@@ -901,8 +389,9 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     """
     _check_arguments(seed, slice_thickness_mm, pixel_spacing_mm, matrix, n_slices, tilt_deg, sex, age_years)
     child_rng = np.random.default_rng([int(seed), 1])
-    anatomy_rng = np.random.default_rng([int(seed), 2])
+    deformation_rng = np.random.default_rng([int(seed), 2])
     scan_rng = np.random.default_rng([int(seed), 3])
+    appearance_rng = np.random.default_rng([int(seed), 4])
 
     drawn_sex = "M" if child_rng.uniform() < COHORT_BOY_FRACTION else "F"
     drawn_age = _draw_age(child_rng)
@@ -912,11 +401,12 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     study_date = dt.date(2018, 1, 1) + dt.timedelta(days=int(child_rng.integers(0, 2900)))
     birth_date = study_date - dt.timedelta(days=int(round(age_years * 365.25)))
 
-    anatomy = _draw_anatomy(anatomy_rng, targets)
-    fields = _compute_fields(anatomy_rng, anatomy)
-    partition, scale, canonical_labels = _calibrate(fields, anatomy, targets)
-    hu = _canonical_hu(fields, anatomy, partition, canonical_labels)
-    del canonical_labels
+    target_shares = np.array([targets[key] for key in REGION_KEYS]) / sum(targets.values())
+    densities = TissueDensities.draw(appearance_rng)
+    head = make_canonical_head(deformation_rng, target_shares, densities, appearance_rng)
+    # The whole head is scaled so that its parenchyma has the drawn total volume.
+    canonical_cm3 = float(np.count_nonzero(head.labels)) * SPACING_MM ** 3 / 1000.0
+    scale = (sum(targets.values()) / canonical_cm3) ** (1.0 / 3.0)
 
     # Every scan parameter is drawn even when given, so the pose of a seed never depends
     # on which options were given: one seed is one child in one position on the table.
@@ -930,18 +420,21 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     translation = np.array([scan_rng.uniform(-8.0, 8.0), scan_rng.uniform(-8.0, 8.0), 0.0])
     base_noise = scan_rng.uniform(3.0, 7.5)
     noise_hu = float(np.clip(base_noise * math.sqrt(2.5 / thickness), *NOISE_RANGE_HU))
+    kernel_sigma = float(scan_rng.uniform(*KERNEL_SIGMA_RANGE_MM))
+    noise_grain = float(scan_rng.uniform(*NOISE_GRAIN_RANGE_MM))
     rotation = _rotation_matrix(rotation_deg)
 
-    intracranial_points = _head_points(fields.intracranial < 0, rotation, translation, scale)
-    head_points = _head_points(fields.head < 0, rotation, translation, scale)
+    intracranial_points = _head_points(head.intracranial, head.origin_mm, rotation, translation, scale)
+    head_points = _head_points(head.head, head.origin_mm, rotation, translation, scale)
     geometry = _series_geometry(matrix, pixel_spacing, thickness, float(tilt_deg), n_slices,
                                 intracranial_points, head_points, scan_rng)
     transform = _pose_transform(geometry, rotation, translation, scale)
 
-    labels = _labels_on_grid(fields, partition, geometry, transform, intracranial_points)
-    image = _slice_profile_image(_canonical_image(hu), geometry, rotation, translation, scale)
-    del hu
-    image += _ct_noise(scan_rng, image.shape, noise_hu, pixel_spacing)
+    labels = _labels_on_grid(head.image(head.labels), geometry, transform, intracranial_points)
+    image = _slice_profile_image(head.image(head.hu), geometry, rotation, translation, scale)
+    del head.hu
+    image = _kernel_blur(image, kernel_sigma, pixel_spacing)
+    image += _ct_noise(scan_rng, image.shape, noise_hu, pixel_spacing, noise_grain)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
     image_sitk = sitk.GetImageFromArray(image)
@@ -967,9 +460,12 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
                  "translation_mm": [round(float(v), 3) for v in translation],
                  "scale": round(scale, 4)},
         "noise_hu": round(noise_hu, 3),
+        "noise_grain_mm": round(noise_grain, 3),
+        "kernel_sigma_mm": round(kernel_sigma, 3),
+        "anatomy": head.meta,
         "birth_date": birth_date.strftime("%Y%m%d"),
         "study_date": study_date.strftime("%Y%m%d"),
-        "labels_note": "ventricles, fissures, sulci and extra-axial CSF are background (0)",
+        "labels_note": "ventricles, sulci and extra-axial CSF are background (0)",
     }
     if tilt_deg != 0.0:
         meta["image_orientation_patient"] = [float(v) for v in (*geometry.row, *geometry.col)]

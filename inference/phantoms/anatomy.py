@@ -1,0 +1,410 @@
+"""A child's head made from the bundled atlas's real anatomy: the canonical volume of a generation-3 phantom.
+
+Every case starts from the same real anatomy (:mod:`inference.atlas.bundle`): the
+10-region lobar atlas, the template's grey / white / CSF probability maps and the
+template CT's skull and scalp, all on the atlas's 1 mm grid. A case is that anatomy
+pulled through a random smooth diffeomorphism, given a child's tissue densities:
+
+1. **Deformation** (:func:`draw_deformation`): a stationary velocity field on a 4 mm
+   lattice, the sum of a large-scale random field (lobe shapes and proportions, ventricle
+   size), a medium-scale one (gyral and sulcal positions), a left-right asymmetry (one
+   hemisphere wider, frontal and occipital petalia) and a local scaling of each region
+   towards the child's drawn regional shares; integrated by scaling and squaring, so the
+   map is smooth and invertible (no folding, no tearing of a region).
+2. **Tissue**: the warped probability maps give partial volume at 1 mm; random cortical
+   sulci (a band-limited field thresholded inside the cortical ribbon) vary the gyral
+   pattern beyond what the adult template's average cortex shows. A voxel is parenchyma
+   when grey + white outweigh CSF; its label is the warped atlas region (ventricles,
+   sulci and extra-axial CSF are background, as in the node's volumes).
+3. **Densities** (:class:`TissueDensities`): drawn per case around a 2-year-old's values
+   (below), with a small offset per region and a smooth bias field, so no region has an
+   intensity code and the contrast varies (the SynthSeg idea: learn shape, not one contrast).
+4. **Skull and scalp** from the template CT, thresholded at drawn levels, so the skull's and
+   scalp's thickness vary from case to case.
+
+Where the densities come from (means; each case draws around them):
+
+- Grey matter 30-42 HU, white matter 4-10 HU below grey matter, CSF 0-12 HU. An adult's
+  grey and white matter are about 35-45 and 20-30 HU (a 10-15 HU difference). In infancy
+  the brain's attenuation is lower and rises with myelination; by about 2 years the
+  white matter is still less dense (more water, less myelin) than an adult's, and the
+  grey-white difference is smaller than an adult's (Cauley et al., AJNR 2018, "Modeling
+  early postnatal brain growth and development with CT"; the range here was chosen from
+  these general statements, not fitted to their tables, which are not bundled).
+- A toddler's calvarium is thinner and less mineralised than an adult's: bone 700-1500 HU
+  at its densest here (adult cortical bone about 1500-2000 HU).
+- Scalp: skin and muscle 25-50 HU, subcutaneous fat -110 to -60 HU.
+
+Lengths in mm, frame LPS (+x patient left, +y posterior, +z superior) with the origin
+at the intracranial centroid of the atlas; arrays (z, y, x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from inference.vocabulary import REGIONS
+
+SPACING_MM = 1.0
+#: Lattice of the velocity field (mm): the deformation is smooth well above this scale.
+LATTICE_MM = 4.0
+#: Scaling-and-squaring steps: the velocity is divided by 2**STEPS before composing.
+SQUARING_STEPS = 6
+#: Atlas label volumes a case may be scaled to, as a factor of the atlas's own share (linear, per axis).
+MAX_REGION_SCALE = 1.35
+#: Template CT (Cormack units of the Rorden template, not HU) levels between which tissues are drawn.
+TEMPLATE_HEAD_LEVEL = (1500.0, 2100.0)     # air | skin: drawn per case, varies the scalp
+TEMPLATE_BONE_LEVEL = (2880.0, 3060.0)     # soft tissue | bone: drawn per case, varies the skull
+TEMPLATE_BONE_TOP = 3700.0                  # the template's densest bone
+#: Neck added below the template (mm, voxels of 1 mm).
+NECK_MM = 30
+
+
+@dataclass(frozen=True)
+class AtlasAnatomy:
+    """The bundled atlas's anatomy on one identity-direction 1 mm grid (arrays z, y, x).
+
+    Attributes:
+        origin_mm: physical position (x, y, z) of voxel (0, 0, 0), head frame.
+        regions: region value per voxel (0..10), the nearest region filled into every
+            intracranial voxel (the atlas's ventricles take the region around them; the
+            tissue maps decide what is parenchyma).
+        intracranial: float32 0..1.
+        grey, white, csf: float32 probability maps of the template.
+        template: float32 the template CT (Cormack units).
+    """
+
+    origin_mm: np.ndarray
+    regions: np.ndarray
+    intracranial: np.ndarray
+    grey: np.ndarray
+    white: np.ndarray
+    csf: np.ndarray
+    template: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.regions.shape
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        """``array`` (z, y, x) as an image on this grid."""
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((SPACING_MM,) * 3)
+        image.SetOrigin([float(v) for v in self.origin_mm])
+        return image
+
+
+@lru_cache(maxsize=1)
+def atlas_anatomy() -> AtlasAnatomy:
+    """The bundled atlas, template and tissue maps on the atlas's 1 mm grid, LPS identity direction (cached)."""
+    from inference.atlas.bundle import DATA, region_atlas
+
+    atlas = sitk.DICOMOrient(region_atlas(), "LPS")
+    reference = sitk.Image(atlas.GetSize(), sitk.sitkFloat32)
+    reference.SetSpacing(atlas.GetSpacing())
+    reference.SetOrigin(atlas.GetOrigin())
+
+    def on_grid(name: str, interpolator=sitk.sitkLinear) -> np.ndarray:
+        image = sitk.ReadImage(str(DATA / f"{name}.nii.gz"), sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32))
+
+    regions = sitk.GetArrayFromImage(atlas).astype(np.uint8)
+    intracranial = on_grid("blast_intracranial_mask")
+    inside = intracranial > 0.5
+    # Every intracranial voxel takes its nearest region: ventricle walls and the atlas's
+    # unlabelled gaps belong to the lobe around them; the tissue maps decide parenchyma.
+    nearest = ndimage.distance_transform_edt(regions == 0, return_distances=False, return_indices=True)
+    filled = regions[tuple(nearest)]
+    filled[~inside] = 0
+    # The template stops just below the foramen magnum; a scan goes on into the neck. The
+    # neck is its lowest slice continued down (soft tissue, the cervical spine's bone),
+    # with no brain: the cord below the foramen magnum is not labelled.
+    pad = ((NECK_MM, 0), (0, 0), (0, 0))
+    index_centre = np.array(ndimage.center_of_mass(inside))[::-1] + np.array([0.0, 0.0, NECK_MM])
+    origin = -index_centre * SPACING_MM
+    zero = {"constant_values": 0}
+    return AtlasAnatomy(origin_mm=origin, regions=np.pad(filled, pad, **zero),
+                        intracranial=np.pad(intracranial.astype(np.float32), pad, **zero),
+                        grey=np.pad(on_grid("scgrey"), pad, **zero), white=np.pad(on_grid("scwhite"), pad, **zero),
+                        csf=np.pad(on_grid("sccsf"), pad, **zero), template=np.pad(on_grid("scct"), pad, mode="edge"))
+
+
+# ---------------------------------------------------------------------------------------
+# Deformation
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeformationParameters:
+    """Random parameters of one case's deformation (mm and dimensionless)."""
+
+    large_mm: float          # SD of the large-scale velocity (correlation ~24 mm)
+    medium_mm: float         # SD of the medium-scale velocity (correlation ~8 mm)
+    asymmetry: float         # relative widening of the left hemisphere (negative: the right)
+    petalia: float           # frontal-occipital twist of that asymmetry
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "DeformationParameters":
+        return cls(large_mm=float(rng.uniform(2.5, 6.0)), medium_mm=float(rng.uniform(0.8, 2.0)),
+                   asymmetry=float(rng.uniform(-0.03, 0.03)), petalia=float(rng.uniform(0.0, 0.03)))
+
+
+def _lattice_points(shape_zyx: tuple[int, ...], origin_mm: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Lattice covering the grid: its shape and the (x, y, z) mm coordinates of its nodes (3, z, y, x)."""
+    extent = np.array(shape_zyx[::-1]) * SPACING_MM
+    lattice_shape = tuple(int(math.ceil(e / LATTICE_MM)) + 1 for e in extent[::-1])
+    zyx = np.indices(lattice_shape, dtype=np.float32) * LATTICE_MM
+    xyz = np.stack([zyx[2], zyx[1], zyx[0]]) + origin_mm.reshape(3, 1, 1, 1).astype(np.float32)
+    return lattice_shape, xyz
+
+
+def _random_field(rng: np.random.Generator, shape: tuple[int, ...], correlation_mm: float) -> np.ndarray:
+    """Zero-mean, unit-SD smooth vector field (3, z, y, x) on the lattice."""
+    noise = rng.standard_normal((3, *shape)).astype(np.float32)
+    field = np.stack([ndimage.gaussian_filter(c, correlation_mm / LATTICE_MM, mode="nearest") for c in noise])
+    field -= field.mean(axis=(1, 2, 3), keepdims=True)
+    return field / max(float(field.std()), 1e-6)
+
+
+def region_scaling_velocity(lattice_regions: np.ndarray, xyz: np.ndarray, log_scales: dict[int, float]) -> np.ndarray:
+    """Velocity (3, z, y, x) that scales each region about its centroid by exp(log scale).
+
+    The weight of a region is its indicator smoothed over ~6 mm, so the velocity is smooth
+    across boundaries; the deformation pulls the atlas back, hence the minus sign.
+    """
+    velocity = np.zeros_like(xyz)
+    total_weight = np.zeros(xyz.shape[1:], np.float32)
+    weights = {}
+    for value, log_scale in log_scales.items():
+        indicator = (lattice_regions == value).astype(np.float32)
+        if not indicator.any() or log_scale == 0.0:
+            continue
+        weights[value] = (ndimage.gaussian_filter(indicator, 6.0 / LATTICE_MM), log_scale, indicator)
+        total_weight += weights[value][0]
+    norm = np.maximum(total_weight, 1.0)
+    for value, (weight, log_scale, indicator) in weights.items():
+        centre = (xyz * indicator).sum(axis=(1, 2, 3)) / indicator.sum()
+        velocity -= (weight / norm) * log_scale * (xyz - centre.reshape(3, 1, 1, 1))
+    return velocity
+
+
+def exponentiate(velocity: np.ndarray) -> np.ndarray:
+    """Displacement (3, z, y, x, mm) of the map exp(velocity), by scaling and squaring on the lattice."""
+    displacement = velocity / (2 ** SQUARING_STEPS)
+    index = np.indices(velocity.shape[1:], dtype=np.float32)
+    for _ in range(SQUARING_STEPS):
+        # u <- u + u o (id + u); the lattice index of x + u(x) is index + u / spacing (u is x, y, z; index z, y, x).
+        at = index + displacement[::-1] / LATTICE_MM
+        displacement = displacement + np.stack([ndimage.map_coordinates(c, at, order=1, mode="nearest")
+                                                for c in displacement])
+    return displacement
+
+
+def displacement_transform(displacement: np.ndarray, origin_mm: np.ndarray) -> sitk.Transform:
+    """A SimpleITK transform x -> x + u(x) from a lattice displacement (3, z, y, x, mm)."""
+    field = sitk.GetImageFromArray(np.moveaxis(displacement, 0, -1).astype(np.float64), isVector=True)
+    field.SetSpacing((LATTICE_MM,) * 3)
+    field.SetOrigin([float(v) for v in origin_mm])
+    return sitk.DisplacementFieldTransform(field)
+
+
+# ---------------------------------------------------------------------------------------
+# Densities
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TissueDensities:
+    """HU of one case's tissues (means; the image adds texture, a bias field and noise)."""
+
+    grey: float
+    white: float
+    csf: float
+    bone_peak: float
+    soft: float
+    fat: float
+    region_offsets: tuple[float, ...]     # HU added to the parenchyma of regions 1..10
+    bias_hu: float                        # SD of the smooth bias field
+    texture_hu: float                     # SD of the fine parenchymal texture
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "TissueDensities":
+        grey = float(rng.uniform(30.0, 42.0))
+        return cls(grey=grey, white=grey - float(rng.uniform(4.0, 10.0)), csf=float(rng.uniform(0.0, 12.0)),
+                   bone_peak=float(rng.uniform(700.0, 1500.0)), soft=float(rng.uniform(25.0, 50.0)),
+                   fat=float(rng.uniform(-110.0, -60.0)),
+                   region_offsets=tuple(float(v) for v in rng.normal(0.0, 1.5, len(REGIONS))),
+                   bias_hu=float(rng.uniform(0.0, 3.0)), texture_hu=float(rng.uniform(0.5, 2.5)))
+
+    def to_dict(self) -> dict:
+        return {"grey_hu": round(self.grey, 2), "white_hu": round(self.white, 2), "csf_hu": round(self.csf, 2),
+                "bone_peak_hu": round(self.bone_peak, 1), "soft_tissue_hu": round(self.soft, 2),
+                "fat_hu": round(self.fat, 2), "region_offsets_hu": [round(v, 2) for v in self.region_offsets],
+                "bias_field_sd_hu": round(self.bias_hu, 2), "texture_sd_hu": round(self.texture_hu, 2)}
+
+
+# ---------------------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CanonicalHead:
+    """One case on the canonical grid before the global scale and the pose.
+
+    Attributes:
+        hu: float32 HU (z, y, x).
+        labels: uint8 region labels (z, y, x), parenchyma only.
+        intracranial: bool (z, y, x).
+        head: bool (z, y, x), everything not air outside the body.
+        origin_mm: (x, y, z) of voxel (0, 0, 0).
+        meta: the drawn parameters (JSON-able).
+    """
+
+    hu: np.ndarray
+    labels: np.ndarray
+    intracranial: np.ndarray
+    head: np.ndarray
+    origin_mm: np.ndarray
+    meta: dict
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((SPACING_MM,) * 3)
+        image.SetOrigin([float(v) for v in self.origin_mm])
+        return image
+
+
+def _warp(base: AtlasAnatomy, array: np.ndarray, transform: sitk.Transform, nearest: bool = False) -> np.ndarray:
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    image = base.image(array)
+    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, interpolator, 0.0))
+
+
+def _smooth_scalar(rng: np.random.Generator, shape: tuple[int, ...], correlation_mm: float, factor: int = 2) -> np.ndarray:
+    """Unit-SD smooth scalar field on the 1 mm grid, made on a ``factor`` times coarser grid."""
+    coarse_shape = tuple(int(math.ceil(n / factor)) for n in shape)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), correlation_mm / factor)
+    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1)
+    field = field[tuple(slice(0, n) for n in shape)]
+    field -= field.mean()
+    return field / max(float(field.std()), 1e-6)
+
+
+def _parenchyma_counts(base: AtlasAnatomy, transform: sitk.Transform) -> np.ndarray:
+    regions = _warp(base, base.regions, transform, nearest=True)
+    tissue = _warp(base, base.grey + base.white - base.csf, transform)
+    return np.bincount(regions[tissue > 0].ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
+
+
+def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np.ndarray,
+                       lattice_regions: np.ndarray, xyz: np.ndarray, iterations: int = 3) -> tuple[sitk.Transform, np.ndarray]:
+    """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point steps."""
+    log_scales = np.zeros(len(REGIONS))
+    limit = math.log(MAX_REGION_SCALE)
+    for iteration in range(iterations + 1):
+        velocity = base_velocity + region_scaling_velocity(
+            lattice_regions, xyz, {region.value: float(s) for region, s in zip(REGIONS, log_scales)})
+        transform = displacement_transform(exponentiate(velocity), base.origin_mm)
+        if iteration == iterations:
+            break
+        counts = _parenchyma_counts(base, transform)
+        measured = counts / counts.sum()
+        log_scales = np.clip(log_scales + 0.9 * np.log(shares / np.maximum(measured, 1e-9)) / 3.0, -limit, limit)
+    return transform, log_scales
+
+
+def _sulci(rng: np.random.Generator, grey: np.ndarray, white: np.ndarray) -> tuple[np.ndarray, float]:
+    """Share of every voxel's grey matter turned into sulcal CSF (0..1), and the drawn sulcal fraction."""
+    fraction = float(rng.uniform(0.05, 0.2))
+    field = _smooth_scalar(rng, grey.shape, correlation_mm=float(rng.uniform(1.5, 2.5)))
+    threshold = float(np.quantile(field[::4, ::4, ::4], 1.0 - fraction))
+    cortical = np.clip((grey - 0.3) / 0.4, 0.0, 1.0) * np.clip(1.0 - white / 0.3, 0.0, 1.0)
+    return cortical * np.clip((field - threshold) / 0.3, 0.0, 1.0), fraction
+
+
+def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities: TissueDensities,
+                        texture_rng: np.random.Generator) -> CanonicalHead:
+    """One deformed child's head on the canonical 1 mm grid (before the global scale and the pose).
+
+    Args:
+        rng: the deformation's generator (a held-out case's seed gives a deformation no training case has).
+        shares: the drawn regional shares of the parenchyma (10, sums to 1), in region order.
+        densities: the case's tissue HU.
+        texture_rng: generator of the sulci, the bias field and the texture.
+    """
+    base = atlas_anatomy()
+    parameters = DeformationParameters.draw(rng)
+    lattice_shape, xyz = _lattice_points(base.shape, base.origin_mm)
+    x, y = xyz[0], xyz[1]
+    velocity = parameters.large_mm * _random_field(rng, lattice_shape, 24.0)
+    velocity += parameters.medium_mm * _random_field(rng, lattice_shape, 8.0)
+    # Asymmetry: one hemisphere wider than the other, more in front or behind (petalia).
+    smooth_abs_x = np.sqrt(x * x + 25.0)
+    velocity[0] -= smooth_abs_x * (parameters.asymmetry + parameters.petalia * np.tanh(y / 30.0))
+    lattice_regions = _lattice_sample(base.regions, lattice_shape)
+    transform, log_scales = _fit_region_scales(base, shares, velocity, lattice_regions, xyz)
+
+    grey = _warp(base, base.grey, transform)
+    white = _warp(base, base.white, transform)
+    csf = _warp(base, base.csf, transform)
+    intracranial = _warp(base, base.intracranial, transform) > 0.5
+    regions = _warp(base, base.regions, transform, nearest=True)
+    template = _warp(base, base.template, transform)
+
+    sulcal, sulcal_fraction = _sulci(texture_rng, grey, white)
+    csf = csf + grey * sulcal
+    grey = grey * (1.0 - sulcal)
+    # Inside the skull whatever the maps leave unassigned is CSF (the dura is not modelled).
+    csf = np.where(intracranial, np.maximum(csf, 1.0 - grey - white), csf)
+    total = np.maximum(grey + white + csf, 1e-6)
+    grey, white, csf = (np.where(intracranial, m / total, 0.0).astype(np.float32) for m in (grey, white, csf))
+
+    labels = np.where(intracranial & (grey + white > csf), regions, 0).astype(np.uint8)
+    hu, head, skull_level, skin_level = _head_hu(texture_rng, densities, grey, white, csf, intracranial, labels, template)
+    meta = {"deformation": {"large_mm": round(parameters.large_mm, 3), "medium_mm": round(parameters.medium_mm, 3),
+                            "asymmetry": round(parameters.asymmetry, 4), "petalia": round(parameters.petalia, 4),
+                            "region_log_scales": [round(float(v), 4) for v in log_scales]},
+            "sulcal_fraction": round(sulcal_fraction, 3), "densities": densities.to_dict(),
+            "template_bone_level": round(skull_level, 1), "template_skin_level": round(skin_level, 1)}
+    return CanonicalHead(hu=hu, labels=labels, intracranial=intracranial, head=head, origin_mm=base.origin_mm, meta=meta)
+
+
+def _lattice_sample(regions: np.ndarray, lattice_shape: tuple[int, ...]) -> np.ndarray:
+    """Region of the grid voxel at every lattice node (nearest)."""
+    step = int(round(LATTICE_MM / SPACING_MM))
+    sampled = regions[::step, ::step, ::step]
+    out = np.zeros(lattice_shape, np.uint8)
+    out[tuple(slice(0, n) for n in sampled.shape)] = sampled
+    return out
+
+
+def _head_hu(rng: np.random.Generator, d: TissueDensities, grey: np.ndarray, white: np.ndarray, csf: np.ndarray,
+             intracranial: np.ndarray, labels: np.ndarray, template: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """HU on the canonical grid: brain by partial volume of the tissues, skull and scalp from the template."""
+    offsets = np.array((0.0, *d.region_offsets), np.float32)[labels]
+    bias = d.bias_hu * _smooth_scalar(rng, grey.shape, correlation_mm=40.0, factor=4)
+    texture = d.texture_hu * _smooth_scalar(rng, grey.shape, correlation_mm=0.7, factor=1)
+    brain = grey * d.grey + white * d.white + csf * d.csf + (grey + white) * offsets + bias + texture
+
+    skin_level = float(rng.uniform(*TEMPLATE_HEAD_LEVEL))
+    bone_level = float(rng.uniform(*TEMPLATE_BONE_LEVEL))
+    head = (template > skin_level) | intracranial
+    bone = ~intracranial & (template > bone_level)
+    # Fat under the skin: a layer of drawn depth below the head's surface, not in bone.
+    depth = ndimage.distance_transform_edt(head) * SPACING_MM
+    fat_depth = float(rng.uniform(1.5, 4.5))
+    fat = head & ~bone & ~intracranial & (depth > 1.2) & (depth < 1.2 + fat_depth)
+    bone_share = np.clip((template - bone_level) / (TEMPLATE_BONE_TOP - bone_level), 0.0, 1.0)
+    hu = np.full(grey.shape, -1000.0, np.float32)
+    hu[head] = d.soft + 3.0 * texture[head] / max(d.texture_hu, 1e-6)
+    hu[fat] = d.fat
+    hu[bone] = (d.soft + (d.bone_peak - d.soft) * np.sqrt(bone_share))[bone]
+    hu[intracranial] = brain[intracranial]
+    return hu, head, bone_level, skin_level
