@@ -114,21 +114,14 @@ def sitk_segmenter(threads: int):
 
 def network_vs_atlas(image, atlas_labels, threads: int) -> dict:
     """The bundled network on ``image`` against the atlas labels: Dice, volumes, hemisphere agreement."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from inference.metrics import dice_per_region
+    from inference.metrics import dice_per_region, hemisphere_agreement
     from inference.predict import Segmenter
-    from inference.vocabulary import REGIONS
 
     network = Segmenter(threads=threads, progress=False).segment(image)
-    side = np.array([0] + [{"left": 1, "right": 2}.get(r.laterality, 0) for r in REGIONS], np.uint8)
-    a = side[sitk.GetArrayViewFromImage(atlas_labels)]
-    n = side[sitk.GetArrayViewFromImage(network.labels)]
-    both = (a > 0) & (n > 0)
+    agreement = hemisphere_agreement(network.labels, atlas_labels)
     return {"dice_network_vs_atlas": {k: round(v, 3) for k, v in dice_per_region(network.labels, atlas_labels).items()},
             "network_volumes_cm3": {k: round(v, 1) for k, v in network.volumes_cm3.items()},
-            "hemisphere_agreement": round(float((a[both] == n[both]).mean()), 3) if both.any() else None}
+            "hemisphere_agreement": None if agreement is None else round(agreement, 3)}
 
 
 def run_case(image_path: Path, truth_path: Path | None, backend: str, threads: int, montage: Path | None,

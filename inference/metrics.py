@@ -1,4 +1,5 @@
-"""Agreement between a predicted and a reference segmentation: Dice per region, volume errors.
+"""Agreement between a predicted and a reference segmentation: Dice per region, hemisphere agreement,
+volume errors.
 
 Both work per region key of :mod:`inference.vocabulary`. Label maps may be numpy
 arrays or SimpleITK images (compared voxel by voxel, so they must share a grid).
@@ -55,6 +56,41 @@ def dice_per_region(prediction: np.ndarray | sitk.Image, truth: np.ndarray | sit
         total = pairs[v, :].sum() + pairs[:, v].sum()
         scores[region.key] = 1.0 if total == 0 else float(2.0 * pairs[v, v] / total)
     return scores
+
+
+def _side_lookup() -> np.ndarray:
+    """Label value -> 1 (a left region), 2 (a right region), 0 (background or an unpaired region)."""
+    side = np.zeros(NUM_CLASSES + 1, np.uint8)
+    for region in REGIONS:
+        side[region.value] = {"left": 1, "right": 2}.get(region.laterality, 0)
+    return side
+
+
+def hemisphere_agreement(labels: np.ndarray | sitk.Image, reference: np.ndarray | sitk.Image) -> float | None:
+    """Share of the voxels both maps call cerebral (a left or right lobe) that both put on the same side.
+
+    Which lobe does not matter: a voxel the one map calls left frontal and the other left
+    temporal agrees. 1.0 is the same left-right split, 0.0 sides swapped everywhere.
+
+    Returns:
+        The share in [0, 1]; None when no voxel is cerebral in both maps.
+
+    Raises:
+        ValueError: different shapes or grids, non-integer labels.
+    """
+    if isinstance(labels, sitk.Image) and isinstance(reference, sitk.Image):
+        _check_same_grid(labels, reference)
+    a, b = _label_array(labels, "first"), _label_array(reference, "reference")
+    if a.shape != b.shape:
+        raise ValueError(f"label maps of shapes {a.shape} and {b.shape} differ")
+    side = _side_lookup()
+    a_side = side[np.clip(a, 0, NUM_CLASSES)]
+    b_side = side[np.clip(b, 0, NUM_CLASSES)]
+    both = (a_side > 0) & (b_side > 0)
+    shared = int(np.count_nonzero(both))
+    if shared == 0:
+        return None
+    return float(np.count_nonzero(both & (a_side == b_side)) / shared)
 
 
 def volume_errors(predicted_cm3: Mapping[str, float], true_cm3: Mapping[str, float]) -> dict[str, dict]:

@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.vocabulary import REGION_KEYS
-from inference.metrics import TOTAL_KEY, dice_per_region, volume_errors
+from inference.metrics import TOTAL_KEY, dice_per_region, hemisphere_agreement, volume_errors
 
 
 def test_dice_known_overlaps():
@@ -52,3 +52,38 @@ def test_volume_errors_per_region_and_total():
         volume_errors({k: v for k, v in true.items() if k != "brainstem"}, true)
     with pytest.raises(ValueError, match="negative"):
         volume_errors(dict(true, cerebellum=-1.0), true)
+
+
+def test_hemisphere_agreement_counts_sides_not_lobes():
+    reference = np.zeros((2, 4, 10), np.uint8)
+    reference[:, :, :5] = 1   # right frontal
+    reference[:, :, 5:] = 2   # left frontal
+    same_sides = np.where(reference == 1, 7, 8).astype(np.uint8)  # right / left temporal: other lobes, same sides
+    assert hemisphere_agreement(same_sides, reference) == 1.0
+    swapped = np.where(reference == 1, 2, 1).astype(np.uint8)
+    assert hemisphere_agreement(swapped, reference) == 0.0
+    half = reference.copy()
+    half[:, :2, :] = swapped[:, :2, :]  # half of the rows swapped
+    assert hemisphere_agreement(half, reference) == pytest.approx(0.5)
+
+
+def test_hemisphere_agreement_ignores_voxels_not_cerebral_in_both():
+    reference = np.zeros((2, 4, 10), np.uint8)
+    reference[:, :, :5], reference[:, :, 5:] = 1, 2
+    labels = reference.copy()
+    labels[:, :, 4:6] = 9       # cerebellum in the one map: not compared
+    labels[0, 0, 0] = 0         # background: not compared
+    assert hemisphere_agreement(labels, reference) == 1.0
+    assert hemisphere_agreement(np.full_like(reference, 9), reference) is None
+
+
+def test_hemisphere_agreement_refuses_other_grids():
+    a = sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8))
+    b = sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8))
+    b.SetSpacing((2.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="different grids"):
+        hemisphere_agreement(a, b)
+    with pytest.raises(ValueError, match="shapes"):
+        hemisphere_agreement(np.ones((3, 4, 5), np.uint8), np.ones((3, 4, 6), np.uint8))
+    with pytest.raises(ValueError, match="integers"):
+        hemisphere_agreement(np.ones((3, 4, 5), np.float32), np.ones((3, 4, 5), np.uint8))
