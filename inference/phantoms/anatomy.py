@@ -19,8 +19,10 @@ pulled through a random smooth diffeomorphism, given a child's tissue densities:
 3. **Densities** (:class:`TissueDensities`): drawn per case around a 2-year-old's values
    (below), with a small offset per region and a smooth bias field, so no region has an
    intensity code and the contrast varies (the SynthSeg idea: learn shape, not one contrast).
-4. **Skull and scalp** from the template CT, thresholded at drawn levels, so the skull's and
-   scalp's thickness vary from case to case.
+4. **Skull, scalp and face** from the template CT (its soft tissue and air in approximate
+   HU, :func:`template_hu`), the skull thresholded at a drawn level and closed by a shell
+   of drawn thickness around the intracranial space (open at the foramen magnum), so the
+   skull's and scalp's thickness vary from case to case.
 
 Where the densities come from (means; each case draws around them):
 
@@ -32,8 +34,9 @@ Where the densities come from (means; each case draws around them):
   early postnatal brain growth and development with CT"; the range here was chosen from
   these general statements, not fitted to their tables, which are not bundled).
 - A toddler's calvarium is thinner and less mineralised than an adult's: bone 700-1500 HU
-  at its densest here (adult cortical bone about 1500-2000 HU).
-- Scalp: skin and muscle 25-50 HU, subcutaneous fat -110 to -60 HU.
+  at its densest here (adult cortical bone about 1500-2000 HU), at least 2-3.5 mm thick.
+- Scalp and face: the template's own soft tissue and air (an adult average), offset by
+  -8..8 HU per case.
 
 Lengths in mm, frame LPS (+x patient left, +y posterior, +z superior) with the origin
 at the intracranial centroid of the atlas; arrays (z, y, x).
@@ -58,9 +61,18 @@ SQUARING_STEPS = 6
 #: Atlas label volumes a case may be scaled to, as a factor of the atlas's own share (linear, per axis).
 MAX_REGION_SCALE = 1.35
 #: Template CT (Cormack units of the Rorden template, not HU) levels between which tissues are drawn.
-TEMPLATE_HEAD_LEVEL = (1500.0, 2100.0)     # air | skin: drawn per case, varies the scalp
 TEMPLATE_BONE_LEVEL = (2880.0, 3060.0)     # soft tissue | bone: drawn per case, varies the skull
 TEMPLATE_BONE_TOP = 3700.0                  # the template's densest bone
+#: Skin level (HU of the template's blurred surface): drawn per case, moves the scalp's surface.
+SKIN_LEVEL_HU = (-700.0, -300.0)
+#: Thickness (mm) of the closed shell of bone around the intracranial space: the template's
+#: skull, an average of adults, is thin or open where it varies most (squama, orbital roofs).
+SHELL_MM = (2.0, 3.5)
+#: The shell is open in the lowest part of the intracranial space (the foramen magnum).
+FORAMEN_MM = 10.0
+FORAMEN_RADIUS_MM = 14.0
+#: Share of the template's CSF kept where the maps see brain (a toddler's sulci are narrow).
+CSF_SHARE = (0.3, 0.8)
 #: Neck added below the template (mm, voxels of 1 mm).
 NECK_MM = 30
 
@@ -77,6 +89,8 @@ class AtlasAnatomy:
         intracranial: float32 0..1.
         grey, white, csf: float32 probability maps of the template.
         template: float32 the template CT (Cormack units).
+        outside_mm: float32 distance (mm) outwards from the intracranial space (0 inside;
+            large in the foramen magnum's levels, where the skull is open).
     """
 
     origin_mm: np.ndarray
@@ -86,6 +100,7 @@ class AtlasAnatomy:
     white: np.ndarray
     csf: np.ndarray
     template: np.ndarray
+    outside_mm: np.ndarray
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -128,7 +143,15 @@ def atlas_anatomy() -> AtlasAnatomy:
     index_centre = np.array(ndimage.center_of_mass(inside))[::-1] + np.array([0.0, 0.0, NECK_MM])
     origin = -index_centre * SPACING_MM
     zero = {"constant_values": 0}
-    return AtlasAnatomy(origin_mm=origin, regions=np.pad(filled, pad, **zero),
+    outside = ndimage.distance_transform_edt(~inside).astype(np.float32) * SPACING_MM
+    # The foramen magnum: a disc around the lowest intracranial voxels, open to the neck.
+    lowest = int(np.argmax(inside.any(axis=(1, 2))))
+    centre_y, centre_x = ndimage.center_of_mass(inside[lowest])
+    y, x = np.indices(inside.shape[1:])
+    disc = (y - centre_y) ** 2 + (x - centre_x) ** 2 <= (FORAMEN_RADIUS_MM / SPACING_MM) ** 2
+    outside[:lowest + int(FORAMEN_MM / SPACING_MM), disc] = 99.0
+    return AtlasAnatomy(origin_mm=origin, outside_mm=np.pad(outside, pad, constant_values=99.0),
+                        regions=np.pad(filled, pad, **zero),
                         intracranial=np.pad(intracranial.astype(np.float32), pad, **zero),
                         grey=np.pad(on_grid("scgrey"), pad, **zero), white=np.pad(on_grid("scwhite"), pad, **zero),
                         csf=np.pad(on_grid("sccsf"), pad, **zero), template=np.pad(on_grid("scct"), pad, mode="edge"))
@@ -226,8 +249,7 @@ class TissueDensities:
     white: float
     csf: float
     bone_peak: float
-    soft: float
-    fat: float
+    soft_offset: float                    # HU added to the template's soft tissue
     region_offsets: tuple[float, ...]     # HU added to the parenchyma of regions 1..10
     bias_hu: float                        # SD of the smooth bias field
     texture_hu: float                     # SD of the fine parenchymal texture
@@ -236,15 +258,14 @@ class TissueDensities:
     def draw(cls, rng: np.random.Generator) -> "TissueDensities":
         grey = float(rng.uniform(30.0, 42.0))
         return cls(grey=grey, white=grey - float(rng.uniform(4.0, 10.0)), csf=float(rng.uniform(0.0, 12.0)),
-                   bone_peak=float(rng.uniform(700.0, 1500.0)), soft=float(rng.uniform(25.0, 50.0)),
-                   fat=float(rng.uniform(-110.0, -60.0)),
+                   bone_peak=float(rng.uniform(700.0, 1500.0)), soft_offset=float(rng.uniform(-8.0, 8.0)),
                    region_offsets=tuple(float(v) for v in rng.normal(0.0, 1.5, len(REGIONS))),
                    bias_hu=float(rng.uniform(0.0, 3.0)), texture_hu=float(rng.uniform(0.5, 2.5)))
 
     def to_dict(self) -> dict:
         return {"grey_hu": round(self.grey, 2), "white_hu": round(self.white, 2), "csf_hu": round(self.csf, 2),
-                "bone_peak_hu": round(self.bone_peak, 1), "soft_tissue_hu": round(self.soft, 2),
-                "fat_hu": round(self.fat, 2), "region_offsets_hu": [round(v, 2) for v in self.region_offsets],
+                "bone_peak_hu": round(self.bone_peak, 1), "soft_tissue_offset_hu": round(self.soft_offset, 2),
+                "region_offsets_hu": [round(v, 2) for v in self.region_offsets],
                 "bias_field_sd_hu": round(self.bias_hu, 2), "texture_sd_hu": round(self.texture_hu, 2)}
 
 
@@ -328,6 +349,22 @@ def _sulci(rng: np.random.Generator, grey: np.ndarray, white: np.ndarray) -> tup
     return cortical * np.clip((field - threshold) / 0.3, 0.0, 1.0), fraction
 
 
+def _toddler_csf(grey: np.ndarray, white: np.ndarray, csf: np.ndarray, intracranial: np.ndarray,
+                 csf_share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tissue maps summing to 1 inside the skull, with the template's CSF in the brain reduced to ``csf_share``.
+
+    The template's adults have wider sulci and more extra-axial CSF than a toddler: where
+    the maps see brain, CSF is scaled down and grey and white matter take its place; where
+    they see none (ventricles, cisterns), everything left is CSF (the dura is not modelled).
+    """
+    brain = grey + white
+    brainish = brain > 0.05
+    reduced = np.where(brainish, np.minimum(csf, 1.0 - brain) * csf_share, np.maximum(1.0 - brain, 0.0))
+    scale = np.where(brainish, (1.0 - reduced) / np.maximum(brain, 1e-6), 1.0)
+    maps = (grey * scale, white * scale, reduced)
+    return tuple(np.where(intracranial, m, 0.0).astype(np.float32) for m in maps)
+
+
 def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities: TissueDensities,
                         texture_rng: np.random.Generator) -> CanonicalHead:
     """One deformed child's head on the canonical 1 mm grid (before the global scale and the pose).
@@ -356,21 +393,21 @@ def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities:
     intracranial = _warp(base, base.intracranial, transform) > 0.5
     regions = _warp(base, base.regions, transform, nearest=True)
     template = _warp(base, base.template, transform)
+    outside_mm = _warp(base, base.outside_mm, transform)
 
+    csf_share = float(texture_rng.uniform(*CSF_SHARE))
+    grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_share)
     sulcal, sulcal_fraction = _sulci(texture_rng, grey, white)
     csf = csf + grey * sulcal
     grey = grey * (1.0 - sulcal)
-    # Inside the skull whatever the maps leave unassigned is CSF (the dura is not modelled).
-    csf = np.where(intracranial, np.maximum(csf, 1.0 - grey - white), csf)
-    total = np.maximum(grey + white + csf, 1e-6)
-    grey, white, csf = (np.where(intracranial, m / total, 0.0).astype(np.float32) for m in (grey, white, csf))
 
     labels = np.where(intracranial & (grey + white > csf), regions, 0).astype(np.uint8)
-    hu, head, skull_level, skin_level = _head_hu(texture_rng, densities, grey, white, csf, intracranial, labels, template)
+    hu, head, skull_level, skin_level = _head_hu(texture_rng, densities, grey, white, csf, intracranial, labels, template,
+                                                 outside_mm)
     meta = {"deformation": {"large_mm": round(parameters.large_mm, 3), "medium_mm": round(parameters.medium_mm, 3),
                             "asymmetry": round(parameters.asymmetry, 4), "petalia": round(parameters.petalia, 4),
                             "region_log_scales": [round(float(v), 4) for v in log_scales]},
-            "sulcal_fraction": round(sulcal_fraction, 3), "densities": densities.to_dict(),
+            "sulcal_fraction": round(sulcal_fraction, 3), "csf_share": round(csf_share, 3), "densities": densities.to_dict(),
             "template_bone_level": round(skull_level, 1), "template_skin_level": round(skin_level, 1)}
     return CanonicalHead(hu=hu, labels=labels, intracranial=intracranial, head=head, origin_mm=base.origin_mm, meta=meta)
 
@@ -384,27 +421,39 @@ def _lattice_sample(regions: np.ndarray, lattice_shape: tuple[int, ...]) -> np.n
     return out
 
 
+def template_hu(cormack: np.ndarray) -> np.ndarray:
+    """Approximate HU of the template's Cormack units below bone.
+
+    Rorden's units stretch -100..100 HU ten-fold; the two anchors are read off the template
+    itself: its grey matter (2604 units) is taken as 40 HU, and air is 0 units. Bone is
+    not converted (the phantom draws its own bone density).
+    """
+    stretched = (cormack - 2204.0) / 10.0
+    dark = -1000.0 + cormack * (900.0 / 1204.0)
+    return np.where(cormack < 1204.0, dark, np.minimum(stretched, 100.0)).astype(np.float32)
+
+
 def _head_hu(rng: np.random.Generator, d: TissueDensities, grey: np.ndarray, white: np.ndarray, csf: np.ndarray,
-             intracranial: np.ndarray, labels: np.ndarray, template: np.ndarray
+             intracranial: np.ndarray, labels: np.ndarray, template: np.ndarray, outside_mm: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """HU on the canonical grid: brain by partial volume of the tissues, skull and scalp from the template."""
+    """HU on the canonical grid: brain by partial volume of the tissues; scalp, face and skull from the template."""
     offsets = np.array((0.0, *d.region_offsets), np.float32)[labels]
     bias = d.bias_hu * _smooth_scalar(rng, grey.shape, correlation_mm=40.0, factor=4)
     texture = d.texture_hu * _smooth_scalar(rng, grey.shape, correlation_mm=0.7, factor=1)
     brain = grey * d.grey + white * d.white + csf * d.csf + (grey + white) * offsets + bias + texture
 
-    skin_level = float(rng.uniform(*TEMPLATE_HEAD_LEVEL))
+    skin_level = float(rng.uniform(*SKIN_LEVEL_HU))
     bone_level = float(rng.uniform(*TEMPLATE_BONE_LEVEL))
-    head = (template > skin_level) | intracranial
-    bone = ~intracranial & (template > bone_level)
-    # Fat under the skin: a layer of drawn depth below the head's surface, not in bone.
-    depth = ndimage.distance_transform_edt(head) * SPACING_MM
-    fat_depth = float(rng.uniform(1.5, 4.5))
-    fat = head & ~bone & ~intracranial & (depth > 1.2) & (depth < 1.2 + fat_depth)
-    bone_share = np.clip((template - bone_level) / (TEMPLATE_BONE_TOP - bone_level), 0.0, 1.0)
+    shell_mm = float(rng.uniform(*SHELL_MM))
+    soft = template_hu(template)
+    head = (soft > skin_level) | intracranial
+    template_bone = template > bone_level
+    bone = ~intracranial & (template_bone | ((outside_mm > 0) & (outside_mm < shell_mm)))
+    bone_share = np.where(template_bone, np.clip((template - bone_level) / (TEMPLATE_BONE_TOP - bone_level), 0.0, 1.0),
+                          1.0)
     hu = np.full(grey.shape, -1000.0, np.float32)
-    hu[head] = d.soft + 3.0 * texture[head] / max(d.texture_hu, 1e-6)
-    hu[fat] = d.fat
-    hu[bone] = (d.soft + (d.bone_peak - d.soft) * np.sqrt(bone_share))[bone]
+    tissue = head & ~intracranial
+    hu[tissue] = (np.maximum(soft, -1000.0) + np.where(soft > -200.0, d.soft_offset + texture, 0.0))[tissue]
+    hu[bone] = (d.soft_offset + 40.0 + (d.bone_peak - 40.0) * np.sqrt(bone_share))[bone]
     hu[intracranial] = brain[intracranial]
     return hu, head, bone_level, skin_level
