@@ -37,6 +37,19 @@ def test_views_show_region_colours_in_radiological_orientation(study):
     assert coronal.height / coronal.width == pytest.approx(80 / 144, abs=0.02)
 
 
+def test_views_of_two_label_maps_can_share_their_cuts(study):
+    volume, label_image, _ = study
+    first = render_key_views(volume.image, label_image, size_px=96)
+    chosen = tuple(v.slice_index for v in first)
+    shifted = tuple(index - 2 for index in chosen)
+    again = render_key_views(volume.image, label_image, size_px=96, slices=shifted)
+    assert tuple(v.slice_index for v in again) == shifted
+    assert [v.image.size for v in again] == [v.image.size for v in first]
+    assert np.asarray(again[0].image).tolist() != np.asarray(first[0].image).tolist()  # another axial slice
+    with pytest.raises(ValueError, match="outside the grid"):
+        render_key_views(volume.image, label_image, slices=(0, 0, 48))
+
+
 def test_views_refuse_mismatched_or_empty_labels(study):
     volume, label_image, _ = study
     with pytest.raises(ValueError, match="differs"):

@@ -66,16 +66,20 @@ class KeyView:
     slice_index: int
 
 
-def render_key_views(image: sitk.Image, labels: sitk.Image, *, size_px: int = 384) -> list[KeyView]:
+def render_key_views(image: sitk.Image, labels: sitk.Image, *, size_px: int = 384,
+                     slices: tuple[int, int, int] | None = None) -> list[KeyView]:
     """Axial, coronal and sagittal views through the labelled brain's centre.
 
     Args:
         image: CT in HU (any scalar type).
         labels: label map 0..10 with exactly the image's geometry.
         size_px: longest side of each rendered view (pixels).
+        slices: the (axial, coronal, sagittal) slice indices to show instead, on the
+            LPS-oriented grid (``KeyView.slice_index`` of another rendering: two label
+            maps of one image then show the same cuts).
 
     Raises:
-        ValueError: geometry mismatch, or no labelled voxel.
+        ValueError: geometry mismatch, no labelled voxel, or a slice index off the grid.
     """
     if image.GetSize() != labels.GetSize() or not np.allclose(image.GetSpacing(), labels.GetSpacing()):
         raise ValueError(
@@ -88,8 +92,13 @@ def render_key_views(image: sitk.Image, labels: sitk.Image, *, size_px: int = 38
     spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()  # (x, y, z) mm
     if not lab.any():
         raise ValueError("the label map is empty: nothing to show")
-    z, y, x = (int(round(c)) for c in np.argwhere(lab > 0).mean(axis=0))
-    z = _best_axial_slice(lab, z)
+    if slices is None:
+        z, y, x = (int(round(c)) for c in np.argwhere(lab > 0).mean(axis=0))
+        z = _best_axial_slice(lab, z)
+    else:
+        z, y, x = (int(v) for v in slices)
+        if not all(0 <= v < n for v, n in zip((z, y, x), lab.shape)):
+            raise ValueError(f"slices (axial, coronal, sagittal) {tuple(slices)} lie outside the grid {lab.shape}")
     cuts = {
         # (2-D HU, 2-D labels, row spacing, column spacing); superior at the top.
         "axial": (hu[z], lab[z], spacing[1], spacing[0], z),
