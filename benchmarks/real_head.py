@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    result = measure(args)
+    try:
+        result = measure(args)
+    except (FileNotFoundError, ValueError) as error:  # bad input: the reason, without a traceback
+        parser.exit(2, f"real_head.py: error: {error}\n")
     print(report(result), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
