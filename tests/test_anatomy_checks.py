@@ -52,7 +52,7 @@ def _lateral_relations(kind: str) -> set[str]:
     return {f"share of the {n} across the midline" for n in names}
 
 
-AXIS = "right-to-left axis of the labelled lobe pairs towards the patient's left (+x)"
+AXIS = "labelled right-to-left direction towards the patient's left (+x)"
 SWAPPED_SIDES = {AXIS} | _lateral_relations("side") | _lateral_relations("share")
 
 
@@ -89,10 +89,16 @@ def test_a_head_turned_in_the_scanner_still_passes():
 
 def test_lobe_voxels_across_the_midline_fail_the_share_but_not_the_centroid():
     array = _brain()
-    frontal = array == _value("frontal lobe", "left")
-    frontal[:, :, MID_I + 3:] = False  # the 3 left frontal columns next to the midline become right frontal
-    array[frontal] = _value("frontal lobe", "right")
-    assert _failures(array) == {"share of the right frontal lobe across the midline"}
+    array[10:28, 4:14, 2:7] = _value("frontal lobe", "left")  # an island of left frontal in the right one
+    assert _failures(array) == {"share of the left frontal lobe across the midline"}
+
+
+def test_sides_mixed_at_random_fail_every_share():
+    array = _brain()
+    lobes = np.isin(array, [r.value for r in REGIONS if r.laterality])
+    flip = lobes & (np.random.default_rng(0).uniform(size=array.shape) < 0.5)
+    array[flip] = np.asarray(left_right_permutation(), np.uint8)[array[flip]]
+    assert _lateral_relations("share") <= _failures(array)
 
 
 def test_front_and_back_swapped_fail_the_front_to_back_order():
