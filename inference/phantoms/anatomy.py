@@ -307,20 +307,40 @@ def _warp(base: AtlasAnatomy, array: np.ndarray, transform: sitk.Transform, near
     return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, interpolator, 0.0))
 
 
+def _warp_maps(base: AtlasAnatomy, arrays: list[np.ndarray], transform: sitk.Transform) -> list[np.ndarray]:
+    """Float maps warped (linear) in one pass: the displacement field is evaluated once per voxel, not per map."""
+    stacked = sitk.Compose([base.image(a.astype(np.float32)) for a in arrays])
+    warped = sitk.GetArrayFromImage(sitk.Resample(stacked, stacked, transform, sitk.sitkLinear, 0.0))
+    return [np.ascontiguousarray(warped[..., index]) for index in range(len(arrays))]
+
+
 def _smooth_scalar(rng: np.random.Generator, shape: tuple[int, ...], correlation_mm: float, factor: int = 2) -> np.ndarray:
-    """Unit-SD smooth scalar field on the 1 mm grid, made on a ``factor`` times coarser grid."""
-    coarse_shape = tuple(int(math.ceil(n / factor)) for n in shape)
+    """Unit-SD smooth scalar field on the 1 mm grid, made on a ``factor`` times coarser grid (interpolated linearly)."""
+    coarse_shape = tuple(int(math.ceil(n / factor)) + 1 for n in shape)
     coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), correlation_mm / factor)
-    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1)
-    field = field[tuple(slice(0, n) for n in shape)]
+    coarse_image = sitk.GetImageFromArray(coarse)
+    coarse_image.SetSpacing((float(factor),) * 3)
+    reference = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
+    field = sitk.GetArrayFromImage(sitk.Resample(coarse_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0))
     field -= field.mean()
     return field / max(float(field.std()), 1e-6)
 
 
-def _parenchyma_counts(base: AtlasAnatomy, transform: sitk.Transform) -> np.ndarray:
-    regions = _warp(base, base.regions, transform, nearest=True)
-    tissue = _warp(base, base.grey + base.white - base.csf, transform)
+#: The regional scaling is fitted on a grid this many times coarser (only counts are needed).
+FIT_FACTOR = 2
+
+
+def _parenchyma_counts(coarse_regions: sitk.Image, coarse_tissue: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    regions = sitk.GetArrayFromImage(sitk.Resample(coarse_regions, coarse_regions, transform, sitk.sitkNearestNeighbor, 0))
+    tissue = sitk.GetArrayFromImage(sitk.Resample(coarse_tissue, coarse_tissue, transform, sitk.sitkLinear, 0.0))
     return np.bincount(regions[tissue > 0].ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
+
+
+def _coarse(base: AtlasAnatomy, array: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(array[::FIT_FACTOR, ::FIT_FACTOR, ::FIT_FACTOR])
+    image.SetSpacing((SPACING_MM * FIT_FACTOR,) * 3)
+    image.SetOrigin([float(v) for v in base.origin_mm])
+    return image
 
 
 def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np.ndarray,
@@ -328,13 +348,15 @@ def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np
     """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point steps."""
     log_scales = np.zeros(len(REGIONS))
     limit = math.log(MAX_REGION_SCALE)
+    coarse_regions = _coarse(base, base.regions)
+    coarse_tissue = _coarse(base, (base.grey + base.white - base.csf).astype(np.float32))
     for iteration in range(iterations + 1):
         velocity = base_velocity + region_scaling_velocity(
             lattice_regions, xyz, {region.value: float(s) for region, s in zip(REGIONS, log_scales)})
         transform = displacement_transform(exponentiate(velocity), base.origin_mm)
         if iteration == iterations:
             break
-        counts = _parenchyma_counts(base, transform)
+        counts = _parenchyma_counts(coarse_regions, coarse_tissue, transform)
         measured = counts / counts.sum()
         log_scales = np.clip(log_scales + 0.9 * np.log(shares / np.maximum(measured, 1e-9)) / 3.0, -limit, limit)
     return transform, log_scales
@@ -387,13 +409,10 @@ def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities:
     lattice_regions = _lattice_sample(base.regions, lattice_shape)
     transform, log_scales = _fit_region_scales(base, shares, velocity, lattice_regions, xyz)
 
-    grey = _warp(base, base.grey, transform)
-    white = _warp(base, base.white, transform)
-    csf = _warp(base, base.csf, transform)
-    intracranial = _warp(base, base.intracranial, transform) > 0.5
+    grey, white, csf, intracranial, template, outside_mm = _warp_maps(
+        base, [base.grey, base.white, base.csf, base.intracranial, base.template, base.outside_mm], transform)
+    intracranial = intracranial > 0.5
     regions = _warp(base, base.regions, transform, nearest=True)
-    template = _warp(base, base.template, transform)
-    outside_mm = _warp(base, base.outside_mm, transform)
 
     csf_share = float(texture_rng.uniform(*CSF_SHARE))
     grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_share)
