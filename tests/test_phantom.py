@@ -101,10 +101,10 @@ def test_meta_volumes_are_counted_on_the_labels(boy):
 
 def test_total_volume_is_the_drawn_total_and_shares_approach_the_targets(boy):
     volumes, targets = boy.meta["volumes_cm3"], boy.meta["target_volumes_cm3"]
-    # The whole head is scaled to the drawn total (measured: within 0.01 %).
+    # The whole head is scaled to the drawn total (measured: within 0.03 %).
     assert sum(volumes.values()) == pytest.approx(sum(targets.values()), rel=0.02)
     # The regional scaling is bounded, so a share far from the atlas's is approached, not
-    # reached (measured: lobes and cerebellum within 6 %, brainstem +29 %).
+    # reached (measured: lobes and cerebellum within 7 %, brainstem +31 %).
     for key in REGION_KEYS:
         assert volumes[key] == pytest.approx(targets[key], rel=0.5 if key == "brainstem" else 0.15), key
         mean, sd = COHORT_VOLUMES_CM3[key]
@@ -123,7 +123,7 @@ def test_regional_shares_move_from_the_atlas_towards_the_targets(canonical_heads
     for head, _ in canonical_heads:
         counts = np.bincount(head.labels.ravel(), minlength=11)[1:]
         ratio = counts / counts.sum() / COHORT_SHARES
-        # Measured 1.31-1.38 for the brainstem, every other region within 7 % of its target.
+        # Measured 1.36-1.38 for the brainstem, every other region within 10 % of its target.
         assert abs(math.log(ratio[brainstem])) < 0.75 * abs(math.log(atlas_ratio[brainstem])), ratio
         assert np.all(np.abs(np.delete(ratio, brainstem) - 1.0) < 0.15), ratio
 
@@ -135,7 +135,7 @@ def test_meta_is_complete_and_json(boy):
                 "kernel_sigma_mm", "anatomy", "birth_date", "study_date"):
         assert key in meta, key
     assert meta["seed"] == SEED and meta["sex"] == "M" and meta["age_years"] == 2.0
-    assert meta["generation"] == GENERATION == 3
+    assert meta["generation"] == GENERATION >= 3
     assert set(meta["volumes_cm3"]) == set(REGION_KEYS)
     assert len(meta["pose"]["rotation_deg"]) == 3 and len(meta["pose"]["translation_mm"]) == 3
     assert all(abs(angle) <= 20.0 for angle in meta["pose"]["rotation_deg"])
@@ -208,19 +208,19 @@ def test_regions_lie_where_the_anatomy_puts_them(boy):
     c = head_frame_centroids(boy)
     x, y, z = 0, 1, 2   # LPS: +x patient left, +y posterior, +z superior
     for lobe in ("frontal", "parietal", "occipital", "temporal"):
-        # Measured 51-76 mm apart.
+        # Measured 47-78 mm apart.
         assert c[f"left_{lobe}_lobe"][x] > c[f"right_{lobe}_lobe"][x] + 20.0, lobe
         assert c[f"left_{lobe}_lobe"][x] > 5.0 and c[f"right_{lobe}_lobe"][x] < -5.0, lobe
     for side in ("left", "right"):
         frontal, parietal, occipital, temporal = (c[f"{side}_{lobe}_lobe"] for lobe in
                                                   ("frontal", "parietal", "occipital", "temporal"))
-        assert frontal[y] + 20.0 < parietal[y] < occipital[y] - 10.0, side     # measured -35, 30, 57 mm
-        assert temporal[z] < parietal[z] - 15.0, side                           # measured 42 mm lower
+        assert frontal[y] + 20.0 < parietal[y] < occipital[y] - 10.0, side     # measured -37, 29, 59 mm
+        assert temporal[z] < parietal[z] - 15.0, side                           # measured 47 mm lower
         assert temporal[y] > frontal[y] + 15.0, side                            # measured 38 mm behind
     cerebellum, brainstem = c["cerebellum"], c["brainstem"]
     for key in ("cerebellum", "brainstem"):
-        assert abs(c[key][x]) < 10.0, key                                       # midline (measured 2.5, 0.4 mm)
-    assert cerebellum[z] < min(c["left_occipital_lobe"][z], c["right_occipital_lobe"][z]) - 15.0   # measured 38 mm
+        assert abs(c[key][x]) < 10.0, key                                       # midline (measured 2.6, 0.3 mm)
+    assert cerebellum[z] < min(c["left_occipital_lobe"][z], c["right_occipital_lobe"][z]) - 15.0   # measured 40 mm
     assert cerebellum[y] > brainstem[y] + 15.0                                  # behind the brainstem (measured 37 mm)
     assert brainstem[z] < min(c["left_temporal_lobe"][z], c["right_temporal_lobe"][z])
 
@@ -228,14 +228,18 @@ def test_regions_lie_where_the_anatomy_puts_them(boy):
 def test_labels_lie_on_parenchyma_densities_only(boy):
     image, labels = arrays(boy)
     brain = image[labels > 0].astype(float)
-    # No label on bone or air, even after the slice profile, the kernel blur and the noise
-    # (measured: no labelled voxel above 150 HU, 2 of 404 052 below -20 HU).
-    assert (brain > 100.0).mean() < 1e-4
-    assert (brain < -20.0).mean() < 1e-3
+    # No label on air or bone after the slice profile, the kernel blur and the noise
+    # (measured: 0.1st and 99th percentiles 1 and 53 HU, none below -20 HU)...
+    assert np.percentile(brain, 0.1) > -20.0 and np.percentile(brain, 99) < 100.0
+    # ...but for partial volume with the skull: the 0.3 % of labelled voxels above 100 HU
+    # all lie within 2 mm of bone; farther than 3 mm the brightest labelled voxel is 71 HU.
+    bone = (image > 300) & (labels == 0)
+    from_bone_mm = ndimage.distance_transform_edt(~bone, sampling=boy.image.GetSpacing()[::-1])
+    assert image[(labels > 0) & (from_bone_mm > 3.0)].max() < 100
     densities = boy.meta["anatomy"]["densities"]
     for region in REGIONS:
         median = float(np.median(image[labels == region.value]))
-        # Measured 27-32 HU (white 26.9, grey 36.5): between white and grey matter, no region code.
+        # Measured 27-33 HU (white 26.9, grey 36.5): between white and grey matter, no region code.
         assert densities["white_hu"] - 6.0 < median < densities["grey_hu"] + 3.0, (region.key, median)
 
 
@@ -244,19 +248,19 @@ def test_canonical_labels_are_intracranial_voxels_denser_than_csf(canonical_head
         labelled = head.labels > 0
         assert not (labelled & ~head.intracranial).any()
         hu = head.hu[labelled]
-        assert hu.max() < 100.0                                                  # measured max 46 HU
+        assert hu.max() < 100.0                                                  # measured max 41-44 HU
         # A labelled voxel is more grey + white than CSF: its HU is above the CSF-white
-        # midpoint but for the bias field and the texture (measured 0.02-0.16 % below).
+        # midpoint but for the bias field and the texture (measured 0.03 % below).
         assert (hu < densities.csf + 0.5 * (densities.white - densities.csf)).mean() < 0.01
         unlabelled = head.hu[head.intracranial & ~labelled]
-        assert np.median(unlabelled) < np.median(hu) - 8.0                       # CSF (measured 15-23 HU darker)
+        assert np.median(unlabelled) < np.median(hu) - 8.0                       # CSF (measured 17-25 HU darker)
 
 
 def test_two_seeds_are_the_same_anatomy_in_different_shapes(canonical_heads):
     (first, _), (second, _) = canonical_heads
     for region in REGIONS:
         overlap = dice(first.labels == region.value, second.labels == region.value)
-        # Measured 0.64 (brainstem) to 0.84 (cerebellum).
+        # Measured 0.65 (brainstem) to 0.85 (cerebellum).
         assert 0.5 < overlap < 0.95, (region.key, overlap)
 
 
@@ -264,11 +268,38 @@ def test_tissues_have_ct_values(boy):
     image, labels = arrays(boy)
     assert np.percentile(image, 5) < -950                                           # air around the head
     bone_cm3 = (image > 300).sum() * VOXEL_CM3
-    assert 100.0 < bone_cm3 < 1000.0, bone_cm3                                      # skull (measured 322 cm3)
+    assert 100.0 < bone_cm3 < 1000.0, bone_cm3                                      # skull (measured 354 cm3)
     brain = labels > 0
     inside = ndimage.binary_fill_holes(ndimage.binary_closing(brain, iterations=3))
     csf = inside & ~brain
     assert float(np.median(image[csf])) < float(np.median(image[brain])) - 8.0      # measured 12 vs 30 HU
+
+
+def test_the_cranium_is_closed_but_at_the_foramen_magnum(canonical_heads):
+    """Bone encloses the intracranial space: no path through non-bone from the brain to the air
+    outside the head above the foramen magnum. (The adult template's skull alone, thresholded,
+    is open over the forehead and the orbital roofs, and the preprocessing's intracranial
+    mask then stopped above the hole.)"""
+    for head, _ in canonical_heads:
+        lowest = int(np.nonzero(head.intracranial.any(axis=(1, 2)))[0].min())
+        # Cut below: the foramen magnum is open for FORAMEN_MM above the atlas's lowest
+        # intracranial voxel, and the deformation moves it by a few mm (13 mm seen).
+        above = slice(lowest + int(anatomy.FORAMEN_MM + 10.0), None)
+        components, _ = ndimage.label(head.hu[above] < 300.0)
+        inside = components[head.intracranial[above]]
+        outside = components[~head.head[above]]
+        assert not np.intersect1d(np.unique(inside), np.unique(outside)).size
+
+
+def test_the_preprocessing_finds_the_whole_brain_inside_the_skull(boy):
+    from inference.preprocess import PreprocessConfig, preprocess_image
+
+    pre = preprocess_image(sitk.Cast(boy.image, sitk.sitkFloat32), PreprocessConfig())
+    mask = sitk.GetImageFromArray(pre.mask.astype(np.uint8))
+    mask.CopyInformation(pre.grid)
+    on_series = sitk.GetArrayFromImage(sitk.Resample(mask, boy.labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    labels = sitk.GetArrayViewFromImage(boy.labels) > 0
+    assert (on_series[labels] > 0).mean() > 0.98            # with the template's skull alone: 0.27-0.83
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +365,7 @@ def test_drawn_densities_are_in_the_documented_ranges():
         assert 4.0 <= d.grey - d.white <= 10.0          # a toddler's white matter: darker than grey, less than an adult's gap
         assert 0.0 <= d.csf <= 12.0 and d.csf < d.white
         assert 700.0 <= d.bone_peak <= 1500.0
-        assert 25.0 <= d.soft <= 50.0 and -110.0 <= d.fat <= -60.0
+        assert -8.0 <= d.soft_offset <= 8.0             # on the template's own soft tissue and fat
         assert len(d.region_offsets) == len(REGIONS)
     # The contrast varies from case to case (the SynthSeg idea): a spread, not one value.
     assert np.ptp([d.grey for d in drawn]) > 8.0 and np.ptp([d.grey - d.white for d in drawn]) > 4.0
@@ -453,6 +484,7 @@ def test_phantom_help_teaches(capsys):
         main(["phantom", "--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "--montage" in text and "case_0000" in text
+    assert "atlas" in text and "900000-999999" in text      # what a phantom is made of; the held-out seeds
 
 
 @pytest.mark.slow

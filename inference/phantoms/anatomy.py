@@ -68,6 +68,8 @@ SKIN_LEVEL_HU = (-700.0, -300.0)
 #: Thickness (mm) of the closed shell of bone around the intracranial space: the template's
 #: skull, an average of adults, is thin or open where it varies most (squama, orbital roofs).
 SHELL_MM = (2.0, 3.5)
+#: Least bone share of the shell (0.25: half-way in HU from soft tissue to the case's bone peak, ~370-770 HU).
+SHELL_BONE_SHARE = 0.25
 #: The shell is open in the lowest part of the intracranial space (the foramen magnum).
 FORAMEN_MM = 10.0
 FORAMEN_RADIUS_MM = 14.0
@@ -467,9 +469,13 @@ def _head_hu(rng: np.random.Generator, d: TissueDensities, grey: np.ndarray, whi
     soft = template_hu(template)
     head = (soft > skin_level) | intracranial
     template_bone = template > bone_level
-    bone = ~intracranial & (template_bone | ((outside_mm > 0) & (outside_mm < shell_mm)))
+    shell = ~intracranial & (outside_mm > 0) & (outside_mm < shell_mm)
+    bone = ~intracranial & (template_bone | shell)
     bone_share = np.where(template_bone, np.clip((template - bone_level) / (TEMPLATE_BONE_TOP - bone_level), 0.0, 1.0),
                           1.0)
+    # Where the template calls the shell bone too, its bone just above the drawn level has a
+    # share near 0 (~40 HU): the shell had holes there. It is at least SHELL_BONE_SHARE.
+    bone_share = np.where(shell, np.maximum(bone_share, SHELL_BONE_SHARE), bone_share)
     hu = np.full(grey.shape, -1000.0, np.float32)
     tissue = head & ~intracranial
     hu[tissue] = (np.maximum(soft, -1000.0) + np.where(soft > -200.0, d.soft_offset + texture, 0.0))[tissue]

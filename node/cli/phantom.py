@@ -22,6 +22,7 @@ Same seed, same output. A seed is one child: its sex, age, regional volumes and
 anatomy do not depend on the scan options, so one seed at two slice thicknesses is
 the same child scanned twice. Volumes follow the whole-cohort distribution of
 Xi et al. 2025 (girls ~6 % smaller, +8 %/year; the phantom's own choices).
+Seeds 900000-999999 are kept for held-out evaluation: lobevol train refuses them.
 For a tilted series, labels.nii.gz is indexed like the DICOM slices (slice k, row j,
 column i) and carries the orthogonal geometry of the tilted plane; the DICOM
 headers carry the true, sheared slice positions.
@@ -35,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "phantom",
         help="write synthetic head-CT phantoms (DICOM series + labels + true volumes)",
         description=(
-            "Generate synthetic head CTs of 1.5-2.5-year-old children: scalp, skull, CSF,\n"
-            "ventricles, fissures and the 10 labelled brain regions, with volumes drawn from the\n"
-            "published cohort, random pose, field of view, slice thickness, noise and anatomy.\n"
+            "Generate synthetic head CTs of 1.5-2.5-year-old children made from the bundled atlas's\n"
+            "real anatomy (10 labelled regions, grey / white matter and CSF, skull and scalp) under a\n"
+            "random smooth deformation, with volumes drawn from the published cohort, a toddler's\n"
+            "tissue densities and random pose, field of view, slice thickness, kernel and noise.\n"
             "Each case is written as a CT Image Storage series with its label map and truth."
         ),
         epilog=EPILOG,
