@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -474,8 +474,10 @@ def load_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
     return image, labels
 
 
-def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callable[[], tuple[sitk.Image, sitk.Image]]]]:
+def phantom_training_specs(count: int, seed: int) -> list[tuple[str, Callable[[], tuple[sitk.Image, sitk.Image]]]]:
     """(name, loader) of ``count`` phantoms with seeds ``seed``, ``seed+1``, ... (loaders make them lazily).
+
+    The seeds are checked when this is called, before any phantom is made.
 
     Raises:
         ValueError: a seed among the held-out phantoms' (``generator.HELD_OUT_SEEDS``): a
@@ -488,15 +490,14 @@ def phantom_training_specs(count: int, seed: int) -> Iterator[tuple[str, Callabl
         raise ValueError(f"phantom seeds {seeds.start}-{seeds.stop - 1} overlap the held-out seeds "
                          f"{HELD_OUT_SEEDS.start}-{HELD_OUT_SEEDS.stop - 1} (kept for evaluation): choose another --phantom-seed")
 
-    for index in range(count):
-        case_seed = seed + index
-
-        def load(case_seed: int = case_seed) -> tuple[sitk.Image, sitk.Image]:
+    def loader(case_seed: int) -> Callable[[], tuple[sitk.Image, sitk.Image]]:
+        def load() -> tuple[sitk.Image, sitk.Image]:
             phantom = make_phantom(case_seed, **PHANTOM_TRAINING_GEOMETRY)
             return sitk.Cast(phantom.image, sitk.sitkFloat32), phantom.labels
+        return load
 
-        # The generation is in the name: a cache of an older generator's phantoms is not reused.
-        yield f"phantom_g{GENERATION}_{case_seed:06d}", load
+    # The generation is in the name: a cache of an older generator's phantoms is not reused.
+    return [(f"phantom_g{GENERATION}_{case_seed:06d}", loader(case_seed)) for case_seed in seeds]
 
 
 #: Phantoms for training are drawn with their random pose, noise, thickness and anatomy,
