@@ -18,7 +18,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,19 +28,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.real_ct import real_ct_archive  # noqa: E402
+
 PHANTOM_GRID = {"matrix": 256, "pixel_spacing_mm": 0.9}
 PANEL_PIXELS = 240
 #: A brain-density pixel of the real slice (HU), to pick the slice through the brain's widest part.
 BRAIN_HU = (15.0, 50.0)
-
-
-def default_archive() -> Path:
-    """The real-CT samples: LOBEVOL_REAL_CT, else ../shared/data/real-ct next to the repository, else /work/shared."""
-    if os.environ.get("LOBEVOL_REAL_CT"):
-        return Path(os.environ["LOBEVOL_REAL_CT"])
-    relative = Path("shared") / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
-    beside = ROOT.parent / relative
-    return beside if beside.is_file() else Path("/work") / relative
 
 
 def phantom_panels(seed: int) -> tuple[np.ndarray, np.ndarray, float, str]:
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds takes 1-9 non-negative seeds, got {args.seeds}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    archive = args.archive or default_archive()
+    archive = args.archive or real_ct_archive()
     if not archive.is_file():   # before the phantoms' minutes of CPU
         parser.error(f"real CT samples missing: {archive} (set LOBEVOL_REAL_CT or --archive)")
     import SimpleITK as sitk

@@ -5,13 +5,14 @@ unpacked once per test session into a temporary folder, never into the repositor
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from tests.real_ct import real_ct_archive
 
 
 def phantom_truth_on_source_slices(phantom, datasets) -> np.ndarray:
@@ -27,17 +28,7 @@ def phantom_truth_on_source_slices(phantom, datasets) -> np.ndarray:
     return truth[order]
 
 
-def _real_ct_archive() -> Path:
-    """LOBEVOL_REAL_CT, else ``../shared/data/real-ct`` next to the repository, else the workplace's
-    ``/work/shared`` (a clean clone elsewhere, as in CI)."""
-    if os.environ.get("LOBEVOL_REAL_CT"):
-        return Path(os.environ["LOBEVOL_REAL_CT"])
-    relative = Path("shared") / "data" / "real-ct" / "dcm_qa_ct.tar.xz"
-    beside = Path(__file__).resolve().parents[2] / relative
-    return beside if beside.is_file() else Path("/work") / relative
-
-
-REAL_CT_ARCHIVE = _real_ct_archive()
+REAL_CT_ARCHIVE = real_ct_archive()
 
 
 @pytest.fixture(scope="session")

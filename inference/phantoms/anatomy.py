@@ -110,10 +110,15 @@ class AtlasAnatomy:
 
     def image(self, array: np.ndarray) -> sitk.Image:
         """``array`` (z, y, x) as an image on this grid."""
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((SPACING_MM,) * 3)
-        image.SetOrigin([float(v) for v in self.origin_mm])
-        return image
+        return grid_image(array, self.origin_mm)
+
+
+def grid_image(array: np.ndarray, origin_mm: np.ndarray, spacing_mm: float = SPACING_MM) -> sitk.Image:
+    """``array`` (z, y, x) as an identity-direction image with this origin (x, y, z, mm) and isotropic spacing."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((spacing_mm,) * 3)
+    image.SetOrigin([float(v) for v in origin_mm])
+    return image
 
 
 @lru_cache(maxsize=1)
@@ -126,9 +131,10 @@ def atlas_anatomy() -> AtlasAnatomy:
     reference.SetSpacing(atlas.GetSpacing())
     reference.SetOrigin(atlas.GetOrigin())
 
-    def on_grid(name: str, interpolator=sitk.sitkLinear) -> np.ndarray:
+    def on_grid(name: str) -> np.ndarray:
         image = sitk.ReadImage(str(DATA / f"{name}.nii.gz"), sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32))
+        return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                    sitk.sitkFloat32))
 
     regions = sitk.GetArrayFromImage(atlas).astype(np.uint8)
     intracranial = on_grid("blast_intracranial_mask")
@@ -297,16 +303,14 @@ class CanonicalHead:
     meta: dict
 
     def image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((SPACING_MM,) * 3)
-        image.SetOrigin([float(v) for v in self.origin_mm])
-        return image
+        """``array`` (z, y, x) as an image on the canonical grid."""
+        return grid_image(array, self.origin_mm)
 
 
-def _warp(base: AtlasAnatomy, array: np.ndarray, transform: sitk.Transform, nearest: bool = False) -> np.ndarray:
-    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    image = base.image(array)
-    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, interpolator, 0.0))
+def _warp_labels(base: AtlasAnatomy, labels: np.ndarray, transform: sitk.Transform) -> np.ndarray:
+    """A label map warped (nearest neighbour)."""
+    image = base.image(labels)
+    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, sitk.sitkNearestNeighbor, 0))
 
 
 def _warp_maps(base: AtlasAnatomy, arrays: list[np.ndarray], transform: sitk.Transform) -> list[np.ndarray]:
@@ -338,11 +342,8 @@ def _parenchyma_counts(coarse_regions: sitk.Image, coarse_tissue: sitk.Image, tr
     return np.bincount(regions[tissue > 0].ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
 
 
-def _coarse(base: AtlasAnatomy, array: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(array[::FIT_FACTOR, ::FIT_FACTOR, ::FIT_FACTOR])
-    image.SetSpacing((SPACING_MM * FIT_FACTOR,) * 3)
-    image.SetOrigin([float(v) for v in base.origin_mm])
-    return image
+def _coarse(array: np.ndarray) -> np.ndarray:
+    return array[::FIT_FACTOR, ::FIT_FACTOR, ::FIT_FACTOR]
 
 
 def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np.ndarray,
@@ -350,8 +351,10 @@ def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np
     """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point steps."""
     log_scales = np.zeros(len(REGIONS))
     limit = math.log(MAX_REGION_SCALE)
-    coarse_regions = _coarse(base, base.regions)
-    coarse_tissue = _coarse(base, (base.grey + base.white - base.csf).astype(np.float32))
+    # Subsampled before the sum: the same values as summing first, an eighth of the work.
+    spacing = SPACING_MM * FIT_FACTOR
+    coarse_regions = grid_image(_coarse(base.regions), base.origin_mm, spacing)
+    coarse_tissue = grid_image(_coarse(base.grey) + _coarse(base.white) - _coarse(base.csf), base.origin_mm, spacing)
     for iteration in range(iterations + 1):
         velocity = base_velocity + region_scaling_velocity(
             lattice_regions, xyz, {region.value: float(s) for region, s in zip(REGIONS, log_scales)})
@@ -414,7 +417,7 @@ def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities:
     grey, white, csf, intracranial, template, outside_mm = _warp_maps(
         base, [base.grey, base.white, base.csf, base.intracranial, base.template, base.outside_mm], transform)
     intracranial = intracranial > 0.5
-    regions = _warp(base, base.regions, transform, nearest=True)
+    regions = _warp_labels(base, base.regions, transform)
 
     csf_share = float(texture_rng.uniform(*CSF_SHARE))
     grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_share)
