@@ -53,14 +53,16 @@ from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from inference.vocabulary import NUM_CLASSES, REGIONS, left_right_permutation
 from inference.models import MODEL_DIVISOR
 from inference.preprocess import (
+    Preprocessed,
     PreprocessConfig,
     check_image,
     index_box_covering,
     index_to_physical_matrix,
     preprocess_image,
+    resample_to,
 )
 from inference.surface import SurfaceRefinement, refine_brain_surface
-from inference.volumes import region_volumes_cm3
+from inference.volumes import countable_labels, parenchyma_threshold_hu, region_volumes_cm3
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +387,19 @@ def _interpolated_argmax(volume: torch.Tensor, points_xyz: np.ndarray, last: np.
     return np.argmax(sampled.numpy(), axis=0).astype(np.uint8)
 
 
+def parenchyma_labels(labels: np.ndarray, image: sitk.Image, prepared: Preprocessed) -> tuple[np.ndarray, float]:
+    """``labels`` on ``image``'s grid reduced to the voxels that count (:func:`inference.volumes.countable_labels`).
+
+    The case's CSF/parenchyma threshold comes from the image's HU over the intracranial
+    mask on the working grid, so every method that segments this image with this
+    preprocessing counts by the same threshold. Returns the labels and the threshold (HU).
+    """
+    hu_on_grid = sitk.GetArrayViewFromImage(resample_to(image, prepared.grid))
+    threshold = parenchyma_threshold_hu(hu_on_grid[prepared.mask])
+    counted = countable_labels(labels, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1], threshold)
+    return counted, threshold
+
+
 def set_cpu_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads in torch and SimpleITK (process-wide); None keeps their defaults."""
     if threads is None:
@@ -481,6 +496,7 @@ class Segmenter:
             labels = refine_brain_surface(labels, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1],
                                           self.surface_refinement)
             timings["surface"] = time.perf_counter() - mark
+        labels, threshold = parenchyma_labels(labels, image, prepared)
         label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
         mark = time.perf_counter()
@@ -488,5 +504,6 @@ class Segmenter:
         timings["volumes"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
         log.info("segmented %s voxels on %s in %.1f s", image.GetSize(), self.device, timings["total"])
-        model = {**self.model, "test_time_augmentation": self.tta, "surface_refinement": refined}
+        model = {**self.model, "test_time_augmentation": self.tta, "surface_refinement": refined,
+                 "parenchyma_threshold_hu": round(threshold, 1)}
         return Segmentation(labels=label_image, volumes_cm3=volumes, model=model, timings_s=timings)

@@ -44,6 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from inference.volumes import otsu_threshold
 from inference.vocabulary import NUM_CLASSES, REGIONS
 
 log = logging.getLogger(__name__)
@@ -98,26 +99,6 @@ class SurfaceRefinement:
     def applies_to(self, spacing_mm: Sequence[float]) -> bool:
         """Whether an image of this voxel spacing (mm, any axis order) is refined."""
         return max(float(s) for s in spacing_mm) <= self.max_spacing_mm
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample: the value that best splits it into two classes.
-
-    Raises:
-        ValueError: fewer than two distinct values.
-    """
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size < 2 or values.min() == values.max():
-        raise ValueError("Otsu's threshold needs at least two distinct values")
-    counts, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    below = np.cumsum(counts)
-    above = below[-1] - below
-    sum_below = np.cumsum(counts * centres)
-    mean_below = sum_below / np.maximum(below, 1)
-    mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
-    between_class = below * above * (mean_below - mean_above) ** 2
-    return float(centres[int(np.argmax(between_class))])
 
 
 def refine_brain_surface(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequence[float],

@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from inference.atlas.bundle import ATLAS_FILE, MAPPING_FILE, TEMPLATE_FILE, load_template, metadata, region_atlas
-from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, set_cpu_threads
+from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, parenchyma_labels, set_cpu_threads
 from inference.preprocess import PreprocessConfig, check_image, preprocess_image, resample_to
 from inference.surface import SurfaceRefinement, refine_brain_surface
 from inference.vocabulary import NUM_CLASSES
@@ -286,6 +286,7 @@ class AtlasSegmenter:
             if refined:
                 labels = refine_brain_surface(labels, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1],
                                               self.surface_refinement)
+            labels, threshold = parenchyma_labels(labels, image, prepared)
             timings["to_source"] = time.perf_counter() - mark
             bar.update(1)
         label_image = sitk.GetImageFromArray(labels)
@@ -294,4 +295,5 @@ class AtlasSegmenter:
         timings["total"] = time.perf_counter() - started
         log.info("atlas-segmented %s voxels in %.1f s", image.GetSize(), timings["total"])
         return Segmentation(labels=label_image, volumes_cm3=volumes,
-                            model={**self.model, "surface_refinement": refined}, timings_s=timings)
+                            model={**self.model, "surface_refinement": refined,
+                                   "parenchyma_threshold_hu": round(threshold, 1)}, timings_s=timings)

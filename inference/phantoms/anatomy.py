@@ -51,6 +51,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from inference.volumes import countable_labels, parenchyma_threshold_hu
 from inference.vocabulary import REGIONS
 
 SPACING_MM = 1.0
@@ -59,7 +60,7 @@ LATTICE_MM = 4.0
 #: Scaling-and-squaring steps: the velocity is divided by 2**STEPS before composing.
 SQUARING_STEPS = 6
 #: Atlas label volumes a case may be scaled to, as a factor of the atlas's own share (linear, per axis).
-MAX_REGION_SCALE = 1.35
+MAX_REGION_SCALE = 2.5
 #: Template CT (Cormack units of the Rorden template, not HU) levels between which tissues are drawn.
 TEMPLATE_BONE_LEVEL = (2880.0, 3060.0)     # soft tissue | bone: drawn per case, varies the skull
 TEMPLATE_BONE_TOP = 3700.0                  # the template's densest bone
@@ -73,8 +74,25 @@ SHELL_BONE_SHARE = 0.25
 #: The shell is open in the lowest part of the intracranial space (the foramen magnum).
 FORAMEN_MM = 10.0
 FORAMEN_RADIUS_MM = 14.0
-#: Share of the template's CSF kept where the maps see brain (a toddler's sulci are narrow).
-CSF_SHARE = (0.3, 0.8)
+#: Share of the template's (adults') CSF kept where the maps see brain: a toddler's sulci are
+#: narrow, an atrophic child's as wide as an adult's.
+CSF_SHARE = (0.15, 1.0)
+#: Fits of the regional scaling: the first on the template's tissue, each next one corrected by
+#: the shares of the finished labels.
+SHARE_CORRECTIONS = 3
+#: Share of the cortical ribbon cut into random sulci.
+SULCAL_FRACTION = (0.05, 0.35)
+#: Ventricle volume factor of most cases, and of the cases with enlarged ventricles
+#: (ventriculomegaly, hydrocephalus: children this tool is for), drawn with this frequency.
+VENTRICLE_VOLUME_FACTOR = (0.6, 1.4)
+ENLARGED_VENTRICLES = (1.5, 5.0)
+ENLARGED_VENTRICLES_FRACTION = 0.25
+#: Template CSF this deep inside the intracranial space (mm) is ventricle, not sulcus.
+VENTRICLE_DEPTH_MM = 12.0
+#: Cases with the brain drawn back from the inner table (atrophy, benign enlargement of the
+#: subarachnoid spaces): frequency, and depth of the added extra-axial CSF (mm).
+WIDE_EXTRA_AXIAL_FRACTION = 0.2
+WIDE_EXTRA_AXIAL_MM = (1.0, 4.0)
 #: Neck added below the template (mm, voxels of 1 mm).
 NECK_MM = 30
 
@@ -288,7 +306,9 @@ class CanonicalHead:
 
     Attributes:
         hu: float32 HU (z, y, x).
-        labels: uint8 region labels (z, y, x), parenchyma only.
+        labels: uint8 region labels (z, y, x) by the node's definition of a region's volume
+            (:func:`inference.volumes.countable_labels` of the territories).
+        territory: uint8 (z, y, x) every intracranial voxel's region (CSF included).
         intracranial: bool (z, y, x).
         head: bool (z, y, x), everything not air outside the body.
         origin_mm: (x, y, z) of voxel (0, 0, 0).
@@ -297,6 +317,7 @@ class CanonicalHead:
 
     hu: np.ndarray
     labels: np.ndarray
+    territory: np.ndarray
     intracranial: np.ndarray
     head: np.ndarray
     origin_mm: np.ndarray
@@ -347,9 +368,11 @@ def _coarse(array: np.ndarray) -> np.ndarray:
 
 
 def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np.ndarray,
-                       lattice_regions: np.ndarray, xyz: np.ndarray, iterations: int = 3) -> tuple[sitk.Transform, np.ndarray]:
-    """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point steps."""
-    log_scales = np.zeros(len(REGIONS))
+                       lattice_regions: np.ndarray, xyz: np.ndarray, log_scales: np.ndarray,
+                       iterations: int = 6) -> tuple[sitk.Transform, np.ndarray]:
+    """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point
+    steps from ``log_scales`` (10,)."""
+    log_scales = np.asarray(log_scales, dtype=float).copy()
     limit = math.log(MAX_REGION_SCALE)
     # Subsampled before the sum: the same values as summing first, an eighth of the work.
     spacing = SPACING_MM * FIT_FACTOR
@@ -367,13 +390,16 @@ def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np
     return transform, log_scales
 
 
-def _sulci(rng: np.random.Generator, grey: np.ndarray, white: np.ndarray) -> tuple[np.ndarray, float]:
-    """Share of every voxel's grey matter turned into sulcal CSF (0..1), and the drawn sulcal fraction."""
-    fraction = float(rng.uniform(0.05, 0.2))
+def _sulci(rng: np.random.Generator, grey: np.ndarray, white: np.ndarray, fraction: float) -> np.ndarray:
+    """Share of every voxel's grey matter turned into sulcal CSF (0..1): ``fraction`` of the cortical ribbon."""
     field = _smooth_scalar(rng, grey.shape, correlation_mm=float(rng.uniform(1.5, 2.5)))
     threshold = float(np.quantile(field[::4, ::4, ::4], 1.0 - fraction))
-    cortical = np.clip((grey - 0.3) / 0.4, 0.0, 1.0) * np.clip(1.0 - white / 0.3, 0.0, 1.0)
-    return cortical * np.clip((field - threshold) / 0.3, 0.0, 1.0), fraction
+    return _cortical_ribbon(grey, white) * np.clip((field - threshold) / 0.3, 0.0, 1.0)
+
+
+def _cortical_ribbon(grey: np.ndarray, white: np.ndarray) -> np.ndarray:
+    """How much each voxel is cortex (0..1): much grey matter, little white."""
+    return np.clip((grey - 0.3) / 0.4, 0.0, 1.0) * np.clip(1.0 - white / 0.3, 0.0, 1.0)
 
 
 def _toddler_csf(grey: np.ndarray, white: np.ndarray, csf: np.ndarray, intracranial: np.ndarray,
@@ -392,18 +418,51 @@ def _toddler_csf(grey: np.ndarray, white: np.ndarray, csf: np.ndarray, intracran
     return tuple(np.where(intracranial, m, 0.0).astype(np.float32) for m in maps)
 
 
+@dataclass(frozen=True)
+class CsfParameters:
+    """How much CSF one case has, from a toddler's tight sulci to atrophy and hydrocephalus.
+
+    Attributes:
+        csf_share: share of the template's CSF kept where the maps see brain.
+        sulcal_fraction: share of the cortical ribbon cut into random sulci.
+        ventricle_log_scale: log of the linear scaling of the ventricles (volume x exp(3 s)).
+        extra_axial_mm: depth below the inner table turned from brain into CSF (0: none).
+        seed: seed of the sulci's, bias field's and texture's random fields.
+    """
+
+    csf_share: float
+    sulcal_fraction: float
+    ventricle_log_scale: float
+    extra_axial_mm: float
+    seed: int
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "CsfParameters":
+        ventricles = rng.uniform(*ENLARGED_VENTRICLES) if rng.uniform() < ENLARGED_VENTRICLES_FRACTION \
+            else rng.uniform(*VENTRICLE_VOLUME_FACTOR)
+        extra_axial = rng.uniform(*WIDE_EXTRA_AXIAL_MM) if rng.uniform() < WIDE_EXTRA_AXIAL_FRACTION else 0.0
+        return cls(csf_share=float(rng.uniform(*CSF_SHARE)), sulcal_fraction=float(rng.uniform(*SULCAL_FRACTION)),
+                   ventricle_log_scale=float(math.log(ventricles) / 3.0), extra_axial_mm=float(extra_axial),
+                   seed=int(rng.integers(2 ** 62)))
+
+
 def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities: TissueDensities,
                         texture_rng: np.random.Generator) -> CanonicalHead:
     """One deformed child's head on the canonical 1 mm grid (before the global scale and the pose).
+
+    The regional scaling is fitted twice: once on the template's tissue (fast, on a 2 mm
+    grid), then corrected by the shares the finished head's labels have under the node's
+    definition of a region's volume, so each region lands within a few % of its drawn share.
 
     Args:
         rng: the deformation's generator (a held-out case's seed gives a deformation no training case has).
         shares: the drawn regional shares of the parenchyma (10, sums to 1), in region order.
         densities: the case's tissue HU.
-        texture_rng: generator of the sulci, the bias field and the texture.
+        texture_rng: generator of the CSF parameters, the sulci, the bias field and the texture.
     """
     base = atlas_anatomy()
     parameters = DeformationParameters.draw(rng)
+    csf_parameters = CsfParameters.draw(texture_rng)
     lattice_shape, xyz = _lattice_points(base.shape, base.origin_mm)
     x, y = xyz[0], xyz[1]
     velocity = parameters.large_mm * _random_field(rng, lattice_shape, 24.0)
@@ -411,29 +470,88 @@ def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities:
     # Asymmetry: one hemisphere wider than the other, more in front or behind (petalia).
     smooth_abs_x = np.sqrt(x * x + 25.0)
     velocity[0] -= smooth_abs_x * (parameters.asymmetry + parameters.petalia * np.tanh(y / 30.0))
+    velocity += _ventricle_velocity(base, lattice_shape, xyz, csf_parameters.ventricle_log_scale)
     lattice_regions = _lattice_sample(base.regions, lattice_shape)
-    transform, log_scales = _fit_region_scales(base, shares, velocity, lattice_regions, xyz)
+    fit_shares, log_scales = shares, np.zeros(len(REGIONS))
+    for attempt in range(SHARE_CORRECTIONS):
+        transform, log_scales = _fit_region_scales(base, fit_shares, velocity, lattice_regions, xyz, log_scales)
+        head = _tissue_head(base, transform, csf_parameters, densities)
+        counts = np.bincount(head.labels.ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
+        measured = counts / max(counts.sum(), 1.0)
+        # The fit's own measure (template tissue on 2 mm) differs from the finished labels'
+        # by a bias of a few % per region; aim the second fit past it by that much.
+        fit_shares = fit_shares * shares / np.maximum(measured, 1e-9)
+        fit_shares = fit_shares / fit_shares.sum()
+    head.meta = {"deformation": {"large_mm": round(parameters.large_mm, 3), "medium_mm": round(parameters.medium_mm, 3),
+                                 "asymmetry": round(parameters.asymmetry, 4), "petalia": round(parameters.petalia, 4),
+                                 "region_log_scales": [round(float(v), 4) for v in log_scales]},
+                 "csf": {"csf_share": round(csf_parameters.csf_share, 3),
+                         "sulcal_fraction": round(csf_parameters.sulcal_fraction, 3),
+                         "ventricle_volume_factor": round(math.exp(3 * csf_parameters.ventricle_log_scale), 3),
+                         "extra_axial_mm": round(csf_parameters.extra_axial_mm, 2)},
+                 "densities": densities.to_dict(), **head.meta}
+    return head
 
+
+def _ventricle_velocity(base: AtlasAnatomy, lattice_shape: tuple[int, ...], xyz: np.ndarray,
+                        log_scale: float) -> np.ndarray:
+    """Velocity (3, z, y, x) that scales the ventricles (deep CSF of the template) about their centroid."""
+    if log_scale == 0.0:
+        return np.zeros_like(xyz)
+    indicator = _lattice_sample(_ventricles().astype(np.uint8), lattice_shape).astype(np.float32)
+    weight = np.clip(ndimage.gaussian_filter(indicator, 6.0 / LATTICE_MM) * 3.0, 0.0, 1.0)
+    centre = (xyz * indicator).sum(axis=(1, 2, 3)) / max(float(indicator.sum()), 1.0)
+    return -weight * log_scale * (xyz - centre.reshape(3, 1, 1, 1))
+
+
+@lru_cache(maxsize=1)
+def _ventricles() -> np.ndarray:
+    """The template's ventricles: CSF more than VENTRICLE_DEPTH_MM inside the intracranial space (cached)."""
+    base = atlas_anatomy()
+    inside = base.intracranial > 0.5
+    depth = ndimage.distance_transform_edt(inside[::2, ::2, ::2]) * 2 * SPACING_MM
+    deep = np.repeat(np.repeat(np.repeat(depth, 2, 0), 2, 1), 2, 2)[tuple(slice(0, n) for n in inside.shape)]
+    return (base.csf > 0.5) & (deep > VENTRICLE_DEPTH_MM)
+
+
+def _tissue_head(base: AtlasAnatomy, transform: sitk.Transform, csf_parameters: CsfParameters,
+                 densities: TissueDensities) -> CanonicalHead:
+    """The warped anatomy with this case's CSF and densities; labels by the node's definition of a region's volume."""
+    texture_rng = np.random.default_rng(csf_parameters.seed)
     grey, white, csf, intracranial, template, outside_mm = _warp_maps(
         base, [base.grey, base.white, base.csf, base.intracranial, base.template, base.outside_mm], transform)
     intracranial = intracranial > 0.5
     regions = _warp_labels(base, base.regions, transform)
 
-    csf_share = float(texture_rng.uniform(*CSF_SHARE))
-    grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_share)
-    sulcal, sulcal_fraction = _sulci(texture_rng, grey, white)
+    grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_parameters.csf_share)
+    sulcal = _sulci(texture_rng, grey, white, csf_parameters.sulcal_fraction)
     csf = csf + grey * sulcal
     grey = grey * (1.0 - sulcal)
+    if csf_parameters.extra_axial_mm > 0:
+        grey, white, csf = _widen_extra_axial(grey, white, csf, intracranial, csf_parameters.extra_axial_mm)
 
-    labels = np.where(intracranial & (grey + white > csf), regions, 0).astype(np.uint8)
-    hu, head, skull_level, skin_level = _head_hu(texture_rng, densities, grey, white, csf, intracranial, labels, template,
-                                                 outside_mm)
-    meta = {"deformation": {"large_mm": round(parameters.large_mm, 3), "medium_mm": round(parameters.medium_mm, 3),
-                            "asymmetry": round(parameters.asymmetry, 4), "petalia": round(parameters.petalia, 4),
-                            "region_log_scales": [round(float(v), 4) for v in log_scales]},
-            "sulcal_fraction": round(sulcal_fraction, 3), "csf_share": round(csf_share, 3), "densities": densities.to_dict(),
+    territory = np.where(intracranial, regions, 0).astype(np.uint8)
+    hu, head, skull_level, skin_level = _head_hu(texture_rng, densities, grey, white, csf, intracranial, territory,
+                                                 template, outside_mm)
+    # The truth is counted by the node's own definition of a region's volume, on the
+    # image before acquisition (no blur, no noise): parenchyma-density voxels of a territory.
+    threshold = parenchyma_threshold_hu(hu[intracranial])
+    labels = countable_labels(territory, hu, (SPACING_MM,) * 3, threshold)
+    meta = {"parenchyma_threshold_hu": round(threshold, 2),
             "template_bone_level": round(skull_level, 1), "template_skin_level": round(skin_level, 1)}
-    return CanonicalHead(hu=hu, labels=labels, intracranial=intracranial, head=head, origin_mm=base.origin_mm, meta=meta)
+    return CanonicalHead(hu=hu, labels=labels, territory=territory, intracranial=intracranial, head=head,
+                         origin_mm=base.origin_mm, meta=meta)
+
+
+def _widen_extra_axial(grey: np.ndarray, white: np.ndarray, csf: np.ndarray, intracranial: np.ndarray,
+                       depth_mm: float, spacing_mm: float = SPACING_MM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brain within ``depth_mm`` of the inner table turned into CSF (atrophy, wide subarachnoid spaces)."""
+    image = sitk.GetImageFromArray(intracranial.astype(np.uint8))
+    image.SetSpacing((spacing_mm,) * 3)
+    depth = -sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                                                 useImageSpacing=True))
+    share = np.clip((depth_mm - depth) / spacing_mm + 0.5, 0.0, 1.0) * intracranial
+    return grey * (1 - share), white * (1 - share), csf + (grey + white) * share
 
 
 def _lattice_sample(regions: np.ndarray, lattice_shape: tuple[int, ...]) -> np.ndarray:
@@ -458,10 +576,10 @@ def template_hu(cormack: np.ndarray) -> np.ndarray:
 
 
 def _head_hu(rng: np.random.Generator, d: TissueDensities, grey: np.ndarray, white: np.ndarray, csf: np.ndarray,
-             intracranial: np.ndarray, labels: np.ndarray, template: np.ndarray, outside_mm: np.ndarray
+             intracranial: np.ndarray, territory: np.ndarray, template: np.ndarray, outside_mm: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """HU on the canonical grid: brain by partial volume of the tissues; scalp, face and skull from the template."""
-    offsets = np.array((0.0, *d.region_offsets), np.float32)[labels]
+    offsets = np.array((0.0, *d.region_offsets), np.float32)[territory]
     bias = d.bias_hu * _smooth_scalar(rng, grey.shape, correlation_mm=40.0, factor=4)
     texture = d.texture_hu * _smooth_scalar(rng, grey.shape, correlation_mm=0.7, factor=1)
     brain = grey * d.grey + white * d.white + csf * d.csf + (grey + white) * offsets + bias + texture

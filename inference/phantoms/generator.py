@@ -79,7 +79,7 @@ COHORT_VOLUMES_CM3: dict[str, tuple[float, float]] = {
 #: 4: generation 3's recipe, computed faster (random fields interpolated by SimpleITK, the
 #:    regional scaling fitted on a 2 mm grid): the same seeds give slightly different cases.
 #: 5: the bone shell's weakest voxels at least a quarter of the bone density (the skull had holes).
-GENERATION = 5
+GENERATION = 6
 #: Seeds of held-out phantoms (evaluation only; training refuses them).
 HELD_OUT_SEEDS = range(900_000, 1_000_000)
 
