@@ -77,9 +77,9 @@ FORAMEN_RADIUS_MM = 14.0
 #: Share of the template's (adults') CSF kept where the maps see brain: a toddler's sulci are
 #: narrow, an atrophic child's as wide as an adult's.
 CSF_SHARE = (0.15, 1.0)
-#: Fits of the regional scaling: the first on the template's tissue, each next one corrected by
-#: the shares of the finished labels.
-SHARE_CORRECTIONS = 3
+#: Corrections of the regional scaling's fit by the shares the finished labels would have,
+#: estimated on the fitting grid (then one more by a finished head's).
+COARSE_SHARE_CORRECTIONS = 1
 #: Share of the cortical ribbon cut into random sulci.
 SULCAL_FRACTION = (0.05, 0.35)
 #: Ventricle volume factor of most cases, and of the cases with enlarged ventricles
@@ -472,14 +472,20 @@ def make_canonical_head(rng: np.random.Generator, shares: np.ndarray, densities:
     velocity[0] -= smooth_abs_x * (parameters.asymmetry + parameters.petalia * np.tanh(y / 30.0))
     velocity += _ventricle_velocity(base, lattice_shape, xyz, csf_parameters.ventricle_log_scale)
     lattice_regions = _lattice_sample(base.regions, lattice_shape)
+    # The fit's own measure (the template's tissue) differs from the finished labels' (the node's
+    # definition, after this case's CSF) by a few % per region: each correction aims the next fit
+    # past that bias, first as estimated on the fitting grid, last as measured on a finished head.
     fit_shares, log_scales = shares, np.zeros(len(REGIONS))
-    for attempt in range(SHARE_CORRECTIONS):
+    for corrections in range(COARSE_SHARE_CORRECTIONS + 2):
         transform, log_scales = _fit_region_scales(base, fit_shares, velocity, lattice_regions, xyz, log_scales)
-        head = _tissue_head(base, transform, csf_parameters, densities)
-        counts = np.bincount(head.labels.ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
-        measured = counts / max(counts.sum(), 1.0)
-        # The fit's own measure (template tissue on 2 mm) differs from the finished labels'
-        # by a bias of a few % per region; aim the second fit past it by that much.
+        if corrections < COARSE_SHARE_CORRECTIONS:
+            measured = _coarse_definition_shares(base, transform, csf_parameters, densities)
+        else:
+            head = _tissue_head(base, transform, csf_parameters, densities)
+            if corrections == COARSE_SHARE_CORRECTIONS + 1:
+                break
+            counts = np.bincount(head.labels.ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
+            measured = counts / max(counts.sum(), 1.0)
         fit_shares = fit_shares * shares / np.maximum(measured, 1e-9)
         fit_shares = fit_shares / fit_shares.sum()
     head.meta = {"deformation": {"large_mm": round(parameters.large_mm, 3), "medium_mm": round(parameters.medium_mm, 3),
@@ -512,6 +518,33 @@ def _ventricles() -> np.ndarray:
     depth = ndimage.distance_transform_edt(inside[::2, ::2, ::2]) * 2 * SPACING_MM
     deep = np.repeat(np.repeat(np.repeat(depth, 2, 0), 2, 1), 2, 2)[tuple(slice(0, n) for n in inside.shape)]
     return (base.csf > 0.5) & (deep > VENTRICLE_DEPTH_MM)
+
+
+def _coarse_definition_shares(base: AtlasAnatomy, transform: sitk.Transform, csf_parameters: CsfParameters,
+                              densities: TissueDensities) -> np.ndarray:
+    """Regional shares (10,) the finished head would have, estimated on the 2 mm fitting grid.
+
+    As :func:`_tissue_head` but coarse, without skull, bias field or texture, and with the
+    sulci's expected effect (their share of the cortical ribbon) instead of drawn sulci.
+    """
+    spacing = SPACING_MM * FIT_FACTOR
+    maps = [_coarse(m).astype(np.float32) for m in (base.grey, base.white, base.csf, base.intracranial)]
+    stacked = sitk.Compose([grid_image(m, base.origin_mm, spacing) for m in maps])
+    warped = sitk.GetArrayFromImage(sitk.Resample(stacked, stacked, transform, sitk.sitkLinear, 0.0))
+    grey, white, csf, intracranial = (np.ascontiguousarray(warped[..., i]) for i in range(4))
+    intracranial = intracranial > 0.5
+    regions_image = grid_image(_coarse(base.regions), base.origin_mm, spacing)
+    regions = sitk.GetArrayFromImage(sitk.Resample(regions_image, regions_image, transform, sitk.sitkNearestNeighbor, 0))
+    grey, white, csf = _toddler_csf(grey, white, csf, intracranial, csf_parameters.csf_share)
+    sulcal = csf_parameters.sulcal_fraction * _cortical_ribbon(grey, white)
+    csf, grey = csf + grey * sulcal, grey * (1.0 - sulcal)
+    if csf_parameters.extra_axial_mm > 0:
+        grey, white, csf = _widen_extra_axial(grey, white, csf, intracranial, csf_parameters.extra_axial_mm, spacing)
+    hu = grey * densities.grey + white * densities.white + csf * densities.csf
+    territory = np.where(intracranial, regions, 0).astype(np.uint8)
+    labels = countable_labels(territory, hu, (spacing,) * 3, parenchyma_threshold_hu(hu[intracranial]))
+    counts = np.bincount(labels.ravel(), minlength=len(REGIONS) + 1)[1:].astype(float)
+    return counts / max(counts.sum(), 1.0)
 
 
 def _tissue_head(base: AtlasAnatomy, transform: sitk.Transform, csf_parameters: CsfParameters,
