@@ -35,12 +35,22 @@ DEFAULT_MIN_DICE = 0.2
 
 @dataclass(frozen=True)
 class RegionAgreement:
-    """Agreement of the two methods on one region (volumes in cm3 on the same grid)."""
+    """Agreement of the two methods on one region (volumes in cm3 on the same grid).
+
+    ``difference_sd`` (volume difference in reference SDs) and ``too_far`` (beyond the
+    normative comparison's limit) are set by :meth:`CrossCheck.judged`, once a reference is known.
+    """
 
     key: str
     dice: float
     volume_cm3: float
     other_volume_cm3: float
+    difference_sd: float | None = None
+    too_far: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.key.replace("_", " ")
 
     @property
     def volume_difference_percent(self) -> float | None:
@@ -67,9 +77,19 @@ class CrossCheck:
         return min(self.regions, key=lambda r: r.dice)
 
     @property
+    def judged_in_sd(self) -> bool:
+        """Whether the volume differences were judged in reference SDs (:meth:`judged`)."""
+        return any(r.difference_sd is not None for r in self.regions)
+
+    @property
+    def disagreeing(self) -> tuple[RegionAgreement, ...]:
+        """Regions with a Dice below ``min_dice`` or volumes too far apart in reference SDs."""
+        return tuple(r for r in self.regions if r.dice < self.min_dice or r.too_far)
+
+    @property
     def agrees(self) -> bool:
-        """Every region's Dice at least ``min_dice``."""
-        return self.lowest.dice >= self.min_dice
+        """Every region's Dice at least ``min_dice`` and, once judged, its volumes within the SD limit."""
+        return not self.disagreeing
 
     @property
     def verdict(self) -> str:
@@ -78,13 +98,33 @@ class CrossCheck:
 
     @property
     def message(self) -> str:
-        """One plain sentence for reports and logs."""
+        """One plain sentence for reports and logs: the verdict, and which regions differ by how much."""
         figures = (f"{self.method} vs {self.other_method}: mean Dice {self.mean_dice:.2f}, "
-                   f"lowest {self.lowest.key.replace('_', ' ')} {self.lowest.dice:.2f}")
+                   f"lowest {self.lowest.label} {self.lowest.dice:.2f}")
         if self.agrees:
-            return f"methods agree ({figures}; every region at least {self.min_dice:.2f})"
-        below = [r.key.replace("_", " ") for r in self.regions if r.dice < self.min_dice]
-        return f"{DISAGREE_MESSAGE} ({figures}; below {self.min_dice:.2f}: {', '.join(below)})"
+            limit = f"every region's Dice at least {self.min_dice:.2f}"
+            if self.judged_in_sd:
+                worst = max((r for r in self.regions if r.difference_sd is not None), key=lambda r: abs(r.difference_sd))
+                limit += f" and its volumes within one reference SD (largest {worst.label} {worst.difference_sd:+.1f} SD)"
+            return f"methods agree ({figures}; {limit})"
+        return f"{DISAGREE_MESSAGE}: {'; '.join(self._why(r) for r in self.disagreeing)} ({figures})"
+
+    def _why(self, region: RegionAgreement) -> str:
+        reasons = []
+        if region.too_far:
+            percent = region.volume_difference_percent
+            reasons.append(f"volumes {abs(region.difference_sd):.1f} SD apart"
+                           + ("" if percent is None else f" ({percent:+.0f} %)"))
+        if region.dice < self.min_dice:
+            reasons.append(f"Dice {region.dice:.2f} below {self.min_dice:.2f}")
+        return f"{region.label} {' and '.join(reasons)}"
+
+    def judged(self, differences_sd: Mapping[str, float | None], too_far: Mapping[str, bool]) -> "CrossCheck":
+        """This check with each region's volume difference in reference SDs and whether it is beyond the limit
+        (both from the normative comparison: ``normative.compare.compare(..., other_method_volumes=...)``)."""
+        regions = tuple(dataclasses.replace(r, difference_sd=differences_sd.get(r.key), too_far=bool(too_far.get(r.key)))
+                        for r in self.regions)
+        return dataclasses.replace(self, regions=regions)
 
     def to_dict(self) -> dict:
         return {
@@ -94,7 +134,9 @@ class CrossCheck:
             "regions": {r.key: {"dice": round(r.dice, 4), "volume_cm3": round(r.volume_cm3, 3),
                                 "other_volume_cm3": round(r.other_volume_cm3, 3),
                                 "volume_difference_percent": None if r.volume_difference_percent is None
-                                else round(r.volume_difference_percent, 2)}
+                                else round(r.volume_difference_percent, 2),
+                                "volume_difference_sd": None if r.difference_sd is None else round(r.difference_sd, 2),
+                                "agrees": r not in self.disagreeing}
                         for r in self.regions},
         }
 

@@ -188,9 +188,13 @@ def _analyse_volume(volume: SeriesVolume, study_uid: str, out_dir: Path, segment
         segmentation = dataclasses.replace(segmentation, volumes_cm3=volume.region_volumes_cm3(label_slices))
     if not any(segmentation.volumes_cm3.values()):
         raise RuntimeError("the model found no brain region in the image: nothing to measure")
-    normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.outputs.reference_path),
-                        z_threshold=settings.outputs.z_threshold)
     check = segmentation.cross_check
+    normative = compare(segmentation.volumes_cm3, sex, age_years, load_reference(settings.outputs.reference_path),
+                        z_threshold=settings.outputs.z_threshold, other_method_volumes=_other_method_volumes(segmentation))
+    if check is not None:
+        check = check.judged({r.key: r.method_difference_sd for r in normative.regions},
+                             {r.key: r.uncertain for r in normative.regions})
+        segmentation = dataclasses.replace(segmentation, cross_check=check)
     check_notes = [check.message] if check else []
     if segmentation.model.get("cross_check_error"):
         check_notes.append(f"cross-check not made: {segmentation.model['cross_check_error']}")
@@ -221,6 +225,16 @@ def _analyse_volume(volume: SeriesVolume, study_uid: str, out_dir: Path, segment
         + f", {len(outcome.result_files)} DICOM object(s) and {len(outcome.plain_files)} file(s) in {out_dir}"
     )
     return outcome
+
+
+def _other_method_volumes(segmentation: Segmentation) -> dict[str, float] | None:
+    """The cross-check's volumes on the reported volumes' footing: each reported volume less the
+    difference the two methods have on their common grid (so the difference is exactly the check's)."""
+    check = segmentation.cross_check
+    if check is None:
+        return None
+    return {r.key: max(segmentation.volumes_cm3[r.key] - (r.volume_cm3 - r.other_volume_cm3), 0.0)
+            for r in check.regions}
 
 
 def _write_dicom_results(volume: SeriesVolume, label_slices, segmentation: Segmentation,

@@ -16,6 +16,7 @@ reference falls back to the reference's pooled model and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 FLAGS = ("below", "within", "above")
+#: Two methods whose volumes of a region differ by more than this many reference SDs make its
+#: z-score uncertain: a normal child's spread is one SD, so a larger method error could be
+#: read as atrophy or enlargement.
+METHOD_DIFFERENCE_LIMIT_SD = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class RegionResult:
         z_score: (volume - mean) / SD, or None.
         percentile: 100 * normal CDF of z, in percent, or None.
         flag: "below", "within" or "above" normal limits, or None without z.
+        other_method_volume_cm3: the second method's volume of the region (the cross-check), or None.
+        method_difference_sd: (volume - other method's) in units of the reference SD, or None.
+        z_range: (lowest, highest) z-score the two methods give, or None.
+        uncertain: the two methods differ by more than :data:`METHOD_DIFFERENCE_LIMIT_SD`: the
+            z-score may be a method error, not the child's anatomy.
     """
 
     key: str
@@ -55,6 +65,10 @@ class RegionResult:
     z_score: Optional[float]
     percentile: Optional[float]
     flag: Optional[str]
+    other_method_volume_cm3: Optional[float] = None
+    method_difference_sd: Optional[float] = None
+    z_range: Optional[tuple[float, float]] = None
+    uncertain: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,11 @@ class NormativeResult:
     applicable: bool
     notes: tuple[str, ...]
 
+    @property
+    def uncertain_regions(self) -> tuple[RegionResult, ...]:
+        """Regions whose two methods differ by more than :data:`METHOD_DIFFERENCE_LIMIT_SD` (cross-check)."""
+        return tuple(r for r in self.regions if r.uncertain)
+
     def region(self, key: str) -> RegionResult:
         """The result of one region key, or "total"."""
         for result in (*self.regions, self.total):
@@ -168,7 +187,8 @@ def asymmetry_index(left: float, right: float) -> float:
 
 
 def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optional[float],
-            reference: Optional[Reference] = None, z_threshold: float = 2.0) -> NormativeResult:
+            reference: Optional[Reference] = None, z_threshold: float = 2.0,
+            other_method_volumes: Optional[Mapping[str, float]] = None) -> NormativeResult:
     """Compare a child's volumes with a reference.
 
     Args:
@@ -177,6 +197,11 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
         age_years: age in years, or None (unknown): then no z-scores.
         reference: a loaded :class:`Reference`; None = the bundled one.
         z_threshold: flag values with |z| above this (default 2).
+        other_method_volumes: the same regions measured by a second method (the cross-check),
+            cm3: each region then gets the difference in reference SDs, the range of z the two
+            methods give and ``uncertain`` beyond :data:`METHOD_DIFFERENCE_LIMIT_SD`. The SD is
+            the reference's for this child, or, where the reference does not apply (age unknown
+            or out of range), its SD at its mean age: a normal child's spread is still the unit.
 
     Raises:
         ValueError: a region is missing or unknown, a volume is not a finite
@@ -223,6 +248,15 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
         return expected.mean, expected.sd, z, 100.0 * float(norm.cdf(z)), _flag(z, z_threshold)
 
     regions = tuple(RegionResult(key, values[key], *score(key)) for key in REGION_KEYS)
+    if other_method_volumes is not None:
+        others = _check_volumes(other_method_volumes)
+        regions = tuple(_with_other_method(region, others[region.key], _spread(reference, region.key, age_years, sex))
+                        for region in regions)
+        uncertain = [f"{_label(r.key)} ({r.method_difference_sd:+.1f} SD)" for r in regions if r.uncertain]
+        if uncertain:
+            notes.append("uncertain z-score (marked ?): the two segmentation methods differ by more than "
+                         f"{METHOD_DIFFERENCE_LIMIT_SD:g} reference SD for " + ", ".join(uncertain)
+                         + ": read such a z-score with the range the two methods give, not as the child's anatomy")
     total = RegionResult("total", values["total"], *score("total"))
     asymmetry = tuple(
         AsymmetryResult(structure, right_key, left_key, values[asymmetry_key(structure)],
@@ -233,6 +267,27 @@ def compare(volumes: Mapping[str, float], sex: Optional[str], age_years: Optiona
         notes += _score_notes(reference, used_pooled, without_sd, needs_sex, absent)
     return NormativeResult(regions, total, asymmetry, ReferenceInfo.of(reference), sex, age_years,
                            float(z_threshold), applicable, tuple(notes))
+
+
+def _spread(reference: Reference, key: str, age_years: Optional[float], sex: Optional[str]) -> Optional[float]:
+    """The reference SD of ``key`` for this child, or at the reference's mean age where it does not apply."""
+    low, high = reference.age_range_years
+    age = age_years if age_years is not None and reference.covers_age(age_years) else (low + high) / 2
+    expected = reference.expected(key, age, sex) or reference.expected(key, age, None)
+    return None if expected is None else expected.sd
+
+
+def _with_other_method(region: RegionResult, other_cm3: float, sd: Optional[float]) -> RegionResult:
+    """``region`` with the second method's volume, the difference in SDs and the range of z."""
+    if sd is None or sd <= 0:
+        return dataclasses.replace(region, other_method_volume_cm3=other_cm3)
+    difference = (region.volume_cm3 - other_cm3) / sd
+    z_range = None
+    if region.z_score is not None:
+        other_z = (other_cm3 - region.reference_mean_cm3) / region.reference_sd_cm3
+        z_range = (min(region.z_score, other_z), max(region.z_score, other_z))
+    return dataclasses.replace(region, other_method_volume_cm3=other_cm3, method_difference_sd=difference,
+                               z_range=z_range, uncertain=abs(difference) > METHOD_DIFFERENCE_LIMIT_SD)
 
 
 def _check_volumes(volumes: Mapping[str, float]) -> dict[str, float]:

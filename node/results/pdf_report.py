@@ -39,7 +39,8 @@ DISCLAIMER = (
     "phantoms, not on labelled patient scans; volumes and z-scores may be wrong. Do not base any "
     "diagnosis or treatment on this report."
 )
-_FLAG_COLOURS = {"above": colors.HexColor("#fde2e1"), "below": colors.HexColor("#dde9fb")}
+_FLAG_COLOURS = {"above": colors.HexColor("#fde2e1"), "below": colors.HexColor("#dde9fb"),
+                 "uncertain": colors.HexColor("#fff1c2")}
 _Z_AXIS_LIMIT = 4.0
 # The z chart's bars line up with the volume table's rows.
 _TABLE_HEADER_H = 7.5 * mm
@@ -230,18 +231,27 @@ def _results_row(normative, styles, width: float) -> Table:
 
 def _volume_table(normative, styles, width: float) -> Table:
     header = ["Region", "Volume\ncm3", "Ref. mean\ncm3", "Ref. SD\ncm3", "z", "Percentile", "Flag"]
+    with_range = any(result.z_range is not None for result in normative.regions)
+    if with_range:
+        header.append("z of the\n2 methods")
     rows = [header]
     flags = []
     for result in (*normative.regions, normative.total):
         name = "Total (10 regions)" if result.key == "total" else region_by_key(result.key).name
-        rows.append([
+        # An uncertain z-score (the two methods differ by more than one SD) is marked, never hidden.
+        row = [
             name, f"{result.volume_cm3:.1f}", _fmt(result.reference_mean_cm3, ".1f"),
-            _fmt(result.reference_sd_cm3, ".1f"), _fmt(result.z_score, "+.2f"),
-            _fmt(result.percentile, ".1f"), result.flag or "–",
-        ])
-        flags.append(result.flag)
-    name_w = width - 6 * 14.5 * mm
-    table = Table(rows, colWidths=[name_w] + [14.5 * mm] * 6, repeatRows=1,
+            _fmt(result.reference_sd_cm3, ".1f"), _fmt(result.z_score, "+.2f") + ("?" if result.uncertain else ""),
+            _fmt(result.percentile, ".1f"), (result.flag or "–") + ("?" if result.uncertain else ""),
+        ]
+        if with_range:
+            row.append("–" if result.z_range is None else f"{result.z_range[0]:+.1f}..{result.z_range[1]:+.1f}")
+        rows.append(row)
+        flags.append("uncertain" if result.uncertain else result.flag)
+    columns = len(header) - 1
+    column_w = 14.5 * mm if columns == 6 else 13.5 * mm
+    name_w = width - columns * column_w
+    table = Table(rows, colWidths=[name_w] + [column_w] * columns, repeatRows=1,
                   rowHeights=[_TABLE_HEADER_H] + [_TABLE_ROW_H] * (len(rows) - 1))
     style = [
         ("FONT", (0, 0), (-1, 0), "Helvetica-Bold", 7.5),
@@ -338,17 +348,21 @@ def _cross_check_table(cross_check, styles) -> list:
     """The cross-check (``inference.cross_check.CrossCheck``): verdict and a table per region; [] without one."""
     if cross_check is None:
         return []
-    rows = [["Region", "Dice", f"{cross_check.method} cm3", f"{cross_check.other_method} cm3", "difference"]]
+    judged = cross_check.judged_in_sd
+    rows = [["Region", "Dice", f"{cross_check.method} cm3", f"{cross_check.other_method} cm3", "difference"]
+            + (["SD apart"] if judged else [])]
     for region in cross_check.regions:
         difference = region.volume_difference_percent
         rows.append([region_by_key(region.key).name, f"{region.dice:.2f}", f"{region.volume_cm3:.1f}",
-                     f"{region.other_volume_cm3:.1f}", "-" if difference is None else f"{difference:+.0f} %"])
+                     f"{region.other_volume_cm3:.1f}", "-" if difference is None else f"{difference:+.0f} %"]
+                    + ([_fmt(region.difference_sd, "+.1f")] if judged else []))
     table = Table(rows, hAlign="LEFT")
     style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
              ("ALIGN", (1, 0), (-1, -1), "RIGHT"), ("LINEBELOW", (0, 0), (-1, 0), 0.5, colors.grey),
              ("TOPPADDING", (0, 0), (-1, -1), 0.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5)]
+    disagreeing = cross_check.disagreeing
     for row, region in enumerate(cross_check.regions, start=1):
-        if region.dice < cross_check.min_dice:
+        if region in disagreeing:
             style.append(("TEXTCOLOR", (0, row), (-1, row), colors.red))
     table.setStyle(TableStyle(style))
     heading = "Cross-check: " + (_escape(cross_check.verdict) if cross_check.agrees
