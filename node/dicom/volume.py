@@ -493,17 +493,35 @@ def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
             f"slices ({spacing:.2f} mm slice spacing)"
         )
     if not even:
-        notes.append(
+        notes += _missing_slices(sorted_planes, gaps, typical) or [
             f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm) resampled to a regular "
             f"{spacing:.2f} mm grid"
-        )
+        ]
     return grid, True, tilt_deg, notes
+
+
+def _missing_slices(sorted_planes: Sequence[SourcePlane], gaps: np.ndarray, typical: float) -> list[str]:
+    """Notes naming the missing slices when the spacing is even but for whole multiples of it; else []."""
+    multiples = np.rint(gaps / typical)
+    whole = np.abs(gaps - multiples * typical) <= _RELATIVE_TOLERANCE * multiples * typical
+    if not whole.all() or multiples.min() < 1:
+        return []  # really uneven (as the GE sample's 1.08, 4 and 7 mm)
+    notes = []
+    for k in np.flatnonzero(multiples >= 2):
+        count, plane = int(multiples[k]) - 1, sorted_planes[k]
+        where = f"instance {plane.instance_number}" if plane.frame_number is None else f"frame {plane.frame_number}"
+        notes.append(f"{count} slice{'s' if count > 1 else ''} missing after {where} (a gap of {gaps[k]:.2f} mm, "
+                     f"interpolated across)")
+    return notes
 
 
 def _grid_of(image: sitk.Image) -> _Grid:
     axes = np.asarray(image.GetDirection(), float).reshape(3, 3).T
     origin_uvw = axes @ np.asarray(image.GetOrigin(), float)
     return _Grid(axes, origin_uvw, tuple(image.GetSpacing()), tuple(image.GetSize()))
+
+
+_IDENTITY_2D = np.eye(2)
 
 
 def _resample_stack(stack: np.ndarray, sorted_planes: Sequence[SourcePlane], grid: _Grid, *,
@@ -528,7 +546,8 @@ def _resample_stack(stack: np.ndarray, sorted_planes: Sequence[SourcePlane], gri
             offset = ((grid.origin_uvw[1] - np.dot(v, plane.position_mm)) / row_mm,
                       (grid.origin_uvw[0] - np.dot(u, plane.position_mm)) / column_mm)
             source = stack[k] if nearest else stack[k].astype(np.float32, copy=False)
-            placed[k] = ndimage.affine_transform(source, np.ones(2), offset=offset, output_shape=(rows, columns),
+            # A shift (identity matrix given whole: the 1-D "diagonal" form makes SciPy warn on every call).
+            placed[k] = ndimage.affine_transform(source, _IDENTITY_2D, offset=offset, output_shape=(rows, columns),
                                                  order=order, mode="constant", cval=fill)
             for old in [key for key in placed if key < k - 1]:
                 del placed[old]

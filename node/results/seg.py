@@ -43,7 +43,7 @@ from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
 from inference.volumes import label_volumes_mm3, slice_extents_mm
 from node.results.derived import (MANUFACTURER, new_instance_arguments, segmentation_method,
-                                   with_required_patient_study)
+                                   source_names_as_they_are, with_required_patient_study)
 
 if TYPE_CHECKING:
     from node.dicom.volume import SeriesVolume
@@ -200,19 +200,20 @@ def build_seg(
     segmentation_type = (
         hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
     )
-    seg = hd.seg.Segmentation(
-        source_images=with_required_patient_study(datasets),
-        pixel_array=labels,
-        segmentation_type=segmentation_type,
-        segment_descriptions=descriptions,
-        **new_instance_arguments(series_number),
-        content_label="BRAINREGIONS",
-        content_description="Brain regions (lobes, cerebellum, brainstem)",
-        content_creator_name="lobevol^automatic",
-        omit_empty_frames=True,
-        # A label map is 8 bits per pixel: RLE shrinks it about 50-fold, losslessly.
-        transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
-    )
+    with source_names_as_they_are():
+        seg = hd.seg.Segmentation(
+            source_images=with_required_patient_study(datasets),
+            pixel_array=labels,
+            segmentation_type=segmentation_type,
+            segment_descriptions=descriptions,
+            **new_instance_arguments(series_number),
+            content_label="BRAINREGIONS",
+            content_description="Brain regions (lobes, cerebellum, brainstem)",
+            content_creator_name="lobevol^automatic",
+            omit_empty_frames=True,
+            # A label map is 8 bits per pixel: RLE compresses it losslessly.
+            transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
+        )
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
     if labelmap:
         _drop_background_segment(seg)
