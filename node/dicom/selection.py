@@ -11,9 +11,16 @@ Eligible (all of):
   head-feet axis (a gantry tilt of 20-30 deg is still axial);
 - a head: a head keyword in BodyPartExamined, StudyDescription,
   SeriesDescription, ProtocolName or the Anatomic Region code meaning; or,
-  when none has one (anonymisers blank them), a skull enclosing
+  when none has one and no header names another body part (BodyPartExamined
+  and the Anatomic Region empty: anonymisers blank them), a skull enclosing
   brain-density tissue in the image (``node.dicom.anatomy``, three slices
-  decoded, and only for a series that passes every other rule), with a note;
+  decoded, and only for a series that passes every other rule), with a note.
+  A series whose header names another body part (ABDOMEN, CHEST, WHOLEBODY)
+  is not a head whatever its image shows: the header contradicting the image
+  means a mislabelled series, which must be fixed at its source, not
+  reported on; a whole-body scan, whose first slices are a head, is no head
+  volume either. A site whose scanners write their own word for a head adds
+  it to ``head_keywords``;
 - slices no thicker than ``max_slice_thickness_mm`` (default 5 mm);
 - enough images to cover a head: at least ``min_slices`` images spanning at
   least ``min_coverage_mm`` along the slice normal.
@@ -181,6 +188,7 @@ class SeriesFacts:
     sop_class: str
     image_type: tuple[str, ...]
     head_text: str
+    body_part: str
     kernel: str
     window_center_hu: float | None
     thickness_mm: float | None
@@ -201,6 +209,7 @@ class SeriesFacts:
             sop_class=str(headers[0].sop_class_uid),
             image_type=tuple(str(v).upper() for v in _values(first.get("ImageType"))),
             head_text=_head_text(first),
+            body_part=_body_part(first),
             # Siemens writes the kernel and the iterative strength ("Hr38f\\3"): the first value is the kernel.
             kernel=str((_values(_first_of(first, "ConvolutionKernel", "CTReconstructionSequence")) or [""])[0]).strip(),
             window_center_hu=_first_number(_first_of(first, "WindowCenter", "FrameVOILUTSequence")),
@@ -265,7 +274,11 @@ def select_series(series: Mapping[str, Sequence], rules: SelectionRules = Select
         labels[uid] = facts.label()
         problem = ineligibility(facts, rules, head=True)  # the cheap header rules first
         if not problem and not head_named(facts, rules):
-            problem, notes[uid] = _head_from_image(facts, headers)
+            if facts.body_part:
+                problem = (f"not a head examination (body part {facts.body_part}; the image is looked at only "
+                           "when no header names the body part)")
+            else:
+                problem, notes[uid] = _head_from_image(facts, headers)
         if problem:
             notes.pop(uid, None)
             reasons[uid] = f"not eligible: {problem}"
@@ -370,12 +383,22 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 def _head_text(ds: pydicom.Dataset) -> str:
     """Body part, descriptions, protocol and anatomic region meanings (Enhanced CT: Frame Anatomy), upper case."""
     texts = [_text(ds, k) for k in ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")]
+    texts += _region_meanings(ds)
+    return " | ".join(texts).upper()
+
+
+def _body_part(ds: pydicom.Dataset) -> str:
+    """The body part the headers name (BodyPartExamined, else the anatomic region's meaning), upper case; "" if none."""
+    named = [_text(ds, "BodyPartExamined"), *_region_meanings(ds)]
+    return next((text.upper() for text in named if text.strip()), "")
+
+
+def _region_meanings(ds: pydicom.Dataset) -> list[str]:
     regions = list(ds.get("AnatomicRegionSequence", []))
     for item in ds.get("SharedFunctionalGroupsSequence", [])[:1]:
         for anatomy in item.get("FrameAnatomySequence", [])[:1]:
             regions += list(anatomy.get("AnatomicRegionSequence", []))
-    texts += [str(region.get("CodeMeaning", "")) for region in regions]
-    return " | ".join(texts).upper()
+    return [str(region.get("CodeMeaning", "")).strip() for region in regions]
 
 
 def _values(value) -> list:
