@@ -11,6 +11,10 @@ from pathlib import Path
 
 from node.cli._options import add_config_option
 
+#: The demo's [series] stability_s (s): it sends the whole study itself, in one call that returns once every
+#: image is stored, so the study is complete when the call returns; waiting longer would only slow it down.
+DEMO_STABILITY_S = 2.0
+
 EPILOG = """\
 examples:
   lobevol demo
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(
         loaded,
         node=dataclasses.replace(loaded.node, port=node_port, bind_address="127.0.0.1"),
-        series=dataclasses.replace(loaded.series, stability_s=2.0),
+        series=dataclasses.replace(loaded.series, stability_s=DEMO_STABILITY_S),
         storage=dataclasses.replace(loaded.storage, spool_dir=work / "spool", results_dir=work / "results",
                                     database=work / "jobs.sqlite"),
         remotes={"PACS": RemoteAE("PACS", "127.0.0.1", pacs_port, may_send=True, may_receive=True)},

@@ -76,7 +76,7 @@ CANNOT_STORE = 0xC211
 
 #: Largest P-DATA PDU we take (sent in the A-ASSOCIATE-AC). Senders cut each instance into PDUs of at
 #: most this size; pynetdicom handles every PDU in Python, so 256 KiB instead of its 16 KiB default
-#: means 2 PDUs for a 512 x 512 CT slice instead of 33, and about 13 % less CPU per instance.
+#: means 2 PDUs for a 512 x 512 CT slice instead of 33 (fewer PDUs: less CPU per instance).
 MAX_PDU_BYTES = 256 * 1024
 
 # A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, calling / called AE not recognised.
