@@ -46,6 +46,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pydicom
 
+from node.dicom.geometry import functional_group_value, positions_along, slice_normal
+
 CT_STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
@@ -449,30 +451,18 @@ def _positions_along_normal(headers: Sequence) -> tuple[np.ndarray, np.ndarray |
         if "PerFrameFunctionalGroupsSequence" in ds:
             shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
             for item in ds.PerFrameFunctionalGroupsSequence:
-                position = _group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-                orientation = orientation or _group_value(item, shared, "PlaneOrientationSequence",
-                                                          "ImageOrientationPatient")
+                position = functional_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+                orientation = orientation or functional_group_value(item, shared, "PlaneOrientationSequence",
+                                                                    "ImageOrientationPatient")
                 if position is not None:
-                    points.append([float(v) for v in position])
+                    points.append(position)
         elif "ImagePositionPatient" in ds and ds.ImagePositionPatient:
-            points.append([float(v) for v in ds.ImagePositionPatient])
+            points.append(ds.ImagePositionPatient)
             orientation = orientation or ds.get("ImageOrientationPatient")
-    if orientation is None or len(orientation) != 6 or not points:
+    normal = slice_normal(orientation)
+    if normal is None or not points:
         return np.zeros(0), None
-    row, column = np.array([float(v) for v in orientation[:3]]), np.array([float(v) for v in orientation[3:]])
-    normal = np.cross(row, column)
-    length = np.linalg.norm(normal)
-    if length < 0.5:
-        return np.zeros(0), None
-    normal /= length
-    return np.array(points) @ normal, normal
-
-
-def _group_value(item, shared, sequence: str, keyword: str):
-    for group in (item, shared):
-        if group is not None and sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
-            return group[sequence][0][keyword].value
-    return None
+    return positions_along(normal, points), normal
 
 
 def _number_key(series_number: str) -> tuple[int, str]:

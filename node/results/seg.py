@@ -42,6 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
 from inference.volumes import label_volumes_mm3, slice_extents_mm
+from node.dicom.geometry import positions_along, slice_normal
 from node.results.derived import (MANUFACTURER, new_instance_arguments, segmentation_method,
                                    source_names_as_they_are, with_required_patient_study)
 
@@ -287,9 +288,10 @@ def _slice_extents_mm(source: Sequence[pydicom.Dataset]) -> np.ndarray:
     The rule of :func:`inference.volumes.slice_extents_mm` (half the
     distance to each neighbour); a lone slice uses SliceThickness.
     """
-    orientation = np.asarray(source[0].ImageOrientationPatient, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for ds in source])
+    normal = slice_normal(source[0].ImageOrientationPatient)
+    if normal is None:
+        raise ValueError(f"ImageOrientationPatient {list(source[0].ImageOrientationPatient)} has no slice normal")
+    positions = positions_along(normal, [ds.ImagePositionPatient for ds in source])
     if len(positions) == 1:
         return np.array([float(source[0].SliceThickness)])
     return slice_extents_mm(positions)
