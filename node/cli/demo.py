@@ -25,7 +25,8 @@ examples:
   lobevol demo --seed 7 --matrix 256 --workdir demo-out
       another phantom, larger images, files kept in demo-out/
   lobevol demo --port 11112
-      the node on 127.0.0.1:11112 (to look at it with lobevol echo / status meanwhile)
+      the node on 127.0.0.1:11112 (lobevol echo LOBEVOL --as PACS --config config.ini
+      reaches it meanwhile)
 
 Needs DCMTK's storescp (apt-get install dcmtk). Not for clinical use: the bundled
 model was trained on synthetic phantoms.
