@@ -293,8 +293,8 @@ class StorageSCP:
         if problem is not None:
             log.warning("study %s: instance %s from %s refused: %s", study_uid, sop_uid, tally.calling_ae, problem)
             return _refusal(DATASET_DOES_NOT_MATCH, problem)
-        if (not self.jobs.has_instance(sop_uid)
-                and self.jobs.study_instance_count(study_uid) >= self.config.storage.max_instances_per_study):
+        if (self.jobs.study_instance_count(study_uid) >= self.config.storage.max_instances_per_study
+                and not self.jobs.has_instance(sop_uid)):  # a resend of one it holds replaces it
             log.warning("study %s refused an instance: already %d instances (max_instances_per_study)",
                         study_uid, self.config.storage.max_instances_per_study)
             return _refusal(OUT_OF_RESOURCES, "study has max_instances_per_study instances")
