@@ -168,3 +168,49 @@ def test_config_check_and_serve_name_a_wrong_tls_file_in_one_line(tmp_path, wron
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
         assert lines[0].startswith(f"lobevol {command[0]}: error: {config}: [tls] {expected}"), lines[0]
+
+
+def test_lobevol_serve_fails_a_job_whose_pacs_certificate_expired_naming_it(tmp_path, wrong_certificates):
+    """The real node over TLS both ways: a study in, its results refused by the PACS's expired certificate."""
+    import signal
+
+    import pydicom
+    from pydicom.uid import CTImageStorage
+
+    from node.config import load_config
+    from tests.node_peers import free_port, serve, wait_for, write_node_config
+    from tests.output_fixtures import region_labels, write_ct_series
+
+    pki = wrong_certificates
+    pacs_port = free_port()
+    pacs = subprocess.Popen([tool("storescp", "dcmtk"), "+tls", str(pki / "expired.key"), str(pki / "expired.pem"),
+                             "-ic", "-aet", "PACS", "-od", str(tmp_path), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs_port, stability_s=1,
+                             extra=f"[tls]\nenabled = yes\ncertificate = {pki / 'node.pem'}\n"
+                                   f"private_key = {pki / 'node.key'}\nca_certificates = {pki / 'ca.pem'}\n")
+    path.write_text(path.read_text().replace("max_attempts = 30", "max_attempts = 1"))
+    config = load_config(path)
+    log = tmp_path / "serve.log"
+    process = serve(path, log)
+    try:
+        series = write_ct_series(tmp_path / "ct", region_labels((24, 32, 32)), slice_spacing_mm=4.0)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        context, host = config.tls.client_context("127.0.0.1")
+        assoc = ae.associate("127.0.0.1", config.node.port, ae_title="LOBEVOL", tls_args=(context, host))
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in series] == [0] * len(series)
+        finally:
+            assoc.release()
+        jobs = JobStore(config.storage.database)
+        job = wait_for(lambda: next((j for j in jobs.jobs() if j.state in ("done", "failed", "skipped")), None), 120,
+                       "the job to end")
+        assert job.state == "failed", (job.state, job.reason)
+        assert "certificate is not trusted: certificate has expired" in job.reason, job.reason
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+        pacs.terminate()
+        pacs.wait(10)
