@@ -7,6 +7,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# Ports: make run-orthanc ORTHANC_HTTP_PORT=18042 ORTHANC_DICOM_PORT=14242; make demo DEMO_PORT=11112
+# (0: a free one).
+ORTHANC_HTTP_PORT ?= 8042
+ORTHANC_DICOM_PORT ?= 4242
+DEMO_PORT ?= 0
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium
 
 .PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive clean
@@ -40,11 +45,11 @@ run: install
 
 # Orthanc (apt: orthanc, orthanc-python) with lobevol as its Python plugin; prints the URL.
 run-orthanc: install install-peers
-	$(VENV)/bin/lobevol orthanc --config config.ini
+	$(VENV)/bin/lobevol orthanc --config config.ini --http-port $(ORTHANC_HTTP_PORT) --dicom-port $(ORTHANC_DICOM_PORT)
 
 # The node's whole loop on loopback (node + DCMTK storescp as PACS + a phantom study).
 demo: install
-	$(VENV)/bin/lobevol demo --config config.ini
+	$(VENV)/bin/lobevol demo --config config.ini --port $(DEMO_PORT)
 
 # The engine alone: phantom -> segmentation -> volumes next to the truth.
 demo-segment: install

@@ -4,8 +4,9 @@ One run, the three receivers side by side: each round starts every receiver
 afresh on an empty folder, times ``storescu`` sending the whole series over
 loopback (one association, the wall time of the storescu process), checks that
 the receiver holds every instance, and stops it. Rounds are interleaved
-(storescp, Orthanc, lobevol, storescp, ...) so a machine that slows down slows
-all three alike; the medians are printed with every round's figure.
+(each round starting with the next receiver, the disk synced before each) so a
+machine that slows down slows all three alike; the medians are printed with
+every round's figure.
 
 What each receiver promises when it answers a C-STORE differs:
   storescp  the file is written (not fsynced);
@@ -238,7 +239,13 @@ def main() -> int:
               f"{time.monotonic() - started:.0f} s; {args.associations} association(s); {args.rounds} rounds")
         times: dict[str, list[float]] = {name: [] for name in kinds}
         for round_number in range(args.rounds):
-            for name, kind in kinds.items():
+            # Each round starts with the next receiver, so that none always follows the same one (a
+            # receiver's data still being written back slows the next), and the disk is synced between.
+            names = list(kinds)
+            names = names[round_number % len(names):] + names[:round_number % len(names)]
+            for name in names:
+                kind = kinds[name]
+                os.sync()
                 receiver = kind(work / f"{name}-{round_number}")
                 try:
                     receiver.start()

@@ -34,6 +34,7 @@ import configparser
 import dataclasses
 import re
 import ssl
+import time
 import types
 import typing
 import urllib.parse
@@ -299,6 +300,9 @@ class TLSSettings:
                 raise ValueError(f"[tls] is enabled but {name} is not set")
             if not path.is_file():
                 raise FileNotFoundError(f"[tls] {name} {path} does not exist")
+        problem = tls_files_problem(self.certificate, self.private_key, self.ca_certificates)
+        if problem:
+            raise ValueError(f"[tls] {problem}")
 
     def server_context(self) -> ssl.SSLContext | None:
         """The context for our SCP, or None when TLS is off."""
@@ -316,6 +320,38 @@ class TLSSettings:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
         context.load_cert_chain(str(self.certificate), str(self.private_key))
         return context, host
+
+
+def tls_files_problem(certificate: Path, private_key: Path, ca_certificates: Path,
+                      now: float | None = None) -> str | None:
+    """What is wrong with our TLS files, naming the file, or None: checked when the configuration
+    loads, so that ``config check`` and ``serve`` say it in one line instead of a handshake failing later.
+
+    The certificate must be PEM and valid now (not expired, not yet to come), the key must be
+    PEM and match it, and the CA file must hold at least one PEM certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(ca_certificates))
+    except ssl.SSLError:
+        return f"ca_certificates {ca_certificates} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        validity = ssl._ssl._test_decode_cert(str(certificate))  # the stdlib's only certificate reader
+    except ssl.SSLError:
+        return f"certificate {certificate} is not a PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        context.load_cert_chain(str(certificate), str(private_key), password=b"")  # never prompt for one
+    except ssl.SSLError as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            return f"private_key {private_key} does not match certificate {certificate}"
+        return f"private_key {private_key} is not a PEM private key without a password"
+    now = time.time() if now is None else now
+    not_before, not_after = (ssl.cert_time_to_seconds(validity[k]) for k in ("notBefore", "notAfter"))
+    if now > not_after:
+        return f"certificate {certificate} expired on {validity['notAfter']}"
+    if now < not_before:
+        return f"certificate {certificate} is not valid before {validity['notBefore']}"
+    return None
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

@@ -38,6 +38,22 @@ def test_every_key_of_the_shipped_file_is_documented_by_a_comment():
             assert any(text.startswith("#") for text in above), f"config.ini key without a comment nearby: {line}"
 
 
+def test_every_key_of_the_settings_is_in_the_shipped_file():
+    import dataclasses
+    import re
+
+    from node.config import SECTIONS, RemoteAE, StowSettings, _key
+
+    text = SHIPPED.read_text()
+    keys = [(section, _key(spec)) for section, cls in SECTIONS.items() for spec in dataclasses.fields(cls)
+            if spec.metadata.get("in_file", True)]
+    keys += [("remote", _key(spec)) for spec in dataclasses.fields(RemoteAE)
+             if spec.metadata.get("in_file", True) and spec.name != "ae_title"]
+    keys += [("remote", _key(spec)) for spec in dataclasses.fields(StowSettings)]  # keys named stow_*
+    missing = [f"[{section}] {key}" for section, key in keys if not re.search(rf"^#?\s*{key}\b", text, re.M)]
+    assert missing == [], f"config.ini lacks (as a key, or a commented-out default): {missing}"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[node]\nae_titel = X\n", r"unknown key\(s\) in \[node\]: ae_titel"),
     ("[nodes]\nport = 1\n", r"unknown section \[nodes\]"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from node.cli import main
+from tests.node_peers import free_port
 from tests.output_fixtures import PartitionSegmenter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -11,10 +12,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys):
     # The model-free stand-in keeps this test fast; the real model runs in test_node_roundtrip.
-    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"],
-                  segmenter_factory=PartitionSegmenter)
+    port = free_port()
+    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120",
+                   "--port", str(port)], segmenter_factory=PartitionSegmenter)
     out = capsys.readouterr().out
     assert status == 0, out
+    assert f"node LOBEVOL listening on 127.0.0.1:{port};" in out
     assert "job 1: done" in out
     assert "right frontal lobe" in out.lower() and "brainstem" in out.lower() and "measured" in out and "true" in out
     received = sorted((tmp_path / "pacs").iterdir())

@@ -329,3 +329,24 @@ def test_an_admitted_caller_stalled_inside_a_pdu_is_closed_after_the_network_tim
     assoc = _echo(scp.port)  # the slot is free again
     assert assoc.is_established
     assoc.release()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.node_peers import StoreSCP
+
+    with StoreSCP(tmp_path / "other") as other:  # another DICOM server holds the port
+        config = tmp_path / "node.ini"
+        config.write_text(f"[node]\nport = {other.port}\n[storage]\nspool = spool\nresults = results\n"
+                          "database = jobs.sqlite\n")
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], capture_output=True,
+                             text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        took = time.monotonic() - started
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        f"lobevol serve: error: 127.0.0.1:{other.port} is already in use (another lobevol serve, or another DICOM "
+        "server?): set another [node] port or bind_address, or --port"], run.stderr
+    assert not (tmp_path / "jobs.sqlite").exists() and not (tmp_path / "spool").exists()  # nothing opened or loaded
+    assert took < 30, took

@@ -388,3 +388,52 @@ def lobevol_jobs_from_database(config: Path) -> list:
     from node.service.jobs import JobStore
 
     return JobStore(load_config(config).storage.database).jobs()
+
+
+@pytest.mark.integration
+def test_lobevol_orthanc_ports_are_settable_and_dicom_answers_known_modalities_only(tmp_path):
+    import json
+    import subprocess
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.node_peers import free_port, tool
+
+    config = lobevol_config(tmp_path / "lobevol")
+    http_port, dicom_port = free_port(), free_port()
+    assert main(["orthanc", "--config", str(config), "--folder", str(tmp_path / "orthanc"), "--http-port",
+                 str(http_port), "--dicom-port", str(dicom_port), "--write-only"]) == 0
+    written = json.loads((tmp_path / "orthanc" / "orthanc.json").read_text())
+    assert written["StableAge"] == 15  # the config's [series] stability_s (its default)
+    log = open(tmp_path / "orthanc.log", "wb")
+    process = subprocess.Popen([tool("Orthanc", "orthanc"), str(tmp_path / "orthanc" / "orthanc.json")], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        import urllib.request
+
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=5) as answer:
+                    return json.loads(answer.read())["DicomPort"] == dicom_port
+            except OSError:
+                return False
+
+        wait_for(up, 60, "Orthanc on the ports asked for")
+
+        def echo(calling: str) -> bool:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", dicom_port, ae_title="PACS")
+            try:
+                return assoc.is_established and assoc.send_c_echo().Status == 0
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+        assert echo("LOBEVOL")  # the modality of its configuration, from its host
+        assert not echo("STRANGER")  # not even C-ECHO for an unknown AE title
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()

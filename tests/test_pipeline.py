@@ -377,3 +377,17 @@ def test_anonymised_real_head_without_head_words_nor_frame_of_reference_is_analy
     assert any("recognised as a head CT from the image" in n for n in notes), notes
     assert any(n.startswith("no DICOM SEG or SR") for n in notes), notes
     assert "recognised as a head CT from the image" in _pdf_text(tmp_path / "out" / "report.pdf")
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("error")
+def test_a_resampled_series_of_a_de_identified_patient_is_analysed_without_a_warning(tmp_path):
+    # One slice missing (the volume is resampled: SciPy's affine_transform) and the patient named
+    # "REMOVED" (one component: highdicom warned, with the name, for the SEG, the SR and each key image).
+    files = write_ct_series(tmp_path / "in", region_labels((22, 40, 40)), patient={"PatientName": "REMOVED"})
+    files[10].unlink()
+    _, instances = _single_study(tmp_path / "in")
+    outcome = analyse_study(instances, tmp_path / "out", PartitionSegmenter())
+    assert outcome.status == "done", outcome.reason
+    assert any(p.name == "key_axial.dcm" for p in outcome.result_files)
+    assert pydicom.dcmread(tmp_path / "out" / "seg.dcm").PatientName == "REMOVED"  # kept as the source has it

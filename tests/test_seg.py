@@ -188,7 +188,6 @@ def ge_headers(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.filterwarnings("ignore:The string \"REMOVED\" is unlikely")  # the sample's de-identified name
 def test_seg_on_tilted_uneven_ge_series_references_its_own_planes(ge_headers, tmp_path):
     from types import SimpleNamespace
 

@@ -252,3 +252,15 @@ def test_synthetic_head_without_head_words_is_recognised(tmp_path):
     study = _anonymised(paths[0].parent, tmp_path / "head")
     selection = select_series(study)
     assert selection.chosen is not None, selection.summary()
+
+
+def test_a_header_naming_another_body_part_decides_even_over_a_head_image(tmp_path):
+    # The image is a head (as in the test above); the scanner says ABDOMEN: a mislabelled series is not analysed.
+    paths = write_ct_series(tmp_path / "src", region_labels((24, 32, 32)), slice_spacing_mm=4.0)
+    study = _anonymised(paths[0].parent, tmp_path / "abdomen", lambda ds: setattr(ds, "BodyPartExamined", "ABDOMEN"))
+    selection = select_series(study)
+    assert selection.chosen is None and selection.notes == {}
+    (reason,) = selection.reasons.values()
+    assert "not a head examination (body part ABDOMEN;" in reason, reason
+    # A site's own word for a head makes it one.
+    assert select_series(study, SelectionRules(head_keywords=("HEAD", "ABDOMEN"))).chosen is not None

@@ -234,8 +234,8 @@ def test_gap_factor_is_configurable_and_checked(tmp_path):
     assert load_series_volume(headers, max_gap_factor=3.5).resampled
     one_missing = tmp_path / "one_missing"
     write_series(one_missing, positions[:10] + positions[11:])  # a gap of exactly 2 x: accepted at the limit
-    assert any("uneven slice spacing (2.00 to 4.00 mm)" in note
-               for note in load_series_volume(find_dicom_files(one_missing)).notes)
+    notes = load_series_volume(find_dicom_files(one_missing)).notes
+    assert notes == ["1 slice missing after instance 10 (a gap of 4.00 mm, interpolated across)"], notes
     with pytest.raises(ValueError, match="at least 1"):
         load_series_volume(headers, max_gap_factor=0.5)
 
@@ -342,3 +342,14 @@ def test_headers_claiming_a_huge_volume_are_refused_before_any_allocation(tmp_pa
     monkeypatch.setattr(volume, "_read_pixels", lambda *a: pytest.fail("pixels read despite the bound"))
     with pytest.raises(ValueError, match="4 x 16 x 16 = 1,024 voxels, more than the 1,023 allowed"):
         volume.load_series_volume(find_dicom_files(paths[0].parent))
+
+
+def test_slice_geometry_is_one_rule_for_every_reader():
+    from node.dicom.geometry import positions_along, slice_normal
+
+    axial = slice_normal([1, 0, 0, 0, 1, 0])
+    assert axial.tolist() == [0, 0, 1]
+    assert positions_along(axial, [[0, 0, -5.5], [3, 4, 2.0]]).tolist() == [-5.5, 2.0]
+    tilted = slice_normal([1, 0, 0, 0, 0.8, -0.6])
+    assert np.linalg.norm(tilted) == pytest.approx(1) and tilted.tolist() == pytest.approx([0, 0.6, 0.8])
+    assert slice_normal([1, 0, 0, 1, 0, 0]) is None and slice_normal([1, 0, 0]) is None  # no plane

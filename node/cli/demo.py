@@ -11,6 +11,10 @@ from pathlib import Path
 
 from node.cli._options import add_config_option
 
+#: The demo's [series] stability_s (s): it sends the whole study itself, in one call that returns once every
+#: image is stored, so the study is complete when the call returns; waiting longer would only slow it down.
+DEMO_STABILITY_S = 2.0
+
 EPILOG = """\
 examples:
   lobevol demo
@@ -20,6 +24,9 @@ examples:
       objects the PACS received
   lobevol demo --seed 7 --matrix 256 --workdir demo-out
       another phantom, larger images, files kept in demo-out/
+  lobevol demo --port 11112
+      the node on 127.0.0.1:11112 (lobevol echo LOBEVOL --as PACS --config config.ini
+      reaches it meanwhile)
 
 Needs DCMTK's storescp (apt-get install dcmtk). Not for clinical use: the bundled
 model was trained on synthetic phantoms.
@@ -43,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--matrix", type=int, default=192, help="phantom image matrix (default 192)")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the config's, else bundled)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for every file (default: a new temporary one)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="the node's port on 127.0.0.1 (default: a free one); the PACS takes a free one")
     parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default 900)")
     parser.set_defaults(func=run)
 
@@ -51,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from node.config import RemoteAE, load_config
+    from node.service.scp import check_port_free
 
     storescp = shutil.which("storescp")
     if storescp is None:
@@ -59,17 +69,20 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {args.model} does not exist")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lobevol-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    pacs_port, node_port = _free_port(), _free_port()
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not in 0-65535")
+    pacs_port, node_port = _free_port(), args.port or _free_port()
     loaded = load_config(args.config)
     config = dataclasses.replace(
         loaded,
         node=dataclasses.replace(loaded.node, port=node_port, bind_address="127.0.0.1"),
-        series=dataclasses.replace(loaded.series, stability_s=2.0),
+        series=dataclasses.replace(loaded.series, stability_s=DEMO_STABILITY_S),
         storage=dataclasses.replace(loaded.storage, spool_dir=work / "spool", results_dir=work / "results",
                                     database=work / "jobs.sqlite"),
         remotes={"PACS": RemoteAE("PACS", "127.0.0.1", pacs_port, may_send=True, may_receive=True)},
         results=dataclasses.replace(loaded.results, extra_destinations=()),
         inference=dataclasses.replace(loaded.inference, model=args.model or loaded.inference.model))
+    check_port_free(config.node)
     logging.getLogger("node").setLevel(logging.INFO)
     print(f"demo folder: {work}")
     (work / "pacs").mkdir(exist_ok=True)
@@ -92,6 +105,8 @@ def _demo(args, config, work: Path) -> int:
     node = Node(config, args.segmenter_factory)
     print("starting the node (loading the model)...")
     node.start()
+    print(f"node {config.node.ae_title} listening on 127.0.0.1:{node.port}; the PACS (storescp) on "
+          f"127.0.0.1:{config.remotes['PACS'].port}")
     try:
         started = time.monotonic()
         results = store_files(_node_as_remote(config, node.port), files, "PACS")

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from node.config import load_config
+    from node.service.scp import check_port_free
     from node.service.server import Node
 
     config = load_config(args.config)
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port} is not in 0-65535")
         config = dataclasses.replace(config, node=dataclasses.replace(config.node, port=args.port))
+    check_port_free(config.node)  # before the model loads
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
     node = Node(config, args.segmenter_factory)

@@ -12,9 +12,10 @@ examples:
       60 synthetic phantoms (seeds 1000..1059; 15 % kept for validation), ResU-Net 3x3x3,
       runs/r1/best.pt (best validation Dice) and runs/r1/last.pt (resumable)
   lobevol train --data /data/my_labelled_ct --out runs/site --epochs 200 --lr 1e-5 --batch-size 4
-      your scans: imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz (HU images, labels 0..10
-      in the DESIGN.md order), or <case>/image.nii.gz + <case>/labels.nii.gz; the paper's
-      settings (Adam 1e-5, 200 epochs, batch 4)
+      your scans: imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz (HU images, labels 0..10:
+      0 background, 1/2 right/left frontal, 3/4 parietal, 5/6 occipital, 7/8 temporal lobe,
+      9 cerebellum, 10 brainstem, as in inference/vocabulary.py), or <case>/image.nii.gz +
+      <case>/labels.nii.gz; the paper's settings (Adam 1e-5, 200 epochs, batch 4)
   lobevol train --data DIR --out runs/cv --folds 5 --fold 2
       fold 2 of a 5-fold cross-validation (run folds 0..4 for the full CV)
   lobevol train --phantoms 60 --out runs/r1 --resume

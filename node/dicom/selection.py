@@ -11,9 +11,16 @@ Eligible (all of):
   head-feet axis (a gantry tilt of 20-30 deg is still axial);
 - a head: a head keyword in BodyPartExamined, StudyDescription,
   SeriesDescription, ProtocolName or the Anatomic Region code meaning; or,
-  when none has one (anonymisers blank them), a skull enclosing
+  when none has one and no header names another body part (BodyPartExamined
+  and the Anatomic Region empty: anonymisers blank them), a skull enclosing
   brain-density tissue in the image (``node.dicom.anatomy``, three slices
-  decoded, and only for a series that passes every other rule), with a note;
+  decoded, and only for a series that passes every other rule), with a note.
+  A series whose header names another body part (ABDOMEN, CHEST, WHOLEBODY)
+  is not a head whatever its image shows: the header contradicting the image
+  means a mislabelled series, which must be fixed at its source, not
+  reported on; a whole-body scan, whose first slices are a head, is no head
+  volume either. A site whose scanners write their own word for a head adds
+  it to ``head_keywords``;
 - slices no thicker than ``max_slice_thickness_mm`` (default 5 mm);
 - enough images to cover a head: at least ``min_slices`` images spanning at
   least ``min_coverage_mm`` along the slice normal.
@@ -38,6 +45,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pydicom
+
+from node.dicom.geometry import functional_group_value, positions_along, slice_normal
 
 CT_STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -181,6 +190,7 @@ class SeriesFacts:
     sop_class: str
     image_type: tuple[str, ...]
     head_text: str
+    body_part: str
     kernel: str
     window_center_hu: float | None
     thickness_mm: float | None
@@ -201,6 +211,7 @@ class SeriesFacts:
             sop_class=str(headers[0].sop_class_uid),
             image_type=tuple(str(v).upper() for v in _values(first.get("ImageType"))),
             head_text=_head_text(first),
+            body_part=_body_part(first),
             # Siemens writes the kernel and the iterative strength ("Hr38f\\3"): the first value is the kernel.
             kernel=str((_values(_first_of(first, "ConvolutionKernel", "CTReconstructionSequence")) or [""])[0]).strip(),
             window_center_hu=_first_number(_first_of(first, "WindowCenter", "FrameVOILUTSequence")),
@@ -265,7 +276,11 @@ def select_series(series: Mapping[str, Sequence], rules: SelectionRules = Select
         labels[uid] = facts.label()
         problem = ineligibility(facts, rules, head=True)  # the cheap header rules first
         if not problem and not head_named(facts, rules):
-            problem, notes[uid] = _head_from_image(facts, headers)
+            if facts.body_part:
+                problem = (f"not a head examination (body part {facts.body_part}; the image is looked at only "
+                           "when no header names the body part)")
+            else:
+                problem, notes[uid] = _head_from_image(facts, headers)
         if problem:
             notes.pop(uid, None)
             reasons[uid] = f"not eligible: {problem}"
@@ -370,12 +385,22 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 def _head_text(ds: pydicom.Dataset) -> str:
     """Body part, descriptions, protocol and anatomic region meanings (Enhanced CT: Frame Anatomy), upper case."""
     texts = [_text(ds, k) for k in ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")]
+    texts += _region_meanings(ds)
+    return " | ".join(texts).upper()
+
+
+def _body_part(ds: pydicom.Dataset) -> str:
+    """The body part the headers name (BodyPartExamined, else the anatomic region's meaning), upper case; "" if none."""
+    named = [_text(ds, "BodyPartExamined"), *_region_meanings(ds)]
+    return next((text.upper() for text in named if text.strip()), "")
+
+
+def _region_meanings(ds: pydicom.Dataset) -> list[str]:
     regions = list(ds.get("AnatomicRegionSequence", []))
     for item in ds.get("SharedFunctionalGroupsSequence", [])[:1]:
         for anatomy in item.get("FrameAnatomySequence", [])[:1]:
             regions += list(anatomy.get("AnatomicRegionSequence", []))
-    texts += [str(region.get("CodeMeaning", "")) for region in regions]
-    return " | ".join(texts).upper()
+    return [str(region.get("CodeMeaning", "")).strip() for region in regions]
 
 
 def _values(value) -> list:
@@ -426,30 +451,18 @@ def _positions_along_normal(headers: Sequence) -> tuple[np.ndarray, np.ndarray |
         if "PerFrameFunctionalGroupsSequence" in ds:
             shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
             for item in ds.PerFrameFunctionalGroupsSequence:
-                position = _group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-                orientation = orientation or _group_value(item, shared, "PlaneOrientationSequence",
-                                                          "ImageOrientationPatient")
+                position = functional_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+                orientation = orientation or functional_group_value(item, shared, "PlaneOrientationSequence",
+                                                                    "ImageOrientationPatient")
                 if position is not None:
-                    points.append([float(v) for v in position])
+                    points.append(position)
         elif "ImagePositionPatient" in ds and ds.ImagePositionPatient:
-            points.append([float(v) for v in ds.ImagePositionPatient])
+            points.append(ds.ImagePositionPatient)
             orientation = orientation or ds.get("ImageOrientationPatient")
-    if orientation is None or len(orientation) != 6 or not points:
+    normal = slice_normal(orientation)
+    if normal is None or not points:
         return np.zeros(0), None
-    row, column = np.array([float(v) for v in orientation[:3]]), np.array([float(v) for v in orientation[3:]])
-    normal = np.cross(row, column)
-    length = np.linalg.norm(normal)
-    if length < 0.5:
-        return np.zeros(0), None
-    normal /= length
-    return np.array(points) @ normal, normal
-
-
-def _group_value(item, shared, sequence: str, keyword: str):
-    for group in (item, shared):
-        if group is not None and sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
-            return group[sequence][0][keyword].value
-    return None
+    return positions_along(normal, points), normal
 
 
 def _number_key(series_number: str) -> tuple[int, str]:

@@ -57,6 +57,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from inference.volumes import region_volumes_cm3, slice_extents_mm
+from node.dicom.geometry import functional_group_item, functional_group_value, positions_along, slice_normal
 from node.dicom.pixels import MAX_VOXELS, pixel_data_problem
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,11 @@ class SourcePlane:
 
     @property
     def normal(self) -> np.ndarray:
-        row_direction, column_direction = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
-        return np.cross(row_direction, column_direction)
+        """The unit slice normal (row direction x column direction)."""
+        normal = slice_normal(self.orientation)
+        if normal is None:
+            raise ValueError(f"ImageOrientationPatient {_fmt(self.orientation)} of {self.label()} has no normal")
+        return normal
 
     def label(self) -> str:
         """How to name this plane in an error message."""
@@ -360,19 +364,13 @@ def _frame_planes(ds: pydicom.Dataset) -> list[SourcePlane]:
             f"{0 if per_frame is None else len(per_frame)} per-frame functional group items"
         )
 
-    def attribute(item, sequence: str, keyword: str):
-        for group in (item, shared_item):
-            if group is not None and sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
-                return group[sequence][0][keyword].value, group[sequence][0]
-        return None, None
-
     planes = []
     for number, item in enumerate(per_frame, start=1):
         where = f"frame {number}"
-        position, _ = attribute(item, "PlanePositionSequence", "ImagePositionPatient")
-        orientation, _ = attribute(item, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing, _ = attribute(item, "PixelMeasuresSequence", "PixelSpacing")
-        _, transformation = attribute(item, "PixelValueTransformationSequence", "RescaleSlope")
+        position = functional_group_value(item, shared_item, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = functional_group_value(item, shared_item, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = functional_group_value(item, shared_item, "PixelMeasuresSequence", "PixelSpacing")
+        transformation = functional_group_item(item, shared_item, "PixelValueTransformationSequence", "RescaleSlope")
         slope, intercept = _rescale(transformation, ds)
         planes.append(SourcePlane(
             dataset_index=0,
@@ -418,8 +416,7 @@ def _check_consistent(planes: Sequence[SourcePlane]) -> None:
 
 
 def _normal_positions(planes: Sequence[SourcePlane]) -> np.ndarray:
-    normal = planes[0].normal
-    return np.array([float(np.dot(normal, p.position_mm)) for p in planes])
+    return positions_along(planes[0].normal, [p.position_mm for p in planes])
 
 
 def _sorted_order(planes: Sequence[SourcePlane]) -> np.ndarray:
@@ -462,7 +459,7 @@ def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
     """The volume grid; whether resampling is needed; tilt (deg); notes on the correction."""
     first = sorted_planes[0]
     u, v = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
-    n = np.cross(u, v)
+    n = first.normal
     axes = np.stack([u, v, n])
     in_plane = np.array([[np.dot(u, p.position_mm), np.dot(v, p.position_mm)] for p in sorted_planes])
     row_mm, column_mm = first.pixel_spacing_mm
@@ -493,17 +490,35 @@ def _choose_grid(sorted_planes: Sequence[SourcePlane], positions: np.ndarray,
             f"slices ({spacing:.2f} mm slice spacing)"
         )
     if not even:
-        notes.append(
+        notes += _missing_slices(sorted_planes, gaps, typical) or [
             f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm) resampled to a regular "
             f"{spacing:.2f} mm grid"
-        )
+        ]
     return grid, True, tilt_deg, notes
+
+
+def _missing_slices(sorted_planes: Sequence[SourcePlane], gaps: np.ndarray, typical: float) -> list[str]:
+    """Notes naming the missing slices when the spacing is even but for whole multiples of it; else []."""
+    multiples = np.rint(gaps / typical)
+    whole = np.abs(gaps - multiples * typical) <= _RELATIVE_TOLERANCE * multiples * typical
+    if not whole.all() or multiples.min() < 1:
+        return []  # really uneven (as the GE sample's 1.08, 4 and 7 mm)
+    notes = []
+    for k in np.flatnonzero(multiples >= 2):
+        count, plane = int(multiples[k]) - 1, sorted_planes[k]
+        where = f"instance {plane.instance_number}" if plane.frame_number is None else f"frame {plane.frame_number}"
+        notes.append(f"{count} slice{'s' if count > 1 else ''} missing after {where} (a gap of {gaps[k]:.2f} mm, "
+                     f"interpolated across)")
+    return notes
 
 
 def _grid_of(image: sitk.Image) -> _Grid:
     axes = np.asarray(image.GetDirection(), float).reshape(3, 3).T
     origin_uvw = axes @ np.asarray(image.GetOrigin(), float)
     return _Grid(axes, origin_uvw, tuple(image.GetSpacing()), tuple(image.GetSize()))
+
+
+_IDENTITY_2D = np.eye(2)
 
 
 def _resample_stack(stack: np.ndarray, sorted_planes: Sequence[SourcePlane], grid: _Grid, *,
@@ -528,7 +543,8 @@ def _resample_stack(stack: np.ndarray, sorted_planes: Sequence[SourcePlane], gri
             offset = ((grid.origin_uvw[1] - np.dot(v, plane.position_mm)) / row_mm,
                       (grid.origin_uvw[0] - np.dot(u, plane.position_mm)) / column_mm)
             source = stack[k] if nearest else stack[k].astype(np.float32, copy=False)
-            placed[k] = ndimage.affine_transform(source, np.ones(2), offset=offset, output_shape=(rows, columns),
+            # A shift (identity matrix given whole: the 1-D "diagonal" form makes SciPy warn on every call).
+            placed[k] = ndimage.affine_transform(source, _IDENTITY_2D, offset=offset, output_shape=(rows, columns),
                                                  order=order, mode="constant", cval=fill)
             for old in [key for key in placed if key < k - 1]:
                 del placed[old]
@@ -552,7 +568,7 @@ def _plane_image(plane: SourcePlane, slice_mm: float) -> sitk.Image:
     image = sitk.Image([plane.columns, plane.rows, 1], sitk.sitkUInt8)
     image.SetOrigin([float(c) for c in plane.position_mm])
     image.SetSpacing([plane.pixel_spacing_mm[1], plane.pixel_spacing_mm[0], slice_mm])
-    image.SetDirection([float(c) for c in np.stack([u, v, np.cross(u, v)]).T.ravel()])
+    image.SetDirection([float(c) for c in np.stack([u, v, plane.normal]).T.ravel()])
     return image
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import re
 import socket
-from typing import Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import highdicom as hd
 import pydicom
@@ -103,6 +105,23 @@ def with_required_patient_study(datasets: Sequence[pydicom.Dataset]) -> list[pyd
 
 
 UNSTATED_DEIDENTIFICATION = "not stated in the source images"
+
+
+@contextmanager
+def source_names_as_they_are() -> Iterator[None]:
+    """Build a derived object (highdicom) from the source's names without highdicom's person-name warning.
+
+    highdicom warns for a Person Name of one component ("REMOVED" from a
+    de-identification, "ANONYMOUS", a family name alone), putting the name in
+    the warning, hence in the node's log. Such a name is valid (PS3.5 6.2.1.2:
+    trailing empty components may be left out) and a derived object must carry
+    the source's patient name exactly, so the name is kept and only this
+    warning is ignored, within this block only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r'The string ".*" is unlikely to represent the intended person name',
+                                category=UserWarning)
+        yield
 
 
 def _deidentification_method_missing(dataset: pydicom.Dataset) -> bool:

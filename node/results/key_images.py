@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from inference.vocabulary import NUM_CLASSES, REGIONS
-from node.results.derived import new_instance_arguments, with_required_patient_study
+from node.results.derived import new_instance_arguments, source_names_as_they_are, with_required_patient_study
 
 if TYPE_CHECKING:
     from normative.compare import NormativeResult
@@ -203,16 +203,17 @@ def build_overlay_images(
     images = []
     for number, view in enumerate(views, start=1):
         pixels = _overlay_canvas(view, normative, caption)
-        image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=with_required_patient_study([source])[0],
-            pixel_array=pixels,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            **new_instance_arguments(series_number, instance_number=number, series_instance_uid=series_uid),
-            patient_orientation=_PATIENT_ORIENTATION[view.name],
-            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-        )
+        with source_names_as_they_are():
+            image = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=with_required_patient_study([source])[0],
+                pixel_array=pixels,
+                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+                bits_allocated=8,
+                coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                **new_instance_arguments(series_number, instance_number=number, series_instance_uid=series_uid),
+                patient_orientation=_PATIENT_ORIENTATION[view.name],
+                transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+            )
         _mark_derived(image, view, source)
         images.append(image)
     return images

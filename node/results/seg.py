@@ -7,7 +7,7 @@ Choices:
 - Codes are pydicom's ``codes`` (DICOM PS3.16): category "Anatomical
   Structure" (SCT 91723000); type frontal / parietal / occipital / temporal
   lobe, cerebellum, brain stem (CID 7151). Brain stem is SCT 119238007, the
-  code DICOM's CID 7140/7151 and pydicom use (DESIGN.md listed 15926001).
+  code DICOM's CID 7140/7151 and pydicom use (not 15926001).
   Laterality goes where the SEG IOD puts it: a Segmented Property Type
   Modifier (SCT 24028007 right, 7771000 left).
 - Frames lie on the source images' planes: the caller samples the label map
@@ -21,7 +21,7 @@ Choices:
   gaps) and carry their region key as Tracking ID, which is how the SR and
   :func:`segment_numbers_by_key` find them.
 - BINARY is written uncompressed (every viewer reads it); LABELMAP with RLE
-  Lossless (a 140-slice 512 x 512 series: 0.8 MB instead of 34 MB).
+  Lossless (a label map compresses well).
 - LABELMAP (Label Map Segmentation Storage, Supplement 243, 2024): the
   background is the Pixel Padding Value (0), not a segment, so the Segment
   Sequence describes the regions only. highdicom 0.28 adds a "Background"
@@ -42,8 +42,9 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from inference.vocabulary import NUM_CLASSES, REGIONS, Region
 from inference.vocabulary import __version__
 from inference.volumes import label_volumes_mm3, slice_extents_mm
+from node.dicom.geometry import positions_along, slice_normal
 from node.results.derived import (MANUFACTURER, new_instance_arguments, segmentation_method,
-                                   with_required_patient_study)
+                                   source_names_as_they_are, with_required_patient_study)
 
 if TYPE_CHECKING:
     from node.dicom.volume import SeriesVolume
@@ -200,19 +201,20 @@ def build_seg(
     segmentation_type = (
         hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
     )
-    seg = hd.seg.Segmentation(
-        source_images=with_required_patient_study(datasets),
-        pixel_array=labels,
-        segmentation_type=segmentation_type,
-        segment_descriptions=descriptions,
-        **new_instance_arguments(series_number),
-        content_label="BRAINREGIONS",
-        content_description="Brain regions (lobes, cerebellum, brainstem)",
-        content_creator_name="lobevol^automatic",
-        omit_empty_frames=True,
-        # A label map is 8 bits per pixel: RLE shrinks it about 50-fold, losslessly.
-        transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
-    )
+    with source_names_as_they_are():
+        seg = hd.seg.Segmentation(
+            source_images=with_required_patient_study(datasets),
+            pixel_array=labels,
+            segmentation_type=segmentation_type,
+            segment_descriptions=descriptions,
+            **new_instance_arguments(series_number),
+            content_label="BRAINREGIONS",
+            content_description="Brain regions (lobes, cerebellum, brainstem)",
+            content_creator_name="lobevol^automatic",
+            omit_empty_frames=True,
+            # A label map is 8 bits per pixel: RLE compresses it losslessly.
+            transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
+        )
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
     if labelmap:
         _drop_background_segment(seg)
@@ -286,9 +288,10 @@ def _slice_extents_mm(source: Sequence[pydicom.Dataset]) -> np.ndarray:
     The rule of :func:`inference.volumes.slice_extents_mm` (half the
     distance to each neighbour); a lone slice uses SliceThickness.
     """
-    orientation = np.asarray(source[0].ImageOrientationPatient, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for ds in source])
+    normal = slice_normal(source[0].ImageOrientationPatient)
+    if normal is None:
+        raise ValueError(f"ImageOrientationPatient {list(source[0].ImageOrientationPatient)} has no slice normal")
+    positions = positions_along(normal, [ds.ImagePositionPatient for ds in source])
     if len(positions) == 1:
         return np.array([float(source[0].SliceThickness)])
     return slice_extents_mm(positions)

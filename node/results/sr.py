@@ -47,7 +47,7 @@ from pydicom.uid import generate_uid
 from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
-                                   with_required_patient_study)
+                                   source_names_as_they_are, with_required_patient_study)
 from node.results.seg import laterality_code, structure_code
 
 if TYPE_CHECKING:
@@ -130,12 +130,13 @@ def build_sr(
         procedure_reported=codes.SCT.ComputedTomographyOfHead,
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*with_required_patient_study(datasets), seg],
-        content=report,
-        **new_instance_arguments(series_number),
-        is_complete=True,
-    )
+    with source_names_as_they_are():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[*with_required_patient_study(datasets), seg],
+            content=report,
+            **new_instance_arguments(series_number),
+            is_complete=True,
+        )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr

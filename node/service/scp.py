@@ -18,17 +18,21 @@ C-STORE status codes we answer (PS3.4 Annex B.2.3):
           class we do not need (not CT): acknowledged, counted and logged, not kept
   0xA700  out of resources: the instance is larger than max_instance_mb, the
           study already has max_instances_per_study instances, or the spool's
-          disk is above its high-water mark
+          disk is above its high-water mark or has not room for the instance and
+          a reserve (checked before writing: node.service.spool.Spool.room_problem;
+          a disk that fills during the write is answered so too)
   0xA900  dataset does not match SOP class: a Study/Series/SOP Instance UID is
           missing or invalid, the SOP Instance UID differs from the request's, or
           a CT image's pixel data is not what its header says (shorter than Rows x
           Columns x samples x bits, fragments that do not parse, an image larger
           than any CT: node.dicom.pixels)
   0xC210  cannot understand: the dataset cannot be decoded
-  0xC211  cannot understand: writing to the spool or the job queue failed (disk error)
+  0xC211  cannot understand: writing to the spool or the job queue failed (a disk error other
+          than a full disk)
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sqlite3
@@ -45,7 +49,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from node.config import NodeConfig
+from node.config import NodeConfig, NodeSettings
 from node.dicom.pixels import pixel_data_problem
 from node.logsafe import printable
 from node.service.committer import InstanceCommitter
@@ -72,7 +76,7 @@ CANNOT_STORE = 0xC211
 
 #: Largest P-DATA PDU we take (sent in the A-ASSOCIATE-AC). Senders cut each instance into PDUs of at
 #: most this size; pynetdicom handles every PDU in Python, so 256 KiB instead of its 16 KiB default
-#: means 2 PDUs for a 512 x 512 CT slice instead of 33, and about 13 % less CPU per instance.
+#: means 2 PDUs for a 512 x 512 CT slice instead of 33 (fewer PDUs: less CPU per instance).
 MAX_PDU_BYTES = 256 * 1024
 
 # A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, calling / called AE not recognised.
@@ -96,6 +100,33 @@ def admission_refusal(config: NodeConfig, calling_ae: str, called_ae: str,
     if remote.check_host and address not in _addresses(remote.host):
         return REJECT_CALLING, f"calling AE title {calling_ae!r} called from {address}, not from {remote.host}"
     return None
+
+
+def check_port_free(settings: NodeSettings) -> None:
+    """RuntimeError in one line when [node] bind_address:port cannot be listened on.
+
+    Called before anything slow (the model) is loaded, so that a second ``lobevol serve``
+    on the same port says so at once. The probe binds as the SCP will (SO_REUSEADDR: a
+    port left in TIME_WAIT by a node just stopped is free) and closes again.
+    """
+    if settings.port == 0:
+        return  # any free port
+    try:
+        family = socket.getaddrinfo(settings.bind_address, settings.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.bind_address, settings.port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            reason = "is already in use (another lobevol serve, or another DICOM server?)"
+        elif error.errno == errno.EACCES:
+            reason = "needs privileges (ports below 1024: run as root or give CAP_NET_BIND_SERVICE)"
+        elif error.errno == errno.EADDRNOTAVAIL:
+            reason = "is not an address of this machine"
+        else:
+            reason = f"cannot be listened on ({error.strerror or error})"
+        raise RuntimeError(f"{settings.bind_address}:{settings.port} {reason}: set another [node] port or "
+                           f"bind_address, or --port") from None
 
 
 def _addresses(host: str) -> set[str]:
@@ -227,11 +258,10 @@ class StorageSCP:
         if size > self.config.storage.max_instance_bytes:
             log.warning("instance from %s refused: %.1f MiB, above max_instance_mb", tally.calling_ae, size / 2**20)
             return _refusal(OUT_OF_RESOURCES, f"instance of {size / 2**20:.0f} MiB is above max_instance_mb")
-        used = self.spool.disk_used_percent()
-        if used > self.config.storage.disk_high_water_percent:
-            log.error("spool disk %.0f%% full (high-water mark %.0f%%): refusing new instances", used,
-                      self.config.storage.disk_high_water_percent)
-            return _refusal(OUT_OF_RESOURCES, "spool disk above its high-water mark")
+        full = self.spool.room_problem(size, self.config.storage.disk_high_water_percent, self.config.storage.database)
+        if full is not None:
+            log.error("refusing new instances: %s", full)
+            return _refusal(OUT_OF_RESOURCES, full)
         try:
             dataset = event.dataset
             study_uid = check_uid(dataset.get("StudyInstanceUID"), "Study Instance UID")
@@ -263,8 +293,8 @@ class StorageSCP:
         if problem is not None:
             log.warning("study %s: instance %s from %s refused: %s", study_uid, sop_uid, tally.calling_ae, problem)
             return _refusal(DATASET_DOES_NOT_MATCH, problem)
-        if (not self.jobs.has_instance(sop_uid)
-                and self.jobs.study_instance_count(study_uid) >= self.config.storage.max_instances_per_study):
+        if (self.jobs.study_instance_count(study_uid) >= self.config.storage.max_instances_per_study
+                and not self.jobs.has_instance(sop_uid)):  # a resend of one it holds replaces it
             log.warning("study %s refused an instance: already %d instances (max_instances_per_study)",
                         study_uid, self.config.storage.max_instances_per_study)
             return _refusal(OUT_OF_RESOURCES, "study has max_instances_per_study instances")
@@ -273,9 +303,13 @@ class StorageSCP:
                                           tally.calling_ae)
         except OSError as error:
             log.error("study %s: writing an instance to the spool failed: %s", study_uid, error)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # another association took the last room first
+                return _refusal(OUT_OF_RESOURCES, "spool disk full")
             return _refusal(CANNOT_STORE, "writing to the spool failed")
         except sqlite3.Error as error:
             log.error("study %s: recording an instance in the job queue failed: %s", study_uid, error)
+            if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                return _refusal(OUT_OF_RESOURCES, "job database disk full")
             return _refusal(CANNOT_STORE, "recording in the job queue failed")
         tally.stored += 1
         tally.duplicates += int(stored.replaced)

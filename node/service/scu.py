@@ -12,6 +12,8 @@ An association that cannot be established raises :class:`PeerUnavailable`.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,9 +66,41 @@ def _associate(ae: AE, remote: RemoteAE, tls: TLSSettings | None):
         return assoc
     if assoc.is_rejected:
         reason = f"association rejected (does it know our AE title {ae.ae_title} and answer to {remote.ae_title}?)"
-    else:  # pynetdicom reports a refused or timed-out connection as an abort
-        reason = "no association: connection refused, timed out or aborted (is it running?)"
+    else:  # pynetdicom reports a refused or timed-out connection, and a failed TLS handshake, as an abort
+        reason = ((tls_arguments and tls_handshake_problem(remote, *tls_arguments))
+                  or "no association: connection refused, timed out or aborted (is it running?)")
     raise PeerUnavailable(f"{remote.ae_title} at {remote.host}:{remote.port}: {reason}")
+
+
+#: OpenSSL's verify messages, said in the node's terms.
+_VERIFY_HINTS = {
+    "unable to get local issuer certificate": "signed by a CA not in [tls] ca_certificates",
+    "self-signed certificate": "self-signed, and not in [tls] ca_certificates",
+    "self-signed certificate in certificate chain": "its chain ends at a CA not in [tls] ca_certificates",
+}
+
+
+def tls_handshake_problem(remote: RemoteAE, context: ssl.SSLContext, server_name: str,
+                          timeout_s: float = 10.0) -> str | None:
+    """Why a TLS handshake with ``remote`` fails, or None when it succeeds or the peer cannot be reached.
+
+    pynetdicom logs a failed handshake and reports an abort; this handshake, made
+    again only after a failure, gives the delivery's reason the certificate's problem
+    (expired, another CA, another host name) instead of "no association".
+    """
+    try:
+        with socket.create_connection((remote.host, remote.port), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name):
+                return None
+    except ssl.SSLCertVerificationError as error:
+        message = str(error.verify_message or error.reason).rstrip(".")
+        hint = _VERIFY_HINTS.get(message)
+        return (f"TLS: {remote.ae_title}'s certificate is not trusted: {message}"
+                + (f" ({hint})" if hint else ""))
+    except ssl.SSLError as error:
+        return f"TLS handshake failed: {error.reason or error}"
+    except OSError:
+        return None
 
 
 def echo(remote: RemoteAE, calling_ae: str, tls: TLSSettings | None = None) -> int:

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+#: Free space kept on the spool's (and the job database's) disk beyond each instance (bytes): room
+#: for the database's commit (SQLite's write-ahead log grows by pages until its checkpoint), the
+#: new folders and the temporary file's rename.
+DISK_RESERVE_BYTES = 4 * 2**20
+
 #: DICOM UID grammar (PS3.5 9.1): components of digits separated by dots, at most 64 characters.
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -136,6 +141,33 @@ class Spool:
         """How full the spool's file system is, in percent."""
         usage = shutil.disk_usage(self.root)
         return 100.0 * usage.used / usage.total if usage.total else 100.0
+
+    def room_problem(self, size: int, high_water_percent: float, database: Path | None = None) -> str | None:
+        """Why an instance of ``size`` bytes must not be written now (at most 64 characters: the
+        C-STORE's Error Comment), or None when there is room.
+
+        Checked before anything is written, so that a full disk is answered "out of
+        resources" (the sender retries later) instead of failing half-way through a
+        commit. The spool's file system must stay under ``high_water_percent`` and keep
+        ``size`` plus :data:`DISK_RESERVE_BYTES` free; the database's file system (when
+        it is another one) must keep the reserve free for the commit that records it.
+        """
+        used = self.disk_used_percent()
+        if used > high_water_percent:
+            return f"spool disk {used:.0f}% full, above its high-water mark ({high_water_percent:g}%)"
+        needed = size + DISK_RESERVE_BYTES
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            return f"spool disk full: {free / 2**20:.1f} MiB free, {needed / 2**20:.1f} MiB needed"
+        if database is not None and _device(database.parent) != _device(self.root):
+            free = shutil.disk_usage(database.parent).free
+            if free < DISK_RESERVE_BYTES:
+                return f"job database disk full: {free / 2**20:.1f} MiB free, {DISK_RESERVE_BYTES / 2**20:.0f} MiB needed"
+        return None
+
+
+def _device(path: Path) -> int:
+    return os.stat(path).st_dev
 
 
 @dataclass(frozen=True)
