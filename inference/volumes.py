@@ -147,8 +147,9 @@ def countable_labels(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequence[f
         threshold_hu: the case's CSF/parenchyma threshold (:func:`parenchyma_threshold_hu`).
 
     Returns:
-        A new uint8 label array: ``labels`` where the smoothed HU is within
-        [threshold_hu, MAX_PARENCHYMA_HU), 0 elsewhere.
+        A new uint8 label array: ``labels`` where the smoothed HU (clipped to the brain's
+        window first) is at least ``threshold_hu`` and the voxel's own HU below
+        :data:`MAX_PARENCHYMA_HU`, 0 elsewhere.
 
     Raises:
         ValueError: shapes that differ, a non-positive spacing or a threshold not below
@@ -168,8 +169,11 @@ def countable_labels(labels: np.ndarray, hu: np.ndarray, spacing_zyx: Sequence[f
         return counted
     box = found[0]
     sigmas = [NOISE_SMOOTHING_MM / s if s < 2 * NOISE_SMOOTHING_MM else 0.0 for s in spacing]
-    smoothed = ndimage.gaussian_filter(np.asarray(hu[box], dtype=np.float32), sigmas)
-    keep = (smoothed >= threshold_hu) & (smoothed < MAX_PARENCHYMA_HU)
+    # Clipped before smoothing: bone's and air's extreme values must not bleed into the cortex beside them.
+    clipped = np.clip(np.asarray(hu[box], dtype=np.float32), PARENCHYMA_PEAK_WINDOW_HU[0] - 30.0, MAX_PARENCHYMA_HU)
+    smoothed = ndimage.gaussian_filter(clipped, sigmas)
+    # Noise decides nothing (the smoothed HU against the threshold); a voxel that reads as bone itself is not brain.
+    keep = (smoothed >= threshold_hu) & (np.asarray(hu[box]) < MAX_PARENCHYMA_HU)
     counted[box] = np.where(keep, labels[box], 0)
     return counted
 

@@ -111,3 +111,27 @@ def test_cross_check_says_plainly_when_methods_disagree():
 
     result = CrossCheckedSegmenter(Fixed(images[0], "network"), Failing(images[0], "atlas")).segment(images[0])
     assert result.cross_check is None and result.model["cross_check_error"] == "no skull found"
+
+
+def test_cross_check_judged_in_reference_sds_names_the_regions_and_by_how_much():
+    from inference.cross_check import compare_segmentations
+    from inference.predict import measure_volumes
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    for value in range(1, 11):
+        labels[:, :, 2 * (value - 1):2 * value] = value
+    image = sitk.GetImageFromArray(labels)
+    check = compare_segmentations(image, image, measure_volumes(image), measure_volumes(image),
+                                  method="network", other_method="atlas")
+    differences = {key: 0.2 for key in REGION_KEYS}
+    differences.update(right_parietal_lobe=-3.4, brainstem=1.2)
+    judged = check.judged(differences, {key: abs(value) > 1.0 for key, value in differences.items()})
+    # Every Dice is 1: only the volume differences in SDs make them disagree.
+    assert check.agrees and not judged.agrees
+    assert judged.message.startswith("methods disagree: review the regions: right parietal lobe volumes 3.4 SD apart")
+    assert "brainstem volumes 1.2 SD apart" in judged.message and "frontal" not in judged.message.split("(")[0]
+    regions = judged.to_dict()["regions"]
+    assert regions["right_parietal_lobe"]["volume_difference_sd"] == -3.4 and not regions["right_parietal_lobe"]["agrees"]
+    assert regions["left_frontal_lobe"]["agrees"]
+    within = check.judged(dict.fromkeys(REGION_KEYS, 0.4), dict.fromkeys(REGION_KEYS, False))
+    assert within.agrees and "within one reference SD (largest" in within.message

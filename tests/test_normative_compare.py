@@ -244,3 +244,26 @@ def test_lobe_missing_on_both_sides_has_no_asymmetry_but_the_rest_is_measured():
     assert len(result.asymmetry) == 3 and "occipital" not in " ".join(a.structure for a in result.asymmetry)
     assert any("both sides measured 0" in note for note in result.notes)
     assert len(result.regions) == 10
+
+
+def test_a_second_method_gives_the_difference_in_sds_the_range_of_z_and_marks_what_is_uncertain():
+    means = {key: PAPER_TABLE[key][0] for key in REGION_KEYS}
+    sds = {key: PAPER_TABLE[key][1] for key in REGION_KEYS}
+    other = dict(means)
+    other["right_parietal_lobe"] = means["right_parietal_lobe"] + 1.5 * sds["right_parietal_lobe"]   # 1.5 SD apart
+    other["brainstem"] = means["brainstem"] - 0.5 * sds["brainstem"]                                 # 0.5 SD apart
+    result = compare(means, "F", 2.0, other_method_volumes=other)
+    parietal, brainstem = result.region("right_parietal_lobe"), result.region("brainstem")
+    assert parietal.method_difference_sd == pytest.approx(-1.5) and parietal.uncertain
+    assert parietal.z_range == pytest.approx((0.0, 1.5)) and parietal.other_method_volume_cm3 == other["right_parietal_lobe"]
+    assert brainstem.method_difference_sd == pytest.approx(0.5) and not brainstem.uncertain
+    assert brainstem.z_range == pytest.approx((-0.5, 0.0))
+    assert [r.key for r in result.uncertain_regions] == ["right_parietal_lobe"]
+    assert any("uncertain z-score" in note and "right parietal lobe (-1.5 SD)" in note for note in result.notes)
+    assert json.loads(json.dumps(result.to_dict()))["regions"][2]["uncertain"] is True
+    # Without an age the reference does not apply, but its SD is still the unit of the difference.
+    adult = compare(means, None, None, other_method_volumes=other)
+    assert adult.region("right_parietal_lobe").uncertain and adult.region("right_parietal_lobe").z_range is None
+    # Without a second method nothing is marked.
+    alone = compare(means, "F", 2.0)
+    assert not alone.uncertain_regions and alone.region("brainstem").method_difference_sd is None
