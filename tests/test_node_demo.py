@@ -20,6 +20,9 @@ def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path
     assert f"node LOBEVOL listening on 127.0.0.1:{port};" in out
     assert "job 1: done" in out
     assert "right frontal lobe" in out.lower() and "brainstem" in out.lower() and "measured" in out and "true" in out
+    # A typical child by default, and the reference said plainly: the whole cohort, not adjusted for age or sex.
+    assert "a typical child: its volumes are the reference's means" in out
+    assert "reference: Xi2025" in out and "n = 1487" in out and "not adjusted for age or sex" in out
     received = sorted((tmp_path / "pacs").iterdir())
     assert len(received) >= 3 and all(str(path) in out for path in received)
     assert (tmp_path / "results" / "1" / "report.pdf").is_file()

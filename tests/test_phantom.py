@@ -18,7 +18,7 @@ from scipy import ndimage
 from inference.montage import save_montage
 from inference.phantoms import anatomy
 from inference.phantoms.anatomy import DeformationParameters, TissueDensities, exponentiate, make_canonical_head
-from inference.phantoms.generator import (COHORT_VOLUMES_CM3, GENERATION, GIRL_VOLUME_FACTOR, HELD_OUT_SEEDS,
+from inference.phantoms.generator import (COHORT_VOLUMES_CM3, GENERATION, child_of_seed, GIRL_VOLUME_FACTOR, HELD_OUT_SEEDS,
                                           SLICE_THICKNESS_CHOICES_MM, _rotation_matrix, draw_target_volumes,
                                           make_phantom)
 from inference.training import phantom_training_specs
@@ -513,3 +513,20 @@ def test_thick_slices_average_the_thin_ones_of_the_same_child():
     centre_labels = sitk.GetArrayFromImage(sitk.Resample(thin.labels, thick.labels, sitk.Transform(),
                                                          sitk.sitkNearestNeighbor, 0))
     assert (centre_labels == sitk.GetArrayFromImage(thick.labels)).mean() > 0.97
+
+
+def test_a_typical_child_is_built_at_the_reference_means_and_reads_within_everywhere():
+    from normative.compare import compare, load_reference
+
+    sex, age = child_of_seed(SEED + 2)
+    reference = load_reference()
+    means = {key: reference.expected(key, age, sex).mean for key in REGION_KEYS}
+    typical = make_phantom(SEED + 2, volumes_cm3=means, **GRID)
+    assert (typical.meta["sex"], typical.meta["age_years"]) == (sex, round(age, 4))
+    assert typical.meta["target_volumes_cm3"] == {key: round(value, 3) for key, value in means.items()}
+    for key in REGION_KEYS:
+        assert typical.meta["volumes_cm3"][key] == pytest.approx(means[key], rel=0.03), key
+    result = compare(typical.meta["volumes_cm3"], sex, age)
+    assert {r.flag for r in result.regions} == {"within"} and max(abs(r.z_score) for r in result.regions) < 0.5
+    with pytest.raises(ValueError, match="missing"):
+        make_phantom(SEED + 2, volumes_cm3={"brainstem": 15.0}, **GRID)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -144,6 +145,16 @@ def draw_target_volumes(rng: np.random.Generator, sex: str, age_years: float) ->
         z = float(np.clip(z, -2.5, 2.5))
         volumes[key] = mean * sex_factor * age_factor * (1.0 + residual_cv * z)
     return volumes
+
+
+def child_of_seed(seed: int) -> tuple[str, float]:
+    """The sex and age (years) ``make_phantom(seed)`` draws when not given them."""
+    return _draw_child(np.random.default_rng([int(seed), 1]))
+
+
+def _draw_child(rng: np.random.Generator) -> tuple[str, float]:
+    sex = "M" if rng.uniform() < COHORT_BOY_FRACTION else "F"
+    return sex, _draw_age(rng)
 
 
 def _draw_age(rng: np.random.Generator) -> float:
@@ -345,6 +356,18 @@ def _ct_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_hu: float,
     return noise
 
 
+def _checked_volumes(volumes_cm3: Mapping[str, float]) -> dict[str, float]:
+    """The 10 regions' volumes, each a positive number of cm3 (raises ValueError naming the region)."""
+    missing = [key for key in REGION_KEYS if key not in volumes_cm3]
+    unknown = [key for key in volumes_cm3 if key not in REGION_KEYS]
+    if missing or unknown:
+        raise ValueError(f"volumes must give exactly the 10 regions: missing {missing or 'none'}, unknown {unknown or 'none'}")
+    for key in REGION_KEYS:
+        if not (math.isfinite(float(volumes_cm3[key])) and float(volumes_cm3[key]) > 0):
+            raise ValueError(f"volume of {key} must be a positive number of cm3, got {volumes_cm3[key]!r}")
+    return {key: float(volumes_cm3[key]) for key in REGION_KEYS}
+
+
 def _check_arguments(seed, slice_thickness_mm, pixel_spacing_mm, matrix, n_slices, tilt_deg, sex, age_years) -> None:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -369,7 +392,8 @@ def _check_arguments(seed, slice_thickness_mm, pixel_spacing_mm, matrix, n_slice
 
 def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_spacing_mm: float | None = None,
                  matrix: int = 512, n_slices: int | None = None, tilt_deg: float = 0.0,
-                 sex: str | None = None, age_years: float | None = None) -> Phantom:
+                 sex: str | None = None, age_years: float | None = None,
+                 volumes_cm3: Mapping[str, float] | None = None) -> Phantom:
     """Make one synthetic head CT of a toddler with its region labels and true volumes.
 
     Args:
@@ -386,6 +410,8 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
         tilt_deg: gantry tilt (degrees, about the patient's left-right axis, GE's sign).
         sex: "M" or "F"; None draws it with the cohort's proportion of boys.
         age_years: age at the scan; None draws it from the cohort (1.5-2.5 years).
+        volumes_cm3: the 10 regions' volumes (cm3, by region key) to build, e.g. a reference's
+            means for a typical child; None draws them from the cohort model for the sex and age.
 
     Returns:
         A :class:`Phantom` whose image (Int16 HU) and labels share one grid.
@@ -396,11 +422,12 @@ def make_phantom(seed: int, *, slice_thickness_mm: float | None = None, pixel_sp
     scan_rng = np.random.default_rng([int(seed), 3])
     appearance_rng = np.random.default_rng([int(seed), 4])
 
-    drawn_sex = "M" if child_rng.uniform() < COHORT_BOY_FRACTION else "F"
-    drawn_age = _draw_age(child_rng)
+    drawn_sex, drawn_age = _draw_child(child_rng)
     sex = sex or drawn_sex
     age_years = float(age_years if age_years is not None else drawn_age)
-    targets = draw_target_volumes(child_rng, sex, age_years)
+    targets = draw_target_volumes(child_rng, sex, age_years)   # drawn even when given: the rest of the case stays the same
+    if volumes_cm3 is not None:
+        targets = _checked_volumes(volumes_cm3)
     study_date = dt.date(2018, 1, 1) + dt.timedelta(days=int(child_rng.integers(0, 2900)))
     birth_date = study_date - dt.timedelta(days=int(round(age_years * 365.25)))
 

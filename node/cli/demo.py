@@ -20,8 +20,11 @@ examples:
   lobevol demo
       start a node (settings of config.ini, on a free port, its files in a new temporary
       folder), start DCMTK storescp as the receiving PACS, send it a phantom head CT,
-      wait for the results, print the volumes next to the phantom's truth and the
-      objects the PACS received
+      wait for the results, print the volumes next to the phantom's truth, their
+      z-scores and flags, and the objects the PACS received. The phantom is a typical
+      child (its volumes are the reference's means): every region should read 'within'
+  lobevol demo --child drawn
+      a child whose volumes are drawn from the cohort model (some may be flagged)
   lobevol demo --seed 7 --matrix 256 --workdir demo-out
       another phantom, larger images, files kept in demo-out/
   lobevol demo --port 11112
@@ -46,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_option(parser, help="node settings to use (default config.ini); port, folders and PACS are replaced")
-    parser.add_argument("--seed", type=int, default=2025, help="phantom seed (default 2025)")
+    parser.add_argument("--seed", type=int, default=2025, help="phantom seed (default 2025): the child's anatomy and scan")
+    parser.add_argument("--child", choices=("typical", "drawn"), default="typical",
+                        help="typical (default): the phantom's 10 volumes are the reference's means, so every "
+                             "region should read 'within'; drawn: volumes drawn from the cohort model")
     parser.add_argument("--matrix", type=int, default=192, help="phantom image matrix (default 192)")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the config's, else bundled)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for every file (default: a new temporary one)")
@@ -100,8 +106,13 @@ def _demo(args, config, work: Path) -> int:
     from node.service.scu import store_files
     from node.service.server import Node
 
-    phantom, files = _write_phantom(args.seed, args.matrix, work / "phantom")
-    print(f"phantom seed {args.seed}: {len(files)} CT images, {phantom.meta['sex']}, {phantom.meta['age_years']:.2f} years")
+    reference = _reference(config)
+    phantom, files = _write_phantom(args.seed, args.matrix, work / "phantom", reference if args.child == "typical" else None)
+    print(f"phantom seed {args.seed}: {len(files)} CT images, {phantom.meta['sex']}, {phantom.meta['age_years']:.2f} years, "
+          + ("a typical child: its volumes are the reference's means" if args.child == "typical"
+             else "volumes drawn from the cohort model"))
+    print(f"reference: {reference.name} ({reference.population}, n = {reference.n}, "
+          f"{reference.age_range_years[0]:g}-{reference.age_range_years[1]:g} years), {reference.kind}")
     node = Node(config, args.segmenter_factory)
     print("starting the node (loading the model)...")
     node.start()
@@ -142,11 +153,23 @@ def _node_as_remote(config, port: int):
     return RemoteAE(config.node.ae_title, "127.0.0.1", port)
 
 
-def _write_phantom(seed: int, matrix: int, folder: Path):
-    from inference.phantoms.generator import make_phantom
-    from inference.phantoms.dicom_series import write_ct_series
+def _reference(config):
+    from normative.compare import load_reference
 
-    phantom = make_phantom(seed, matrix=matrix)
+    return load_reference(config.pipeline.outputs.reference_path)
+
+
+def _write_phantom(seed: int, matrix: int, folder: Path, reference=None):
+    """The demo's phantom; with a reference, its volumes are the reference's means for the phantom's sex and age."""
+    from inference.phantoms.dicom_series import write_ct_series
+    from inference.phantoms.generator import child_of_seed, make_phantom
+    from inference.vocabulary import REGION_KEYS
+
+    volumes = None
+    if reference is not None:
+        sex, age = child_of_seed(seed)
+        volumes = {key: reference.expected(key, age, sex).mean for key in REGION_KEYS}
+    phantom = make_phantom(seed, matrix=matrix, volumes_cm3=volumes)
     write_ct_series(phantom, folder)
     return phantom, sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -159,12 +182,16 @@ def _print_volumes(volumes_json: Path, truth: dict[str, float]) -> None:
     summary = json.loads(volumes_json.read_text())
     measured = summary["volumes_cm3"]
     regions = {r["key"]: r for r in summary.get("normative", {}).get("regions", [])}
-    print(f"{'region':<22}{'measured':>10}{'true':>10}{'error':>9}{'z':>7}")
+    print(f"{'region':<22}{'measured':>10}{'true':>10}{'error':>9}{'z':>7}  flag")
     for region in REGIONS:
-        z = regions.get(region.key, {}).get("z_score")
+        result = regions.get(region.key, {})
+        z, flag = result.get("z_score"), result.get("flag") or "-"
+        uncertain = " (uncertain: the methods differ)" if result.get("uncertain") else ""
         error = 100 * (measured[region.key] - truth[region.key]) / truth[region.key]
         print(f"{region.name:<22}{measured[region.key]:>10.1f}{truth[region.key]:>10.1f}{error:>8.1f}%"
-              f"{'' if z is None else f'{z:.1f}':>7}")
+              f"{'' if z is None else f'{z:+.1f}':>7}  {flag}{uncertain}")
+    for note in summary.get("normative", {}).get("notes", []):
+        print(f"note: {note}")
 
 
 def _free_port() -> int:
