@@ -57,11 +57,24 @@ def representative_outline(mask: np.ndarray) -> Outline | None:
     The outline is the outer boundary of the largest 4-connected component
     there (holes filled). ``None`` when the mask is empty.
     """
-    counts = mask.reshape(len(mask), -1).sum(axis=1)
-    if not counts.any():
-        return None
-    index = int(np.argmax(counts))
-    return Outline(index, trace_outline(mask[index]), int(counts[index]))
+    outlines = outlines_on_shared_image([mask])
+    return outlines[0] if outlines else None
+
+
+def outlines_on_shared_image(masks: Sequence[np.ndarray]) -> list[Outline]:
+    """Each mask's outline on the one image where the masks together have most pixels.
+
+    For a measurement that compares regions (an asymmetry index): one image
+    shows them side by side. A mask absent from that image gets no outline;
+    all empty gives an empty list.
+    """
+    counts = [mask.reshape(len(mask), -1).sum(axis=1) for mask in masks]
+    together = np.sum(counts, axis=0)
+    if not together.any():
+        return []
+    index = int(np.argmax(together))
+    return [Outline(index, trace_outline(mask[index]), int(count[index]))
+            for mask, count in zip(masks, counts) if count[index]]
 
 
 def trace_outline(image: np.ndarray) -> np.ndarray:

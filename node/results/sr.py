@@ -36,7 +36,7 @@ Structure (written with highdicom.sr):
 - The total of the 10 regions and the four lobe asymmetry indices are TID
   1501 measurement groups (they have no single segment); their NUM has
   TID 320 image coordinates (INFERRED FROM SCOORD): the brain's outline
-  for the total, one outline around both lobes for an asymmetry. No
+  for the total, both lobes' outlines (two SCOORDs) on one image for an asymmetry. No
   standard code exists for an asymmetry index: we use the private scheme
   ``99LOBEVOL``, code ``AI``, "Asymmetry index (L-R)/mean" (UCUM "1").
 - A region the model did not find (no SEG segment) is a TID 1501 group with
@@ -63,7 +63,7 @@ from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
                                    with_required_patient_study)
-from node.results.outlines import Outline, representative_outline
+from node.results.outlines import Outline, outlines_on_shared_image, representative_outline
 from node.results.seg import laterality_code, structure_code
 
 if TYPE_CHECKING:
@@ -127,8 +127,10 @@ def build_sr(
         + [f"{key}={model[key]}" for key in ("test_time_augmentation", "surface_refinement") if key in model],
     )
     segments = _segments_by_key(seg)
-    outlined = {BRAIN: tuple(segments)} | {_pair_key(a): (a.right_key, a.left_key) for a in normative.asymmetry}
-    outlines = _outlines(seg, datasets, segments, outlined)
+    # Left first, as in (L-R). OHIF draws only the first outline: its label lands on a lobe's own outline
+    # (and label) only when the pair's image is also the left lobe's own image.
+    pairs = {_pair_key(a): (a.left_key, a.right_key) for a in normative.asymmetry}
+    outlines = _outlines(seg, datasets, segments, pairs)
     no_z_reason = _no_z_reason(normative)
     context = _GroupContext(datasets, algorithm, normative.reference, no_z_reason, outlines)
     groups: list = []
@@ -205,18 +207,18 @@ class _GroupContext:
     algorithm: hd.sr.AlgorithmIdentification
     reference: object
     no_z_reason: str
-    #: Region key (BRAIN for all regions, _pair_key for an asymmetry's two) -> outline on its representative image.
-    outlines: Mapping[str, Outline]
+    #: Region key -> its outline; BRAIN -> the brain's; _pair_key -> the two regions' on one image.
+    outlines: Mapping[str, tuple[Outline, ...]]
 
-    def coordinates(self, *keys: str) -> list[hd.sr.CoordinatesForMeasurement]:
-        """TID 320 image coordinates of the outlines of ``keys`` (those that have one)."""
+    def coordinates(self, key: str) -> list[hd.sr.CoordinatesForMeasurement]:
+        """TID 320 image coordinates (one SCOORD per outline) of ``key``'s outlines; none if it has none."""
         return [
             hd.sr.CoordinatesForMeasurement(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=self.outlines[key].points,
-                source_image=self.outlines[key].source_image(self.datasets),
+                graphic_data=outline.points,
+                source_image=outline.source_image(self.datasets),
             )
-            for key in keys if key in self.outlines
+            for outline in self.outlines.get(key, ())
         ]
 
 
@@ -225,11 +227,12 @@ BRAIN = "brain"
 
 
 def _outlines(seg: pydicom.Dataset, datasets: Sequence[pydicom.Dataset], segments: Mapping[str, tuple[int, str]],
-              unions: Mapping[str, Sequence[str]]) -> dict[str, Outline]:
-    """Each SEG segment's outline, and each union's (e.g. the brain), on its representative source image.
+              pairs: Mapping[str, tuple[str, str]]) -> dict[str, tuple[Outline, ...]]:
+    """Outlines on the source images, read from the SEG's own frames (so they are what the SEG holds).
 
-    Read from the SEG's own frames, so the SR outlines exactly what the SEG
-    holds. ``unions`` maps a key to the region keys outlined together.
+    Each segment and the brain (all segments) on the image where it is
+    largest; each pair of regions (an asymmetry) both on the image where
+    the two together are largest.
     """
     segmentation = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
     numbers = {key: number for key, (number, _) in segments.items()}
@@ -239,14 +242,15 @@ def _outlines(seg: pydicom.Dataset, datasets: Sequence[pydicom.Dataset], segment
         combine_segments=True,
         skip_overlap_checks=True,
     ))
-    outlines = {key: representative_outline(images == number) for key, number in numbers.items()}
-    for key, members in unions.items():
-        outlines[key] = representative_outline(np.isin(images, [numbers[m] for m in members if m in numbers]))
-    return {key: outline for key, outline in outlines.items() if outline is not None}
+    outlines = {key: (representative_outline(images == number),) for key, number in numbers.items()}
+    outlines[BRAIN] = (representative_outline(images > 0),)
+    for key, members in pairs.items():
+        outlines[key] = tuple(outlines_on_shared_image([images == numbers[m] for m in members if m in numbers]))
+    return {key: tuple(o for o in found if o is not None) for key, found in outlines.items()}
 
 
 def _pair_key(asymmetry) -> str:
-    """Key of the outline of an asymmetry's two regions together."""
+    """Key of the outlines of an asymmetry's two regions."""
     return f"{asymmetry.right_key}+{asymmetry.left_key}"
 
 
@@ -291,8 +295,7 @@ def _region_groups(region: Region, result, segment: tuple[int, str] | None, seg:
     )
     _explain_missing_z(volumetric, result, context)
     groups = [volumetric]
-    outline = context.outlines.get(region.key)
-    if outline is not None:
+    for outline in context.outlines.get(region.key, ()):
         groups.append(_outline_group(region, tracking_uid, outline, finding_site, context))
     return groups
 
@@ -362,8 +365,7 @@ def _asymmetry_group(asymmetry, context: _GroupContext):
             asymmetry.flag, asymmetry.reference_mean, asymmetry.reference_sd, NO_UNITS,
             asymmetry.z_score, asymmetry.percentile, context.reference,
         ),
-        # The index compares the two lobes: one outline around both (apart from each lobe's own outline,
-        # so a viewer does not print this group's label over the lobe's).
+        # The index compares the two lobes: their outlines on the image showing both best.
         referenced_coordinates=context.coordinates(_pair_key(asymmetry)) or None,
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
