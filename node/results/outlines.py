@@ -31,24 +31,55 @@ _EDGES = (
 
 
 @dataclass(frozen=True)
+class SourcePlane:
+    """One source image plane: a single-frame instance, or one frame of a multi-frame instance."""
+
+    dataset: pydicom.Dataset
+    frame_number: int | None = None
+
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float]:
+        """(row, column) spacing in mm; a multi-frame instance's from its functional groups."""
+        if self.frame_number is None:
+            return tuple(float(v) for v in self.dataset.PixelSpacing)
+        for groups in (self.dataset.PerFrameFunctionalGroupsSequence[self.frame_number - 1],
+                       self.dataset.get("SharedFunctionalGroupsSequence", [None])[0]):
+            if groups is not None and "PixelMeasuresSequence" in groups:
+                return tuple(float(v) for v in groups.PixelMeasuresSequence[0].PixelSpacing)
+        raise ValueError(f"frame {self.frame_number} of the source image has no PixelSpacing")
+
+    def source_image(self) -> hd.sr.SourceImageForRegion:
+        return hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(self.dataset.SOPClassUID),
+            referenced_sop_instance_uid=str(self.dataset.SOPInstanceUID),
+            referenced_frame_numbers=None if self.frame_number is None else [self.frame_number],
+        )
+
+
+def source_planes(datasets: Sequence[pydicom.Dataset]) -> list[SourcePlane]:
+    """The planes of a series in the order of its label slices: by instance, then by frame."""
+    planes = []
+    for ds in datasets:
+        if "NumberOfFrames" in ds and "PerFrameFunctionalGroupsSequence" in ds:
+            planes += [SourcePlane(ds, number) for number in range(1, int(ds.NumberOfFrames) + 1)]
+        else:
+            planes.append(SourcePlane(ds))
+    return planes
+
+
+@dataclass(frozen=True)
 class Outline:
-    """A closed outline on one source image.
+    """A closed outline on one source image plane.
 
     Attributes:
-        image_index: index of the source image in the series' datasets.
+        image_index: index of the plane in the series' ``source_planes``.
         points: float (n, 2) array of (column, row) pixel-corner coordinates, first point repeated last.
-        pixel_count: pixels of the region on that image (the outlined component and any others).
+        pixel_count: pixels of the region on that plane (the outlined component and any others).
     """
 
     image_index: int
     points: np.ndarray
     pixel_count: int
-
-    def source_image(self, datasets: Sequence[pydicom.Dataset]) -> hd.sr.SourceImageForRegion:
-        ds = datasets[self.image_index]
-        return hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=str(ds.SOPClassUID), referenced_sop_instance_uid=str(ds.SOPInstanceUID)
-        )
 
 
 def representative_outline(mask: np.ndarray) -> Outline | None:

@@ -63,7 +63,8 @@ from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
                                    with_required_patient_study)
-from node.results.outlines import Outline, outlines_on_shared_image, representative_outline
+from node.results.outlines import (Outline, SourcePlane, outlines_on_shared_image, representative_outline,
+                                   source_planes)
 from node.results.seg import laterality_code, structure_code
 
 if TYPE_CHECKING:
@@ -130,9 +131,10 @@ def build_sr(
     # Left first, as in (L-R). OHIF draws only the first outline: its label lands on a lobe's own outline
     # (and label) only when the pair's image is also the left lobe's own image.
     pairs = {_pair_key(a): (a.left_key, a.right_key) for a in normative.asymmetry}
-    outlines = _outlines(seg, datasets, segments, pairs)
+    planes = source_planes(datasets)
+    outlines = _outlines(seg, planes, segments, pairs)
     no_z_reason = _no_z_reason(normative)
-    context = _GroupContext(datasets, algorithm, normative.reference, no_z_reason, outlines)
+    context = _GroupContext(datasets, planes, algorithm, normative.reference, no_z_reason, outlines)
     groups: list = []
     for region in REGIONS:
         groups += _region_groups(region, results[region.key], segments.get(region.key), seg, context)
@@ -204,6 +206,8 @@ class _GroupContext:
     """What every measurement group of one report shares."""
 
     datasets: Sequence[pydicom.Dataset]
+    #: The source image planes the outlines' ``image_index`` counts.
+    planes: Sequence[SourcePlane]
     algorithm: hd.sr.AlgorithmIdentification
     reference: object
     no_z_reason: str
@@ -216,7 +220,7 @@ class _GroupContext:
             hd.sr.CoordinatesForMeasurement(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                 graphic_data=outline.points,
-                source_image=outline.source_image(self.datasets),
+                source_image=self.planes[outline.image_index].source_image(),
             )
             for outline in self.outlines.get(key, ())
         ]
@@ -226,27 +230,39 @@ class _GroupContext:
 BRAIN = "brain"
 
 
-def _outlines(seg: pydicom.Dataset, datasets: Sequence[pydicom.Dataset], segments: Mapping[str, tuple[int, str]],
+def _outlines(seg: pydicom.Dataset, planes: Sequence[SourcePlane], segments: Mapping[str, tuple[int, str]],
               pairs: Mapping[str, tuple[str, str]]) -> dict[str, tuple[Outline, ...]]:
-    """Outlines on the source images, read from the SEG's own frames (so they are what the SEG holds).
+    """Outlines on the source image planes, read from the SEG's own frames (so they are what the SEG holds).
 
-    Each segment and the brain (all segments) on the image where it is
-    largest; each pair of regions (an asymmetry) both on the image where
+    Each segment and the brain (all segments) on the plane where it is
+    largest; each pair of regions (an asymmetry) both on the plane where
     the two together are largest.
     """
-    segmentation = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
     numbers = {key: number for key, (number, _) in segments.items()}
-    images = np.asarray(segmentation.get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
-        segment_numbers=sorted(numbers.values()),
-        combine_segments=True,
-        skip_overlap_checks=True,
-    ))
+    images = _segment_numbers_on_planes(seg, planes, sorted(numbers.values()))
     outlines = {key: (representative_outline(images == number),) for key, number in numbers.items()}
     outlines[BRAIN] = (representative_outline(images > 0),)
     for key, members in pairs.items():
         outlines[key] = tuple(outlines_on_shared_image([images == numbers[m] for m in members if m in numbers]))
     return {key: tuple(o for o in found if o is not None) for key, found in outlines.items()}
+
+
+def _segment_numbers_on_planes(seg: pydicom.Dataset, planes: Sequence[SourcePlane],
+                               numbers: Sequence[int]) -> np.ndarray:
+    """(planes, rows, columns): the SEG's segment number at every pixel of every source plane (0: none)."""
+    segmentation = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    # The SEG omits empty frames (build_seg), so a source plane it does not reference is empty.
+    options = dict(segment_numbers=list(numbers), combine_segments=True, skip_overlap_checks=True,
+                   assert_missing_frames_are_empty=True)
+    if all(plane.frame_number is None for plane in planes):
+        return np.asarray(segmentation.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(plane.dataset.SOPInstanceUID) for plane in planes], **options))
+    stacks, instances = [], dict.fromkeys(str(plane.dataset.SOPInstanceUID) for plane in planes)
+    for uid in instances:
+        frames = [plane.frame_number for plane in planes if str(plane.dataset.SOPInstanceUID) == uid]
+        stacks.append(np.asarray(segmentation.get_pixels_by_source_frame(
+            source_sop_instance_uid=uid, source_frame_numbers=frames, **options)))
+    return np.concatenate(stacks)
 
 
 def _pair_key(asymmetry) -> str:
@@ -313,7 +329,7 @@ def _region_findings(result) -> list[hd.sr.QualitativeEvaluation]:
 def _outline_group(region: Region, tracking_uid: str, outline: Outline, finding_site: hd.sr.FindingSite,
                    context: _GroupContext) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410: the region's outline on its representative image, with its area there."""
-    row_mm, column_mm = (float(v) for v in context.datasets[outline.image_index].PixelSpacing)
+    row_mm, column_mm = context.planes[outline.image_index].pixel_spacing_mm
     area = hd.sr.Measurement(
         name=codes.SCT.Area, value=outline.pixel_count * row_mm * column_mm / 100.0, unit=CM2,
         finding_sites=[finding_site],
@@ -323,7 +339,7 @@ def _outline_group(region: Region, tracking_uid: str, outline: Outline, finding_
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=outline.points,
-            source_image=outline.source_image(context.datasets),
+            source_image=context.planes[outline.image_index].source_image(),
         ),
         finding_type=structure_code(region),
         algorithm_id=context.algorithm,
