@@ -82,30 +82,29 @@ class Outline:
     pixel_count: int
 
 
-def representative_outline(mask: np.ndarray) -> Outline | None:
-    """Outline of ``mask`` (images x rows x columns, bool) on the image where it has most pixels.
+class PlaneLabels:
+    """Label values (segment numbers) on every source plane, with each value's pixel count per plane."""
 
-    The outline is the outer boundary of the largest 4-connected component
-    there (holes filled). ``None`` when the mask is empty.
-    """
-    outlines = outlines_on_shared_image([mask])
-    return outlines[0] if outlines else None
+    def __init__(self, images: np.ndarray):
+        """``images``: (planes, rows, columns) non-negative integer labels, 0 for none."""
+        self.images = images
+        values = int(images.max()) + 1 if images.size else 1
+        self.counts = np.stack([np.bincount(plane.ravel(), minlength=values) for plane in images])
 
+    def outlines_where_largest(self, groups: Sequence[Sequence[int]]) -> list[Outline]:
+        """Each group's outline (its label values together) on the one plane where all groups have most pixels.
 
-def outlines_on_shared_image(masks: Sequence[np.ndarray]) -> list[Outline]:
-    """Each mask's outline on the one image where the masks together have most pixels.
-
-    For a measurement that compares regions (an asymmetry index): one image
-    shows them side by side. A mask absent from that image gets no outline;
-    all empty gives an empty list.
-    """
-    counts = [mask.reshape(len(mask), -1).sum(axis=1) for mask in masks]
-    together = np.sum(counts, axis=0)
-    if not together.any():
-        return []
-    index = int(np.argmax(together))
-    return [Outline(index, trace_outline(mask[index]), int(count[index]))
-            for mask, count in zip(masks, counts) if count[index]]
+        One group: a region (or the brain) where it is largest. Two: a pair of
+        regions compared (an asymmetry index), side by side on one plane. A
+        group absent from that plane gets no outline; all absent, none.
+        """
+        per_group = [self.counts[:, [v for v in group if v < self.counts.shape[1]]].sum(axis=1) for group in groups]
+        together = np.sum(per_group, axis=0)
+        if not together.any():
+            return []
+        index = int(np.argmax(together))
+        return [Outline(index, trace_outline(np.isin(self.images[index], group)), int(count[index]))
+                for group, count in zip(groups, per_group) if count[index]]
 
 
 def trace_outline(image: np.ndarray) -> np.ndarray:

@@ -63,8 +63,7 @@ from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
                                    with_required_patient_study)
-from node.results.outlines import (Outline, SourcePlane, outlines_on_shared_image, representative_outline,
-                                   source_planes)
+from node.results.outlines import Outline, PlaneLabels, SourcePlane, source_planes
 from node.results.seg import laterality_code, structure_code
 
 if TYPE_CHECKING:
@@ -239,12 +238,12 @@ def _outlines(seg: pydicom.Dataset, planes: Sequence[SourcePlane], segments: Map
     the two together are largest.
     """
     numbers = {key: number for key, (number, _) in segments.items()}
-    images = _segment_numbers_on_planes(seg, planes, sorted(numbers.values()))
-    outlines = {key: (representative_outline(images == number),) for key, number in numbers.items()}
-    outlines[BRAIN] = (representative_outline(images > 0),)
+    labels = PlaneLabels(_segment_numbers_on_planes(seg, planes, sorted(numbers.values())))
+    outlines = {key: labels.outlines_where_largest([[number]]) for key, number in numbers.items()}
+    outlines[BRAIN] = labels.outlines_where_largest([list(numbers.values())])
     for key, members in pairs.items():
-        outlines[key] = tuple(outlines_on_shared_image([images == numbers[m] for m in members if m in numbers]))
-    return {key: tuple(o for o in found if o is not None) for key, found in outlines.items()}
+        outlines[key] = labels.outlines_where_largest([[numbers[m]] for m in members if m in numbers])
+    return {key: tuple(found) for key, found in outlines.items() if found}
 
 
 def _segment_numbers_on_planes(seg: pydicom.Dataset, planes: Sequence[SourcePlane],
