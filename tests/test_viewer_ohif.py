@@ -189,6 +189,9 @@ def test_sr_opens_in_ohif_and_lists_every_region_with_its_volume(ohif, study):
         labels = {label["label"]: label["value"] for label in shown[name]["labels"]}
         # OHIF prints a NUM as its value to 2 decimals and the unit's code value.
         assert labels.get("Volume") == f"{volume:.2f} cm3", f"{name}: OHIF shows {shown[name]['labels']}"
+    # As the README says: OHIF shows them in the SR viewport only; none of its tools claims them for its
+    # measurement panel ("not compatible with this application"). When this fails, update the README.
+    assert item["rehydratable"] is False
 
 
 def test_pdf_report_opens_in_ohif_pdf_viewport(ohif, study):

@@ -8,7 +8,8 @@
 // "segments" is [{index, label, color}] (OHIF's segmentation state and the colour it paints
 // with) and "slices" maps each CT SOP Instance UID to the base64 of the label image OHIF
 // built on it (one byte per pixel, row-major); for an SR "measurements" is what OHIF read
-// from it ([{TrackingIdentifier, labels, coords}]); for an Encapsulated PDF "pdf" is what its
+// from it ([{TrackingIdentifier, labels, coords, loaded}]) and "rehydratable" whether OHIF would load
+// them into its measurement panel; for an Encapsulated PDF "pdf" is what its
 // PDF viewport was given ({type, bytes, magic}). Every item gets a fresh page: one
 // segmentation at a time, and the errors of one item are not blamed on the next.
 'use strict';
@@ -143,6 +144,8 @@ async function checkItem(browser, spec, item) {
       } catch (error) {
         // no error notification
       }
+      result.rehydratable = await page.evaluate((uid) => window.services.displaySetService.getActiveDisplaySets()
+        .find((d) => d.SeriesInstanceUID === uid).isRehydratable === true, item.series);
       result.measurements = await page.evaluate((uid) => window.services.displaySetService.getActiveDisplaySets()
         .find((d) => d.SeriesInstanceUID === uid).measurements.map((m) => ({
           TrackingIdentifier: m.TrackingIdentifier, labels: m.labels,
