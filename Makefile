@@ -12,7 +12,8 @@ TORCH_VERSION ?= 2.13.0
 ORTHANC_HTTP_PORT ?= 8042
 ORTHANC_DICOM_PORT ?= 4242
 DEMO_PORT ?= 0
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium \
+		libpixelmed-java default-jre-headless
 
 .PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive clean
 
@@ -30,10 +31,11 @@ install: $(VENV)/.installed
 
 # The integration tests talk to real peers; install them when we can (root, apt).
 install-peers:
-	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump Orthanc pdftoppm chromium; do \
+	@missing=""; for t in storescu storescp echoscu dciodvfy dsrdump dsr2html Orthanc pdftoppm chromium java; do \
 	  command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	[ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || missing="$$missing orthanc-python"; \
 	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	[ -f /usr/share/java/pixelmed.jar ] || missing="$$missing libpixelmed-java"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing DICOM peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \

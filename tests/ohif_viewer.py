@@ -2,8 +2,9 @@
 
 OHIF is a single-page app: its ``dist/`` (from the npm package ``@ohif/app``,
 fetched by ``tests/browser/fetch-ohif.sh``) is served as static files, with an
-``app-config.js`` of our own. ``/dicom-web/...`` is passed through to Orthanc,
-so the browser sees one origin and Orthanc needs no CORS headers.
+``app-config.js`` of our own. ``/dicom-web/...`` is passed through to Orthanc (with the browser's Host, so
+the URLs Orthanc writes point back here), so the browser sees one origin and
+Orthanc needs no CORS headers.
 """
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ class ViewerServer:
 
             def _pass_through(self):
                 request = urllib.request.Request(server.dicomweb_base + self.path)
+                # Orthanc writes absolute BulkDataURIs (an Encapsulated PDF's document) from the
+                # request's Host: the browser's, so they point back here, not cross-origin to Orthanc.
+                request.add_header("Host", self.headers.get("Host", ""))
                 if "Accept" in self.headers:
                     request.add_header("Accept", self.headers["Accept"])
                 try:

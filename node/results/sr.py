@@ -25,21 +25,36 @@ Structure (written with highdicom.sr):
   Abnormally low / Normality undetermined, the value viewers show.
 - When no z-score applies, the group says why in a TEXT item Comment (DCM
   121106), from the normative notes.
-- The total of the 10 regions and the three lobe asymmetry indices are TID
-  1501 measurement groups (they have no single segment). No standard code
-  exists for an asymmetry index: we use the private scheme ``99LOBEVOL``,
-  code ``AI``, "Asymmetry index (L-R)/mean" (UCUM "1").
+- Beside each TID 1411 group, a TID 1410 Planar ROI group with the same
+  Tracking Identifier and Tracking Unique Identifier (the same region):
+  the region's closed POLYLINE outline (Image Region, SCOORD) on the
+  source image where the region is largest, read from the SEG's frames
+  (:mod:`node.results.outlines`), and its Area (SCT 42798000, ``cm2``)
+  there. OHIF places a measurement group only by a SCOORD in it and
+  merges groups by Tracking Unique Identifier, so it shows the volume on
+  that outline; without one it fails to open the SR.
+- The total of the 10 regions and the four lobe asymmetry indices are TID
+  1501 measurement groups (they have no single segment); their NUM has
+  TID 320 image coordinates (INFERRED FROM SCOORD): the brain's outline
+  for the total, both lobes' outlines (two SCOORDs) on one image for an asymmetry. No
+  standard code exists for an asymmetry index: we use the private scheme
+  ``99LOBEVOL``, code ``AI``, "Asymmetry index (L-R)/mean" (UCUM "1").
 - A region the model did not find (no SEG segment) is a TID 1501 group with
-  volume 0 and a Comment saying so.
+  volume 0, measured within the brain outline (its coordinates), and a
+  Comment saying so.
+- Per-region qualitative findings come from one place,
+  ``_region_findings`` (today: Normality).
 - With a LABELMAP SEG the Referenced Segment items point to a Label Map
   Segmentation instance; dciodvfy (which predates that SOP class) reports
   them as errors. The default BINARY SEG validates cleanly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -48,6 +63,7 @@ from inference.vocabulary import REGION_KEYS, REGIONS, Region
 from inference.vocabulary import __version__
 from node.results.derived import (MANUFACTURER, device_serial_number, new_instance_arguments, segmentation_method,
                                    source_names_as_they_are, with_required_patient_study)
+from node.results.outlines import Outline, PlaneLabels, SourcePlane, source_planes
 from node.results.seg import laterality_code, structure_code
 
 if TYPE_CHECKING:
@@ -59,6 +75,7 @@ SR_SERIES_NUMBER = 9102
 SR_SERIES_DESCRIPTION = "lobevol SR"
 
 CM3 = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
+CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 ASYMMETRY_INDEX = hd.sr.CodedConcept("AI", "99LOBEVOL", "Asymmetry index (L-R)/mean")
@@ -110,21 +127,22 @@ def build_sr(
         + [f"{key}={model[key]}" for key in ("test_time_augmentation", "surface_refinement") if key in model],
     )
     segments = _segments_by_key(seg)
+    # Left first, as in (L-R). OHIF draws only the first outline: its label lands on a lobe's own outline
+    # (and label) only when the pair's image is also the left lobe's own image.
+    pairs = {_pair_key(a): (a.left_key, a.right_key) for a in normative.asymmetry}
+    planes = source_planes(datasets)
+    outlines = _outlines(seg, planes, segments, pairs)
     no_z_reason = _no_z_reason(normative)
+    context = _GroupContext(datasets, planes, algorithm, normative.reference, no_z_reason, outlines)
     groups: list = []
     for region in REGIONS:
-        groups.append(
-            _region_group(
-                region, float(results[region.key].volume_cm3), results[region.key], segments.get(region.key),
-                seg, datasets[0].SeriesInstanceUID, algorithm, normative.reference, no_z_reason,
-            )
-        )
-    total = _total_group(normative.total, algorithm, normative.reference, no_z_reason, normative.notes)
+        groups += _region_groups(region, results[region.key], segments.get(region.key), seg, context)
+    total = _total_group(normative.total, context, normative.notes)
     if cross_check is not None:
         _add_cross_check(total, cross_check)
     groups.append(total)
     for asymmetry in normative.asymmetry:
-        groups.append(_asymmetry_group(asymmetry, algorithm, normative.reference, no_z_reason))
+        groups.append(_asymmetry_group(asymmetry, context))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(model),
         procedure_reported=codes.SCT.ComputedTomographyOfHead,
@@ -183,71 +201,175 @@ def _no_z_reason(normative) -> str:
     return notes or "no reference value for this measurement"
 
 
-def _region_group(
-    region: Region,
-    volume_cm3: float,
-    result,
-    segment: tuple[int, str] | None,
-    seg: pydicom.Dataset,
-    source_series_uid: str,
-    algorithm: hd.sr.AlgorithmIdentification,
-    reference,
-    no_z_reason: str,
-):
-    finding_site = hd.sr.FindingSite(
-        anatomic_location=structure_code(region), laterality=laterality_code(region)
-    )
-    measurement = _volume_measurement(volume_cm3, result, reference, finding_site)
-    evaluations = [_normality_evaluation(result)]
+@dataclass(frozen=True)
+class _GroupContext:
+    """What every measurement group of one report shares."""
+
+    datasets: Sequence[pydicom.Dataset]
+    #: The source image planes the outlines' ``image_index`` counts.
+    planes: Sequence[SourcePlane]
+    algorithm: hd.sr.AlgorithmIdentification
+    reference: object
+    no_z_reason: str
+    #: Region key -> its outline; BRAIN -> the brain's; _pair_key -> the two regions' on one image.
+    outlines: Mapping[str, tuple[Outline, ...]]
+
+    def coordinates(self, key: str) -> list[hd.sr.CoordinatesForMeasurement]:
+        """TID 320 image coordinates (one SCOORD per outline) of ``key``'s outlines; none if it has none."""
+        return [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline.points,
+                source_image=self.planes[outline.image_index].source_image(),
+            )
+            for outline in self.outlines.get(key, ())
+        ]
+
+
+#: Key of the outline of all regions together (the brain) in ``_GroupContext.outlines``.
+BRAIN = "brain"
+
+
+def _outlines(seg: pydicom.Dataset, planes: Sequence[SourcePlane], segments: Mapping[str, tuple[int, str]],
+              pairs: Mapping[str, tuple[str, str]]) -> dict[str, tuple[Outline, ...]]:
+    """Outlines on the source image planes, read from the SEG's own frames (so they are what the SEG holds).
+
+    Each segment and the brain (all segments) on the plane where it is
+    largest; each pair of regions (an asymmetry) both on the plane where
+    the two together are largest.
+    """
+    numbers = {key: number for key, (number, _) in segments.items()}
+    labels = PlaneLabels(_segment_numbers_on_planes(seg, planes, sorted(numbers.values())))
+    outlines = {key: labels.outlines_where_largest([[number]]) for key, number in numbers.items()}
+    outlines[BRAIN] = labels.outlines_where_largest([list(numbers.values())])
+    for key, members in pairs.items():
+        outlines[key] = labels.outlines_where_largest([[numbers[m]] for m in members if m in numbers])
+    return {key: tuple(found) for key, found in outlines.items() if found}
+
+
+def _segment_numbers_on_planes(seg: pydicom.Dataset, planes: Sequence[SourcePlane],
+                               numbers: Sequence[int]) -> np.ndarray:
+    """(planes, rows, columns): the SEG's segment number at every pixel of every source plane (0: none)."""
+    segmentation = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    # The SEG omits empty frames (build_seg), so a source plane it does not reference is empty.
+    options = dict(segment_numbers=list(numbers), combine_segments=True, skip_overlap_checks=True,
+                   assert_missing_frames_are_empty=True)
+    if all(plane.frame_number is None for plane in planes):
+        return np.asarray(segmentation.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(plane.dataset.SOPInstanceUID) for plane in planes], **options))
+    stacks, instances = [], dict.fromkeys(str(plane.dataset.SOPInstanceUID) for plane in planes)
+    for uid in instances:
+        frames = [plane.frame_number for plane in planes if str(plane.dataset.SOPInstanceUID) == uid]
+        stacks.append(np.asarray(segmentation.get_pixels_by_source_frame(
+            source_sop_instance_uid=uid, source_frame_numbers=frames, **options)))
+    return np.concatenate(stacks)
+
+
+def _pair_key(asymmetry) -> str:
+    """Key of the outlines of an asymmetry's two regions."""
+    return f"{asymmetry.right_key}+{asymmetry.left_key}"
+
+
+def _region_groups(region: Region, result, segment: tuple[int, str] | None, seg: pydicom.Dataset,
+                   context: _GroupContext) -> list:
+    """A found region: its TID 1411 volume group and a TID 1410 outline group (same tracking UID).
+
+    The TID 1410 group is for viewers that place a measurement only by a
+    SCOORD in its group (OHIF): they merge groups by Tracking Unique
+    Identifier, so the volume is shown on the region's outline. A region
+    the model did not find is one TID 1501 group with volume 0.
+    """
+    finding_site = hd.sr.FindingSite(anatomic_location=structure_code(region), laterality=laterality_code(region))
     if segment is None:
+        # No segment, no outline of its own: the volume 0 was measured within the brain outline.
+        measurement = _volume_measurement(float(result.volume_cm3), result, context, finding_site, BRAIN)
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=region.name),
             finding_type=structure_code(region),
-            algorithm_id=algorithm,
+            algorithm_id=context.algorithm,
             finding_sites=[finding_site],
             measurements=[measurement],
-            qualitative_evaluations=evaluations,
+            qualitative_evaluations=_region_findings(result),
         )
         _add_comment(group, "region not found by the model: no SEG segment, volume 0")
-    else:
-        number, tracking_uid = segment
-        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=region.name),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
-            ),
-            finding_type=structure_code(region),
-            algorithm_id=algorithm,
-            finding_sites=[finding_site],
-            measurements=[measurement],
-            qualitative_evaluations=evaluations,
-        )
+        _explain_missing_z(group, result, context)
+        return [group]
+    number, tracking_uid = segment
+    volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=region.name),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(context.datasets[0].SeriesInstanceUID),
+        ),
+        finding_type=structure_code(region),
+        algorithm_id=context.algorithm,
+        finding_sites=[finding_site],
+        measurements=[_volume_measurement(float(result.volume_cm3), result, context, finding_site)],
+        qualitative_evaluations=_region_findings(result),
+    )
+    _explain_missing_z(volumetric, result, context)
+    groups = [volumetric]
+    for outline in context.outlines.get(region.key, ()):
+        groups.append(_outline_group(region, tracking_uid, outline, finding_site, context))
+    return groups
+
+
+def _region_findings(result) -> list[hd.sr.QualitativeEvaluation]:
+    """The qualitative findings of a region's (or the total's) volume, beside it in its group.
+
+    The one place to add a per-region qualitative finding (a CODE
+    concept and value, as ``hd.sr.QualitativeEvaluation``): every group
+    that carries a normative volume takes its findings from here.
+    """
+    return [_normality_evaluation(result)]
+
+
+def _outline_group(region: Region, tracking_uid: str, outline: Outline, finding_site: hd.sr.FindingSite,
+                   context: _GroupContext) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the region's outline on its representative image, with its area there."""
+    row_mm, column_mm = context.planes[outline.image_index].pixel_spacing_mm
+    area = hd.sr.Measurement(
+        name=codes.SCT.Area, value=outline.pixel_count * row_mm * column_mm / 100.0, unit=CM2,
+        finding_sites=[finding_site],
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=region.name),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline.points,
+            source_image=context.planes[outline.image_index].source_image(),
+        ),
+        finding_type=structure_code(region),
+        algorithm_id=context.algorithm,
+        finding_sites=[finding_site],
+        measurements=[area],
+    )
+
+
+def _explain_missing_z(group, result, context: _GroupContext) -> None:
     if result is None or result.z_score is None:
-        _add_comment(group, f"no z-score: {no_z_reason}")
-    return group
+        _add_comment(group, f"no z-score: {context.no_z_reason}")
 
 
-def _total_group(total, algorithm, reference, no_z_reason: str, notes: Sequence[str]):
+def _total_group(total, context: _GroupContext, notes: Sequence[str]):
     site = hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Total of the 10 regions"),
         finding_type=codes.SCT.Brain,
-        algorithm_id=algorithm,
+        algorithm_id=context.algorithm,
         finding_sites=[site],
-        measurements=[_volume_measurement(float(total.volume_cm3), total, reference, site)],
-        qualitative_evaluations=[_normality_evaluation(total)],
+        measurements=[_volume_measurement(float(total.volume_cm3), total, context, site, BRAIN)],
+        qualitative_evaluations=_region_findings(total),
     )
-    if total.z_score is None:
-        _add_comment(group, f"no z-score: {no_z_reason}")
+    _explain_missing_z(group, total, context)
     for note in notes:
         _add_comment(group, note)
     return group
 
 
-def _asymmetry_group(asymmetry, algorithm, reference, no_z_reason: str):
+def _asymmetry_group(asymmetry, context: _GroupContext):
     structure = next(r for r in REGIONS if r.key == asymmetry.right_key)
     site = hd.sr.FindingSite(anatomic_location=structure_code(structure))
     measurement = hd.sr.Measurement(
@@ -257,33 +379,38 @@ def _asymmetry_group(asymmetry, algorithm, reference, no_z_reason: str):
         finding_sites=[site],
         properties=_properties(
             asymmetry.flag, asymmetry.reference_mean, asymmetry.reference_sd, NO_UNITS,
-            asymmetry.z_score, asymmetry.percentile, reference,
+            asymmetry.z_score, asymmetry.percentile, context.reference,
         ),
+        # The index compares the two lobes: their outlines on the image showing both best.
+        referenced_coordinates=context.coordinates(_pair_key(asymmetry)) or None,
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"Asymmetry of the {asymmetry.structure}"
         ),
         finding_type=structure_code(structure),
-        algorithm_id=algorithm,
+        algorithm_id=context.algorithm,
         finding_sites=[site],
         measurements=[measurement],
         qualitative_evaluations=[_normality_evaluation(asymmetry)],
     )
-    if asymmetry.z_score is None:
-        _add_comment(group, f"no z-score: {no_z_reason}")
+    _explain_missing_z(group, asymmetry, context)
     return group
 
 
-def _volume_measurement(volume_cm3: float, result, reference, site: hd.sr.FindingSite) -> hd.sr.Measurement:
+def _volume_measurement(volume_cm3: float, result, context: _GroupContext, site: hd.sr.FindingSite,
+                        outline_key: str | None = None) -> hd.sr.Measurement:
+    """Volume NUM with its normative properties; TID 320 coordinates of ``outline_key``'s outline if given."""
     properties = None
     if result is not None:
         properties = _properties(
             result.flag, result.reference_mean_cm3, result.reference_sd_cm3, CM3,
-            result.z_score, result.percentile, reference,
+            result.z_score, result.percentile, context.reference,
         )
+    coordinates = context.coordinates(outline_key) if outline_key else []
     return hd.sr.Measurement(
         name=codes.SCT.Volume, value=volume_cm3, unit=CM3, finding_sites=[site], properties=properties,
+        referenced_coordinates=coordinates or None,
     )
 
 

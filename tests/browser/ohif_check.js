@@ -3,11 +3,14 @@
 //
 //   node ohif_check.js SPEC.json RESULT.json
 //
-// SPEC: {viewer, study, artifacts, items: [{name, series, kind: "seg" | "sr"}]}
+// SPEC: {viewer, study, artifacts, items: [{name, series, kind: "seg" | "sr" | "pdf"}]}
 // RESULT: {items: [{name, errors, segments, slices, screenshot, ...}]}, where for a SEG
 // "segments" is [{index, label, color}] (OHIF's segmentation state and the colour it paints
 // with) and "slices" maps each CT SOP Instance UID to the base64 of the label image OHIF
-// built on it (one byte per pixel, row-major). Every item gets a fresh page: one
+// built on it (one byte per pixel, row-major); for an SR "measurements" is what OHIF read
+// from it ([{TrackingIdentifier, labels, coords, loaded}]) and "rehydratable" whether OHIF would load
+// them into its measurement panel; for an Encapsulated PDF "pdf" is what its
+// PDF viewport was given ({type, bytes, magic}). Every item gets a fresh page: one
 // segmentation at a time, and the errors of one item are not blamed on the next.
 'use strict';
 const fs = require('fs');
@@ -101,6 +104,17 @@ async function readSegmentation(page, viewportId) {
   }, viewportId);
 }
 
+// The document OHIF's PDF viewport shows: the <object> it renders, and the bytes behind its URL.
+async function readPdfViewport(page) {
+  const handle = await page.waitForSelector('object[type="application/pdf"][data]', { timeout: TIMEOUT_MS });
+  const url = await handle.getAttribute('data');
+  await page.waitForTimeout(2000); // let Chromium's PDF viewer paint, for the screenshot
+  return page.evaluate(async (source) => {
+    const bytes = new Uint8Array(await (await fetch(source)).arrayBuffer());
+    return { type: 'application/pdf', bytes: bytes.length, magic: String.fromCharCode(...bytes.subarray(0, 5)) };
+  }, url);
+}
+
 // Scroll to the middle slice, so the screenshot shows the regions, not the vertex.
 async function toMiddleSlice(page, viewportId) {
   await page.evaluate((id) => {
@@ -119,6 +133,8 @@ async function checkItem(browser, spec, item) {
     if (item.kind === 'seg') {
       Object.assign(result, await readSegmentation(page, viewportId));
       await toMiddleSlice(page, viewportId);
+    } else if (item.kind === 'pdf') {
+      result.pdf = await readPdfViewport(page);
     } else {
       await page.waitForFunction((uid) => window.services.displaySetService.getActiveDisplaySets()
         .find((d) => d.SeriesInstanceUID === uid).isLoaded === true, item.series, { timeout: TIMEOUT_MS });
@@ -128,9 +144,13 @@ async function checkItem(browser, spec, item) {
       } catch (error) {
         // no error notification
       }
+      result.rehydratable = await page.evaluate((uid) => window.services.displaySetService.getActiveDisplaySets()
+        .find((d) => d.SeriesInstanceUID === uid).isRehydratable === true, item.series);
       result.measurements = await page.evaluate((uid) => window.services.displaySetService.getActiveDisplaySets()
         .find((d) => d.SeriesInstanceUID === uid).measurements.map((m) => ({
-          TrackingIdentifier: m.TrackingIdentifier, labels: m.labels, coords: m.coords.length })), item.series);
+          TrackingIdentifier: m.TrackingIdentifier, labels: m.labels,
+          coords: (m.coords || []).length, loaded: m.loaded === true })), item.series);
+      await page.waitForTimeout(1500); // the outline drawn on its CT image, for the screenshot
     }
   } catch (error) {
     errors.push(`driver: ${error.message}`);
