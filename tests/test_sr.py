@@ -134,6 +134,35 @@ def test_sr_is_in_the_source_study_and_refuses_bad_input(study):
             normative, regions=tuple(r for r in normative.regions if r.key != "cerebellum")), MODEL)
 
 
+def _with_uncertain_parietal(normative):
+    """The right parietal lobe's z-score made uncertain by a second method 1.6 SD away."""
+    regions = list(normative.regions)
+    parietal = regions[2]
+    regions[2] = dataclasses.replace(parietal, other_method_volume_cm3=parietal.volume_cm3 + 1.6 * parietal.reference_sd_cm3,
+                                     method_difference_sd=-1.6, z_range=(parietal.z_score, parietal.z_score + 1.6),
+                                     uncertain=True)
+    return dataclasses.replace(normative, regions=tuple(regions))
+
+
+def test_an_uncertain_z_score_is_a_finding_on_its_region_with_both_methods_z(study, tmp_path):
+    from node.results.sr import Z_SCORE_CERTAINTY, Z_SCORE_UNCERTAIN
+
+    volume, seg, volumes = study
+    normative = _with_uncertain_parietal(hand_made_normative(volumes))
+    sr = build_sr(volume, seg, normative, MODEL)
+    groups, _ = _groups(sr)
+    (finding,) = groups["Right parietal lobe"].get_qualitative_evaluations(name=Z_SCORE_CERTAINTY)
+    assert finding.value.value == Z_SCORE_UNCERTAIN.value
+    comments = [c.TextValue for c in groups["Right parietal lobe"][0].ContentSequence if c.ValueType == "TEXT"]
+    low = normative.regions[2].z_score
+    assert any(f"two segmentation methods: {low:+.2f} to {low + 1.6:+.2f}" in text and "uncertain" in text
+               for text in comments), comments
+    assert not groups["Right frontal lobe"].get_qualitative_evaluations(name=Z_SCORE_CERTAINTY)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert validate(path).errors == []
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("with_z", [True, False])
 def test_sr_passes_dciodvfy(study, tmp_path, with_z):
@@ -241,10 +270,11 @@ PIXELMED_EXPLAINED_ERRORS = (
 
 @pytest.mark.integration
 def test_sr_passes_pixelmed_template_validation(study, tmp_path):
-    """With z-scores (the fuller tree; about 20 s of Java, so one run: without them is a subset plus comments)."""
+    """With z-scores and an uncertain one (the fullest tree; about 20 s of Java, so one run: without z-scores
+    is a subset plus comments)."""
     volume, seg, volumes = study
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, hand_made_normative(volumes), MODEL).save_as(path)
+    build_sr(volume, seg, _with_uncertain_parietal(hand_made_normative(volumes)), MODEL).save_as(path)
     result = validate_sr_templates(path)
     assert "Found Root Template TID_1500" in result.output
     assert result.unexplained_errors(PIXELMED_EXPLAINED_ERRORS) == [], result.output

@@ -43,7 +43,9 @@ Structure (written with highdicom.sr):
   volume 0, measured within the brain outline (its coordinates), and a
   Comment saying so.
 - Per-region qualitative findings come from one place,
-  ``_region_findings`` (today: Normality).
+  ``_region_findings``: Normality, and "Certainty of the z-score: Uncertain" (99LOBEVOL)
+  when the cross-check's two methods differ by more than one reference SD, with the
+  two methods' z-scores in a Comment.
 - With a LABELMAP SEG the Referenced Segment items point to a Label Map
   Segmentation instance; dciodvfy (which predates that SOP class) reports
   them as errors. The default BINARY SEG validates cleanly.
@@ -292,7 +294,7 @@ def _region_groups(region: Region, result, segment: tuple[int, str] | None, seg:
             qualitative_evaluations=_region_findings(result),
         )
         _add_comment(group, "region not found by the model: no SEG segment, volume 0")
-        _explain_missing_z(group, result, context)
+        _explain_z(group, result, context)
         return [group]
     number, tracking_uid = segment
     volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -309,7 +311,7 @@ def _region_groups(region: Region, result, segment: tuple[int, str] | None, seg:
         measurements=[_volume_measurement(float(result.volume_cm3), result, context, finding_site)],
         qualitative_evaluations=_region_findings(result),
     )
-    _explain_missing_z(volumetric, result, context)
+    _explain_z(volumetric, result, context)
     groups = [volumetric]
     for outline in context.outlines.get(region.key, ()):
         groups.append(_outline_group(region, tracking_uid, outline, finding_site, context))
@@ -323,7 +325,10 @@ def _region_findings(result) -> list[hd.sr.QualitativeEvaluation]:
     concept and value, as ``hd.sr.QualitativeEvaluation``): every group
     that carries a normative volume takes its findings from here.
     """
-    return [_normality_evaluation(result)]
+    findings = [_normality_evaluation(result)]
+    if getattr(result, "uncertain", False):
+        findings.append(hd.sr.QualitativeEvaluation(name=Z_SCORE_CERTAINTY, value=Z_SCORE_UNCERTAIN))
+    return findings
 
 
 def _outline_group(region: Region, tracking_uid: str, outline: Outline, finding_site: hd.sr.FindingSite,
@@ -348,9 +353,15 @@ def _outline_group(region: Region, tracking_uid: str, outline: Outline, finding_
     )
 
 
-def _explain_missing_z(group, result, context: _GroupContext) -> None:
+def _explain_z(group, result, context: _GroupContext) -> None:
+    """A comment when there is no z-score (why), or when two methods give a range of z (which)."""
     if result is None or result.z_score is None:
         _add_comment(group, f"no z-score: {context.no_z_reason}")
+    elif getattr(result, "z_range", None) is not None:
+        low, high = result.z_range
+        _add_comment(group, f"z-score of the two segmentation methods: {low:+.2f} to {high:+.2f} (volumes "
+                            f"{result.method_difference_sd:+.1f} reference SD apart)"
+                     + ("; uncertain: the methods differ by more than one SD" if result.uncertain else ""))
 
 
 def _total_group(total, context: _GroupContext, notes: Sequence[str]):
@@ -363,7 +374,7 @@ def _total_group(total, context: _GroupContext, notes: Sequence[str]):
         measurements=[_volume_measurement(float(total.volume_cm3), total, context, site, BRAIN)],
         qualitative_evaluations=_region_findings(total),
     )
-    _explain_missing_z(group, total, context)
+    _explain_z(group, total, context)
     for note in notes:
         _add_comment(group, note)
     return group
@@ -394,7 +405,7 @@ def _asymmetry_group(asymmetry, context: _GroupContext):
         measurements=[measurement],
         qualitative_evaluations=[_normality_evaluation(asymmetry)],
     )
-    _explain_missing_z(group, asymmetry, context)
+    _explain_z(group, asymmetry, context)
     return group
 
 
@@ -458,6 +469,11 @@ def _normality_evaluation(result) -> hd.sr.QualitativeEvaluation:
         raise ValueError(f"unknown normative flag {flag!r}; expected 'below', 'within', 'above' or None")
     return hd.sr.QualitativeEvaluation(name=codes.DCM.Normality, value=_NORMALITY[flag][1])
 
+
+#: A region's z-score made uncertain by the cross-check (private scheme, as the agreement below):
+#: the two methods' volumes differ by more than one reference SD (normative.compare).
+Z_SCORE_CERTAINTY = hd.sr.CodedConcept("ZC", "99LOBEVOL", "Certainty of the z-score")
+Z_SCORE_UNCERTAIN = hd.sr.CodedConcept("ZU", "99LOBEVOL", "Uncertain: segmentation methods differ by more than one SD")
 
 #: The cross-check's quality finding (private scheme: DICOM has no code for two methods' agreement).
 METHOD_AGREEMENT = hd.sr.CodedConcept("MA", "99LOBEVOL", "Agreement of segmentation methods")
