@@ -6,8 +6,11 @@ is independent of that training, so its agreement with the network, region by re
 is a plausibility check on every study: :class:`CrossCheckedSegmenter` runs both and
 returns the primary method's :class:`~inference.predict.Segmentation` with a
 :class:`CrossCheck` attached (``Segmentation.cross_check``). Results then carry the
-per-region Dice and volume difference, and when any region's Dice is below ``min_dice``
-the plain statement :data:`DISAGREE_MESSAGE`.
+per-region Dice and volume difference. The pipeline judges the check in the unit a
+radiologist reads (:meth:`CrossCheck.judged`, from ``normative.compare``: each region's
+volume difference in reference SDs): the methods agree when every region's Dice is at
+least ``min_dice`` and its volumes lie within one SD; otherwise the plain statement
+:data:`DISAGREE_MESSAGE` names the regions and by how much.
 """
 from __future__ import annotations
 

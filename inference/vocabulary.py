@@ -1,7 +1,7 @@
 """The vocabulary every part of lobevol shares: the version and the 10 brain regions.
 
 The single source of truth for the code version (setup.cfg reads it from here),
-the label values, region keys and names (fixed by DESIGN.md). Every other module
+the label values, region keys and names (their order is the label values of every label map, SEG and table). Every other module
 (training, the SEG and SR writers, the normative reference, CSV files) takes them
 from here; ``node``, ``inference`` and ``normative`` may all import it, and it
 imports nothing of ours and nothing heavy.

@@ -6,8 +6,11 @@ images that the SEG and SR carry (``SeriesVolume.region_volumes_cm3``), a SEG
 read back (``node.results.seg.region_volumes_from_seg``) and a phantom's truth.
 Each pixel of a slice stands for its pixel area times the slice's extent along
 the slice normal (:func:`slice_extents_mm`), so a stack with uneven spacing is
-counted on its own geometry, never on a resampled grid (DESIGN.md). One
-function, one order of summation: two counts of the same labels agree exactly.
+counted on its own geometry, never on a resampled grid. One function, one order
+of summation: two counts of the same labels agree exactly.
+
+Which voxels of a region count is decided here too (:func:`countable_labels`):
+the one definition of a region's volume that every method goes through.
 """
 from __future__ import annotations
 
