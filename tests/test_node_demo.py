@@ -9,14 +9,14 @@ from tests.output_fixtures import PartitionSegmenter
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys):
+def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys, monkeypatch):
     # The model-free stand-in keeps this test fast; the real model runs in test_node_roundtrip.
-    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"],
-                  segmenter_factory=PartitionSegmenter)
+    monkeypatch.setattr("inference.factory.segmenter_factory", lambda settings: PartitionSegmenter)
+    status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "job 1: done" in out
     assert "right frontal lobe" in out.lower() and "brainstem" in out.lower() and "measured" in out and "true" in out
     received = sorted((tmp_path / "pacs").iterdir())
     assert len(received) >= 3 and all(str(path) in out for path in received)
-    assert (tmp_path / "results" / "1" / "report.pdf").is_file()
+    assert (tmp_path / "results" / "1" / "1" / "report.pdf").is_file()  # job 1, attempt 1

@@ -89,7 +89,7 @@ def _demo(args, config, work: Path) -> int:
 
     phantom, files = _write_phantom(args.seed, args.matrix, work / "phantom")
     print(f"phantom seed {args.seed}: {len(files)} CT images, {phantom.meta['sex']}, {phantom.meta['age_years']:.2f} years")
-    node = Node(config, args.segmenter_factory)
+    node = Node(config)
     print("starting the node (loading the model)...")
     node.start()
     try:

@@ -136,7 +136,7 @@ def _segmenter(args):
         from node.config import load_config
 
         base = load_config(args.config).inference
-    from node.service.worker import load_segmenter
+    from inference.factory import load_segmenter
 
     return load_segmenter(inference_settings(args, base), progress=True)
 
@@ -179,8 +179,7 @@ def _segment_dicom(args, settings) -> int:
     from tqdm import tqdm
 
     from node.dicom.files import find_dicom_files, group_by_study
-    from node.pipeline import analyse_study, write_volumes_csv
-    from node.service.jobs import JobState
+    from node.pipeline import Outcome, analyse_study, write_volumes_csv
 
     studies = group_by_study(find_dicom_files(args.input))
     if not studies:
@@ -192,7 +191,7 @@ def _segment_dicom(args, settings) -> int:
         outcome = analyse_study(instances, args.out / study_uid, segmenter, settings)
         tqdm.write(outcome.summary)
         outcomes.append(outcome)
-    done = [o for o in outcomes if o.status == JobState.DONE]
+    done = [o for o in outcomes if o.status == Outcome.DONE]
     if len(studies) > 1 and done:
         path = write_volumes_csv(args.out / "volumes.csv", [o.volumes_row for o in done])
         print(f"volumes of {len(done)} studies: {path}")

@@ -21,8 +21,10 @@ Then, from another shell:
 
 A study is processed once no instance of it arrived for [series] stability_s
 seconds; results go back to the sender (when it may receive) and to the extra
-destinations. SIGTERM stops accepting associations, lets the running job finish
-for [node] shutdown_grace_s seconds (else it runs again at the next start) and exits.
+destinations. SIGTERM or Ctrl-C (SIGINT) stops accepting associations, ends a
+delivery in flight (it goes on at the next start), lets the running job finish
+for [node] shutdown_grace_s seconds (else it runs again at the next start: a stop
+is never counted as a crash) and exits; a second SIGTERM or Ctrl-C skips the grace.
 """
 
 
@@ -57,14 +59,18 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, node=dataclasses.replace(config.node, port=args.port))
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
-    node = Node(config, args.segmenter_factory)
+    node = Node(config)
+    stops = []
+
+    def stop(signum, frame) -> None:  # the first signal stops with grace, a second one at once
+        stops.append(signum)
+        node.request_stop(now=len(stops) > 1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     node.start()
     print(f"lobevol node {config.node.ae_title} listening on {config.node.bind_address}:{node.port} "
-          f"(results in {config.storage.results_dir}); stop with Ctrl-C", flush=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: node.request_stop())
-    try:
-        node.wait()
-    except KeyboardInterrupt:
-        pass
+          f"(results in {config.storage.results_dir}, jobs in {node.jobs.describe()}); stop with Ctrl-C", flush=True)
+    node.wait()
     node.stop()
     return 0

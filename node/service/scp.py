@@ -17,8 +17,10 @@ C-STORE status codes we answer (PS3.4 Annex B.2.3):
           arriving together: node.service.committer), or a SOP
           class we do not need (not CT): acknowledged, counted and logged, not kept
   0xA700  out of resources: the instance is larger than max_instance_mb, the
-          study already has max_instances_per_study instances, or the spool's
-          disk is above its high-water mark
+          study already has max_instances_per_study instances, the spool's
+          disk is above its high-water mark, or the job store is unavailable
+          for now (locked past its busy timeout, disk full, server down): the
+          sender may send it again later
   0xA900  dataset does not match SOP class: a Study/Series/SOP Instance UID is
           missing or invalid, the SOP Instance UID differs from the request's, or
           a CT image's pixel data is not what its header says (shorter than Rows x
@@ -50,7 +52,7 @@ from node.dicom.pixels import pixel_data_problem
 from node.logsafe import printable
 from node.service.committer import InstanceCommitter
 from node.service.connections import ConnectionGuard, GuardedAssociationServer
-from node.service.jobs import JobStore
+from node.service.jobs import JobStore, StoreUnavailable
 from node.service.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
@@ -217,7 +219,11 @@ class StorageSCP:
 
     def _on_store(self, event) -> Dataset | int:
         tally = self._tallies.get(id(event.assoc)) or AssociationTally(event.assoc.requestor.ae_title.strip())
-        status = self._store(event, tally)
+        try:
+            status = self._store(event, tally)
+        except StoreUnavailable as error:  # transient: the sender keeps the instance and sends it again
+            log.error("instance from %s refused: the job store is unavailable: %s", tally.calling_ae, error)
+            status = _refusal(OUT_OF_RESOURCES, "job store unavailable, send again later")
         if isinstance(status, Dataset):
             tally.refused += 1
         return status
@@ -274,7 +280,7 @@ class StorageSCP:
         except OSError as error:
             log.error("study %s: writing an instance to the spool failed: %s", study_uid, error)
             return _refusal(CANNOT_STORE, "writing to the spool failed")
-        except sqlite3.Error as error:
+        except sqlite3.Error as error:  # not a transient condition (a corrupt database file...)
             log.error("study %s: recording an instance in the job queue failed: %s", study_uid, error)
             return _refusal(CANNOT_STORE, "recording in the job queue failed")
         tally.stored += 1
