@@ -150,6 +150,9 @@ class StorageSettings:
     #: the job store: an SQLite file (embedded, one machine) or ``postgresql://user@host/db`` (shared by
     #: several receivers and workers; the password belongs in ~/.pgpass or PGPASSFILE, never here).
     database: JobStoreLocation = Path("var/lobevol.sqlite")
+    #: how long a runner's claim on a job (or a sender's on a delivery) lasts unless renewed (s); renewed
+    #: every third of it: a runner killed, frozen or cut off loses its job to another after this long.
+    lease_s: float = setting(30.0, low=0.5, high=3600)
     max_instance_mb: float = setting(200.0, low=0.001)
     max_instances_per_study: int = setting(5000, low=1, high=10**7)
     disk_high_water_percent: float = setting(90.0, low=1, high=100)

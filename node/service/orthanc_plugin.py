@@ -286,11 +286,12 @@ class LobevolPlugin:
         self.worker = Worker(factory, config.pipeline)
         transport = OrthancTransport(studies)
         self.outbox = Outbox(config, self.jobs, transports=lambda d: transport if d == DESTINATION else None,
-                             from_pacs=True)
+                             from_pacs=True, lease_s=config.storage.lease_s)
         self.runner = JobRunner(self.jobs, self.worker, RunnerSettings(
             name=default_name("orthanc"), role="orthanc", results_dir=config.storage.results_dir,
             input_dir=lambda job: self.spool.job_input(job.id), deliveries=self._deliveries,
             job_timeout_s=config.inference.job_timeout_s, from_pacs=True, housekeeping=self._housekeeping,
+            lease_s=config.storage.lease_s,
             on_finished=lambda job, state: self.outbox.deliver_due(), log_prefix="lobevol: ",
             announce_level=logging.WARNING))
         self._stable: queue.Queue[str | None] = queue.Queue()

@@ -53,10 +53,10 @@ class Outbox:
 
     def __init__(self, config: NodeConfig, jobs: JobStore, *,
                  transports: Callable[[str], Transport | None] | None = None, from_pacs: bool = False,
-                 owner: str | None = None):
+                 owner: str | None = None, lease_s: float = LEASE_S):
         self.config, self.jobs, self.from_pacs = config, jobs, from_pacs
         self.transports = transports or self._remote_transport
-        self.owner = owner or default_owner()
+        self.owner, self.lease_s = owner or default_owner(), lease_s
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -72,7 +72,7 @@ class Outbox:
         """Claim every due item no other sender holds and try it once; returns how many items were attempted."""
         if self._stopping.is_set():
             return 0
-        due = self.jobs.claim_deliveries(self.owner, LEASE_S, now, from_pacs=self.from_pacs)
+        due = self.jobs.claim_deliveries(self.owner, self.lease_s, now, from_pacs=self.from_pacs)
         by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_destination[item.destination].append(item)
@@ -111,7 +111,7 @@ class Outbox:
             # next file goes, so a crash re-sends at most the file in flight.
             self._record(present[len(outcomes)], result)
             outcomes.append(result.outcome)
-            self.jobs.renew_delivery_leases(present[0].lease_token, LEASE_S)
+            self.jobs.renew_delivery_leases(present[0].lease_token, self.lease_s)
 
         try:
             transport.send([Path(i.path) for i in present], progress=record)

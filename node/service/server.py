@@ -64,13 +64,14 @@ class Node:
         config.storage.results_dir.mkdir(parents=True, exist_ok=True)
         self.jobs = JobStore(config.storage.database)
         name = name or default_name(role)
-        self.outbox = Outbox(config, self.jobs, owner=name)
+        self.outbox = Outbox(config, self.jobs, owner=name, lease_s=config.storage.lease_s)
         self.scp = StorageSCP(config, self.spool, self.jobs) if receive else None
         self.worker = Worker(factory or segmenters.segmenter_factory(config.inference), config.pipeline)
         self.runner = JobRunner(self.jobs, self.worker, RunnerSettings(
             name=name, role=role, results_dir=config.storage.results_dir,
             input_dir=lambda job: self.spool.job_input(job.id), deliveries=self._deliveries,
             job_timeout_s=config.inference.job_timeout_s, grace_s=config.node.shutdown_grace_s,
+            lease_s=config.storage.lease_s,
             on_finished=lambda job, state: self._wake_sender.set()))
         self._stopping = threading.Event()
         self._wake_sender = threading.Event()
