@@ -158,8 +158,9 @@ class Outbox:
 def _abort_requested_associations() -> None:
     """Abort the associations this process opened as a requestor (a C-STORE waiting for an answer included).
 
-    pynetdicom runs each association as a thread; aborting it ends the wait of the
-    sending thread at once instead of after the DIMSE timeout.
+    pynetdicom runs each association as a thread. After the A-ABORT, the sending
+    thread still waits for its C-STORE response until the DIMSE timeout: an empty
+    message, what pynetdicom queues when the peer aborts, ends that wait at once.
     """
     from pynetdicom.association import Association
 
@@ -169,3 +170,4 @@ def _abort_requested_associations() -> None:
                 thread.abort()
             except Exception:  # already ending
                 pass
+            thread.dimse.msg_queue.put((None, None))
