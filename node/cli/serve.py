@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_option(parser)
     parser.add_argument("--port", type=int, default=None, help="listen on this port instead of the file's [node] port")
+    parser.add_argument("--receive-only", action="store_true",
+                        help="receive and send results, but leave the analyses to 'lobevol worker' processes "
+                             "sharing the job store (no model loaded here)")
     parser.set_defaults(func=run)
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, node=dataclasses.replace(config.node, port=args.port))
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
-    node = Node(config)
+    node = Node(config, analyse=not args.receive_only)
     stops = []
 
     def stop(signum, frame) -> None:  # the first signal stops with grace, a second one at once

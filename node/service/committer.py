@@ -109,8 +109,6 @@ class InstanceCommitter:
     def __init__(self, spool: Spool, jobs: JobStore):
         self.spool, self.jobs = spool, jobs
         self._group: GroupCommit[_Pending, int] = GroupCommit(self._commit)
-        #: commits that failed (store unavailable, disk full): the node restarts the stability clock after them
-        self.failures = 0
 
     @property
     def batches(self) -> int:
@@ -128,14 +126,10 @@ class InstanceCommitter:
         store cannot be; the instance must then be refused (the sender resends).
         The file's digest tells an instance sent again unchanged from a new one.
         """
-        try:
-            written = self.spool.write_file(data, study_uid, series_uid, sop_instance_uid)
-            instance = ReceivedInstance(study_uid, series_uid, sop_class_uid, sop_instance_uid, str(written.path),
-                                        size, origin_ae, hashlib.sha256(data).hexdigest())
-            job_id = self._group.submit(_Pending(written, instance))
-        except Exception:
-            self.failures += 1
-            raise
+        written = self.spool.write_file(data, study_uid, series_uid, sop_instance_uid)
+        instance = ReceivedInstance(study_uid, series_uid, sop_class_uid, sop_instance_uid, str(written.path), size,
+                                    origin_ae, hashlib.sha256(data).hexdigest())
+        job_id = self._group.submit(_Pending(written, instance))
         return Stored(str(written.path), written.replaced, job_id)
 
     def _commit(self, batch: Sequence[_Pending]) -> list[int]:

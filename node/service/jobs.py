@@ -544,6 +544,8 @@ class JobStore:
 
     def __init__(self, location: Path | str, *, create: bool = True):
         self.location = location
+        #: how many calls found the store unavailable (a receiver restarts the stability clock after them)
+        self.outages = 0
         self._backend = open_backend(location, create)
         if create:
             self._backend.create_schema()
@@ -560,11 +562,23 @@ class JobStore:
         """Create the tables, or add what an earlier version's database lacks (``lobevol db init``)."""
         self._backend.create_schema()
 
-    def _transaction(self):
-        return self._backend.transaction()
+    @contextmanager
+    def _transaction(self) -> Iterator[_Transaction]:
+        try:
+            with self._backend.transaction() as db:
+                yield db
+        except StoreUnavailable:
+            self.outages += 1
+            raise
 
-    def _read(self):
-        return self._backend.read()
+    @contextmanager
+    def _read(self) -> Iterator[_Transaction]:
+        try:
+            with self._backend.read() as db:
+                yield db
+        except StoreUnavailable:
+            self.outages += 1
+            raise
 
     def _event(self, db: _Transaction, job_id: int, state: JobState, message: str = "") -> None:
         db.run("INSERT INTO events (job_id, at, state, message) VALUES (?, ?, ?, ?)",

@@ -52,13 +52,17 @@ class Node:
         name: the runner's name in the job store (default: host and role, ``<host>-serve``).
         receive: run the SCP and the dispatcher (``lobevol serve``); without, the node only
             analyses and sends the jobs of a shared store (``lobevol worker``).
+        analyse: run a job runner and its worker process; without (``lobevol serve --receive-only``),
+            the node receives and sends, and ``lobevol worker`` processes analyse.
     """
 
     def __init__(self, config: NodeConfig, factory: Callable[[], object] | None = None, *, name: str | None = None,
-                 receive: bool = True):
+                 receive: bool = True, analyse: bool = True):
         from inference import factory as segmenters
 
-        self.config, self.receive = config, receive
+        if not (receive or analyse):
+            raise ValueError("a node that neither receives nor analyses has nothing to do")
+        self.config, self.receive, self.analyse = config, receive, analyse
         role = "serve" if receive else "worker"
         self.spool = Spool(config.storage.spool_dir)
         config.storage.results_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +71,7 @@ class Node:
         self.outbox = Outbox(config, self.jobs, owner=name, lease_s=config.storage.lease_s)
         self.scp = StorageSCP(config, self.spool, self.jobs) if receive else None
         self.worker = Worker(factory or segmenters.segmenter_factory(config.inference), config.pipeline)
-        self.runner = JobRunner(self.jobs, self.worker, RunnerSettings(
+        self.runner = None if not analyse else JobRunner(self.jobs, self.worker, RunnerSettings(
             name=name, role=role, results_dir=config.storage.results_dir,
             input_dir=lambda job: self.spool.job_input(job.id), deliveries=self._deliveries,
             job_timeout_s=config.inference.job_timeout_s, grace_s=config.node.shutdown_grace_s,
@@ -86,7 +90,8 @@ class Node:
 
     def start(self) -> None:
         """Resume unfinished jobs, load the model in the worker, then listen and run the loops."""
-        self.runner.start()
+        if self.runner is not None:
+            self.runner.start()
         loops = [("sender", self._send_loop)]
         if self.scp is not None:
             self._store_call(self.jobs.restart_stability_clock)
@@ -100,7 +105,8 @@ class Node:
     def request_stop(self, *, now: bool = False) -> None:
         """Begin a clean shutdown (safe to call from a signal handler); ``now``: no grace for the running job."""
         self._stopping.set()
-        self.runner.request_stop(now=now)
+        if self.runner is not None:
+            self.runner.request_stop(now=now)
         self.outbox.stop()
         self._wake_sender.set()
 
@@ -117,7 +123,8 @@ class Node:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
-        self.runner.stop()
+        if self.runner is not None:
+            self.runner.stop()
         log.info("node stopped")
 
     def _store_call(self, action: Callable[[], object]) -> object:
@@ -150,10 +157,10 @@ class Node:
         Their senders resend the refused instances later: without this, the
         study would look complete meanwhile and split into two jobs.
         """
-        failures = self.scp.committer.failures
-        if failures != self._intake_failures_seen:
+        outages = self.jobs.outages
+        if outages != self._intake_failures_seen:
             self.jobs.restart_stability_clock()
-            self._intake_failures_seen = failures
+            self._intake_failures_seen = outages
 
     def dispatch(self) -> list[int]:
         """Select stable studies and freeze their input; returns the job ids made ready."""
@@ -169,7 +176,8 @@ class Node:
                      f", {job.ignored} ignored (not CT)" if job.ignored else "")
             ready.append(job_id)
         if ready:
-            self.runner.wake()
+            if self.runner is not None:
+                self.runner.wake()
         return ready
 
     def _deliveries(self, job: Job, result_files: Sequence[str]) -> tuple[list[Delivery], list[str]]:
