@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium postgresql
 
-.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive clean
+.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive bench-workers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-node: install install-peers
 # Receive speed: storescu -> storescp, Orthanc and lobevol serve, side by side in one run.
 bench-receive: install install-peers
 	$(PY) benchmarks/receive.py
+
+# Studies per minute with 1, 2 and 4 lobevol workers on a shared PostgreSQL, the SQLite node beside them.
+bench-workers: install install-peers
+	$(PY) benchmarks/workers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
