@@ -253,3 +253,30 @@ def test_postgresql_stopped_while_instances_arrive_and_while_a_worker_runs(tmp_p
         assert sorted(j.instances for j in jobs) == [20, 20]
         wait_for(lambda: segs(pacs) == 2, 30, "delivery")
         one_result_set_each(pacs, [first, second])
+
+
+def test_a_cohort_queued_for_the_workers_is_collected_and_resumes_without_redoing(tmp_path):
+    studies = _studies(tmp_path / "cohort", 2)
+    config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=free_port())
+    worker = subprocess.Popen([sys.executable, "-m", "tests.stand_in_node", "tests.output_fixtures:PartitionSegmenter",
+                               "worker", "--config", str(config)], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    store = JobStore(load_config(config).storage.database)
+    try:
+        command = [sys.executable, "-m", "node.cli", "segment", str(tmp_path / "cohort"), "--queue", "--config",
+                   str(config), "--out", str(tmp_path / "out")]
+        first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert "volumes of 2 of 2 studies" in first.stdout
+        rows = (tmp_path / "out" / "volumes.csv").read_text().splitlines()
+        assert len(rows) == 3 and rows[0].startswith("id,sex,age_years")
+        for files in studies:
+            assert (tmp_path / "out" / pydicom.dcmread(files[0]).StudyInstanceUID / "seg.dcm").is_file()
+        again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "volumes of 2 of 2 studies" in again.stdout
+        jobs = store.jobs()
+        assert len(jobs) == 2 and all(j.state == "done" and j.attempts == 1 for j in jobs)  # nothing redone
+        assert all("results stay in the results folder" in j.reason for j in jobs)
+    finally:
+        worker.terminate()
+        worker.wait(30)

@@ -90,6 +90,8 @@ FINAL_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
 #: The analysis ends a job in one of these (the pipeline's ``Outcome`` values).
 ANALYSIS_STATES = FINAL_STATES
 OUTBOX_STATES = ("pending", "sent", "refused", "failed")
+#: The origin of the jobs of an offline cohort (``lobevol segment --queue``): their results stay in the results folder.
+COHORT_ORIGIN = "COHORT"
 #: A worker that crashes this many times on one job fails it (one poison study must not loop).
 MAX_CRASHES = 3
 #: How long a claim holds a job or a delivery without renewal (s); the holder renews it every third of it.
@@ -679,6 +681,30 @@ class JobStore:
             job_id = int(row["id"])
             self._event(db, job_id, JobState.SELECTED, "study complete in the PACS"
                         + (f", run {earlier + 1} of this study" if earlier else ""))
+        return job_id, True
+
+    def queue_cohort_study(self, study_uid: str, paths: Sequence[str], cohort: str) -> tuple[int, bool]:
+        """Queue one study of an offline cohort (``lobevol segment --queue``): a selected job whose input is
+        ``paths`` (frozen by the caller, then :meth:`mark_input_ready`).
+
+        Returns (job id, created). A study the cohort queued before, whose latest
+        job did not fail, is not queued again: an interrupted cohort resumes
+        without redoing what is finished or under way. ``cohort`` names it
+        (``origin_ae``: ``COHORT``, the cohort in the first event).
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.one("SELECT id, state FROM jobs WHERE study_uid = ? AND origin_ae = ? AND source_id IS NULL "
+                         "ORDER BY id DESC LIMIT 1", (study_uid, COHORT_ORIGIN))
+            if row is not None and row["state"] != JobState.FAILED.value:
+                return int(row["id"]), False
+            row = db.one("INSERT INTO jobs (study_uid, state, origin_ae, instances, new_instances, created_at, "
+                         "updated_at, last_instance_at) VALUES (?, 'selected', ?, ?, ?, ?, ?, ?) RETURNING id",
+                         (study_uid, COHORT_ORIGIN, len(paths), len(paths), now, now, now))
+            job_id = int(row["id"])
+            for path in paths:
+                db.run("INSERT INTO job_inputs (job_id, path) VALUES (?, ?)", (job_id, str(path)))
+            self._event(db, job_id, JobState.SELECTED, f"queued with cohort {cohort}, {len(paths)} instance(s)")
         return job_id, True
 
     def latest_job_of_source(self, source_id: str) -> Job | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from node.config import NodeConfig
-from node.service.jobs import Delivery, Job, JobStore, StoreUnavailable
+from node.service.jobs import COHORT_ORIGIN, Delivery, Job, JobStore, StoreUnavailable
 from node.service.outbox import Outbox
 from node.service.runner import JobRunner, RunnerSettings, default_name
 from node.service.scp import StorageSCP
@@ -181,6 +181,8 @@ class Node:
         return ready
 
     def _deliveries(self, job: Job, result_files: Sequence[str]) -> tuple[list[Delivery], list[str]]:
+        if job.origin_ae == COHORT_ORIGIN:
+            return [], ["a cohort study: its results stay in the results folder (lobevol segment --queue collects them)"]
         destinations, notes = self.config.result_destinations(job.origin_ae)
         if not destinations:
             notes.append("no destination for the results (they stay in the results folder)")
