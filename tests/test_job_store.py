@@ -143,3 +143,52 @@ def test_the_workers_table_says_who_holds_what_since_when(store_location):
     assert [j.lease_owner for j in store.holders()] == ["gpu-1"] and job.claimed_at <= now
     store.worker_stopped("gpu-1", "stopped")
     assert store.workers()[1][0].stopped_at is not None
+
+
+#: The job database of the release before leases (115f1fb): what `lobevol db init` (and any start) upgrades.
+OLD_SCHEMA = """
+CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '', summary TEXT NOT NULL DEFAULT '', origin_ae TEXT,
+    instances INTEGER NOT NULL DEFAULT 0, ignored INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    input_ready INTEGER NOT NULL DEFAULT 0, results_dir TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    last_instance_at REAL NOT NULL, finished_at REAL, images_removed INTEGER NOT NULL DEFAULT 0,
+    results_removed INTEGER NOT NULL DEFAULT 0, source_id TEXT, crashes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, received_at REAL NOT NULL,
+    job_id INTEGER NOT NULL);
+CREATE TABLE job_inputs (job_id INTEGER NOT NULL, path TEXT NOT NULL);
+CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, destination TEXT NOT NULL,
+    path TEXT NOT NULL, sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT '');
+CREATE TABLE events (job_id INTEGER NOT NULL, at REAL NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL DEFAULT '');
+CREATE TABLE cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO jobs (study_uid, state, created_at, updated_at, last_instance_at, input_ready)
+    VALUES ('1.2.3', 'processing', 1, 1, 1, 1);
+INSERT INTO events (job_id, at, state, message) VALUES (1, 1, 'selected', ''), (1, 2, 'processing', '');
+"""
+
+
+def test_db_init_creates_and_upgrades_on_both_back_ends(tmp_path, postgres):
+    import sqlite3
+    import subprocess
+    import sys
+
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:
+        db.executescript(OLD_SCHEMA)
+    for database in (str(old), postgres.new_database()):
+        config = tmp_path / "node.ini"
+        config.write_text(f"[storage]\ndatabase = {database}\n")
+        for _ in range(2):  # idempotent
+            done = subprocess.run([sys.executable, "-m", "node.cli", "db", "init", "--config", str(config)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and done.stdout.startswith("job store ready"), done.stderr
+    store = JobStore(old, create=False)
+    assert store.recover() == [1] and [state for _, state, _ in store.events(1)][-1] == "selected"
+    assert store.claim_next(owner="new").lease_owner == "new"
+    empty = tmp_path / "missing.ini"
+    empty.write_text(f"[storage]\ndatabase = {postgres.new_database()}\n")
+    refused = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(empty)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "run lobevol db init" in refused.stderr and "Traceback" not in refused.stderr

@@ -280,3 +280,33 @@ def test_a_cohort_queued_for_the_workers_is_collected_and_resumes_without_redoin
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_a_study_received_by_two_receivers_is_analysed_once(tmp_path, site):
+    (files,) = _studies(tmp_path / "studies", 1)
+    with CountingSCP() as pacs:
+        node = site(pacs)
+        node.receiver()
+        second = node.folder / "second.ini"  # the same store and folders, another port (another machine)
+        second_port = free_port()
+        second.write_text(node.config.read_text().replace(f"port = {node.port}\n", f"port = {second_port}\n", 1))
+        log = open(node.folder / "second.log", "ab")
+        node.processes["second"] = subprocess.Popen(
+            [sys.executable, "-m", "tests.stand_in_node", node.segmenter, "-v", "serve", "--receive-only", "--config",
+             str(second)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        node.worker("w1")
+        wait_for(lambda: _listening(second_port), 60, "the second receiver")
+        to_first, to_second = (RemoteAE("LOBEVOL", "127.0.0.1", p) for p in (node.port, second_port))
+        assert {r.outcome for r in store_files(to_first, files[::2], "PACS")} == {"sent"}
+        assert {r.outcome for r in store_files(to_second, files[1::2], "PACS")} == {"sent"}
+        wait_for(lambda: node.all_final(1) and segs(pacs) == 1, 60, "the study's one analysis and delivery")
+        (job,) = node.store.jobs()
+        assert (job.state, job.instances) == ("done", len(files))
+        one_result_set_each(pacs, [files])
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

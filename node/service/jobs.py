@@ -776,13 +776,16 @@ class JobStore:
         with self._transaction() as db:
             db.run("UPDATE jobs SET input_ready = 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
 
-    def jobs_needing_input(self, *, from_pacs: bool = False) -> list[int]:
-        """Selected jobs whose input folder was not (completely) built yet, e.g. after a crash.
+    def jobs_needing_input(self, *, from_pacs: bool = False, quiet_s: float = 0.0) -> list[int]:
+        """Selected jobs whose input folder was not (completely) built yet, e.g. after a crash or a retry.
 
         ``from_pacs``: jobs of studies analysed in place in a PACS (with a source_id), else the node's own.
+        ``quiet_s``: only jobs unchanged for that long (several receivers share a store: the one that
+        selected a job builds its input at once; the others step in only when it did not).
         """
         with self._read() as db:
-            rows = db.all("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 0 AND " + _SOURCE[from_pacs])
+            rows = db.all("SELECT id FROM jobs WHERE state = 'selected' AND input_ready = 0 AND updated_at <= ? AND "
+                          + _SOURCE[from_pacs], (time.time() - quiet_s,))
         return [int(r["id"]) for r in rows]
 
     # -- processing under leases -------------------------------------------------------------

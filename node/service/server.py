@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_PERIOD_S = 0.5
 RETENTION_PERIOD_S = 60.0
+#: A selected job whose input no dispatcher built for this long (its receiver died, or a retry) is built by any.
+INPUT_TAKEOVER_S = 5.0
 
 
 class Node:
@@ -165,7 +167,8 @@ class Node:
     def dispatch(self) -> list[int]:
         """Select stable studies and freeze their input; returns the job ids made ready."""
         ready = []
-        for job_id in self.jobs.select_stable(self.config.series.stability_s) + self.jobs.jobs_needing_input():
+        stranded = self.jobs.jobs_needing_input(quiet_s=INPUT_TAKEOVER_S)
+        for job_id in self.jobs.select_stable(self.config.series.stability_s) + stranded:
             if job_id in ready:
                 continue
             paths = [p for p in self.jobs.job_inputs(job_id) if p.is_file()]
