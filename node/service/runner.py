@@ -412,6 +412,7 @@ class JobRunner:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped by its parent, does not)."""
     import os
 
     try:
@@ -420,7 +421,11 @@ def _process_exists(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _backoff(failures: int) -> float:
