@@ -13,9 +13,9 @@ ORTHANC_HTTP_PORT ?= 8042
 ORTHANC_DICOM_PORT ?= 4242
 DEMO_PORT ?= 0
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb poppler-utils chromium \
-		libpixelmed-java default-jre-headless
+		libpixelmed-java default-jre-headless postgresql
 
-.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive clean
+.PHONY: browser-deps install install-peers run run-orthanc demo demo-segment lint test test-fast bench bench-node bench-receive bench-workers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,7 @@ install-peers:
 	[ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || missing="$$missing orthanc-python"; \
 	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	[ -f /usr/share/java/pixelmed.jar ] || missing="$$missing libpixelmed-java"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing DICOM peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
@@ -87,6 +88,10 @@ bench-node: install install-peers
 # Receive speed: storescu -> storescp, Orthanc and lobevol serve, side by side in one run.
 bench-receive: install install-peers
 	$(PY) benchmarks/receive.py
+
+# Studies per minute with 1, 2 and 4 lobevol workers on a shared PostgreSQL, the SQLite node beside them.
+bench-workers: install install-peers
+	$(PY) benchmarks/workers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -99,7 +99,7 @@ def measure(image_path: Path, checkpoint: Path, threads: int, tta: bool, refine_
     import SimpleITK as sitk
 
     from node.config import InferenceSettings
-    from node.service.worker import load_segmenter
+    from inference.factory import load_segmenter
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     image = sitk.ReadImage(str(image_path))

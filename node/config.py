@@ -54,6 +54,10 @@ SEG_TYPES = ("binary", "labelmap", "none")
 DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 #: Segmentation methods of ``[inference] method``: the network, or the template registration.
 METHODS = ("network", "atlas")
+#: ``[storage] database`` values naming a PostgreSQL server (a shared job store) instead of an SQLite file.
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+#: The type of ``[storage] database``: a file path (SQLite, resolved like every path) or a PostgreSQL URL (text).
+JobStoreLocation = typing.NewType("JobStoreLocation", object)
 _YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
 
 
@@ -144,13 +148,26 @@ class StorageSettings:
 
     spool_dir: Path = setting(Path("var/spool"), key="spool")
     results_dir: Path = setting(Path("var/results"), key="results")
-    database: Path = Path("var/lobevol.sqlite")
+    #: the job store: an SQLite file (embedded, one machine) or ``postgresql://user@host/db`` (shared by
+    #: several receivers and workers; the password belongs in ~/.pgpass or PGPASSFILE, never here).
+    database: JobStoreLocation = Path("var/lobevol.sqlite")
+    #: how long a runner's claim on a job (or a sender's on a delivery) lasts unless renewed (s); renewed
+    #: every third of it: a runner killed, frozen or cut off loses its job to another after this long.
+    lease_s: float = setting(30.0, low=0.5, high=3600)
     max_instance_mb: float = setting(200.0, low=0.001)
     max_instances_per_study: int = setting(5000, low=1, high=10**7)
     disk_high_water_percent: float = setting(90.0, low=1, high=100)
 
     def __post_init__(self) -> None:
         check_fields(self, "storage")
+        if isinstance(self.database, str):
+            from urllib.parse import urlsplit
+
+            if not self.database.lower().startswith(DATABASE_URL_SCHEMES):
+                raise ValueError(f"[storage] database = {self.database!r}: expected a file path or a postgresql:// URL")
+            if urlsplit(self.database).password:
+                raise ValueError("[storage] database: the URL holds a password; put it in ~/.pgpass (or the file "
+                                 "PGPASSFILE names), not in the configuration")
 
     @property
     def max_instance_bytes(self) -> int:
@@ -171,7 +188,7 @@ class SeriesSettings:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """[inference]: what makes the regions and how it runs (``node.service.worker.load_segmenter`` builds it).
+    """[inference]: what makes the regions and how it runs (``inference.factory.load_segmenter`` builds it).
 
     ``method`` "network" is the ResU-Net (``model``: None = bundled; ``device``, ``tta``); "atlas" the
     template registration (``device``, ``model`` and ``tta`` do not apply).
@@ -655,6 +672,8 @@ def _read(kind: Any, text: str, base: Path) -> Any:
         return int(text)
     if kind is float:
         return float(text)
+    if kind is JobStoreLocation:
+        return text if text.lower().startswith(DATABASE_URL_SCHEMES) else _read(Path, text, base)
     if kind is Path:
         if not text:
             raise ValueError("empty path")
@@ -671,7 +690,8 @@ def _describe_type(kind: Any) -> str:
         if args[-1] is Ellipsis:
             return "a comma-separated list"
         return ", ".join(_describe_type(a) for a in args)
-    return {bool: "yes or no", int: "a whole number", float: "a number", Path: "a path"}.get(kind, "text")
+    return {bool: "yes or no", int: "a whole number", float: "a number", Path: "a path",
+            JobStoreLocation: "a file path or a postgresql:// URL"}.get(kind, "text")
 
 
 def _key(spec: dataclasses.Field) -> str:

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -40,7 +41,6 @@ if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs onl
 from inference.vocabulary import REGION_KEYS
 from node.config import OutputSettings
 from node.dicom.selection import SelectionRules
-from node.service.jobs import JobState
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,24 @@ class PipelineSettings:
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
 
+class Outcome(str, Enum):
+    """How the analysis of one study ended (a ``str`` Enum: prints and compares as its value)."""
+
+    DONE = "done"  # results written
+    SKIPPED = "skipped"  # nothing suitable to analyse (no head CT series)
+    FAILED = "failed"  # the study could not be analysed; the reason says why
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class StudyOutcome:
     """What happened to one study.
 
     Attributes:
         study_uid: the study (or, for image input, the case id).
-        status: "done", "skipped" (nothing suitable to analyse) or "failed".
+        status: done, skipped (nothing suitable to analyse) or failed.
         reason: plain language; always set when not "done".
         result_files: DICOM objects to send back (SEG, SR, Encapsulated PDF, key images).
         plain_files: NIfTI labels, volumes JSON and CSV, PDF.
@@ -71,7 +82,7 @@ class StudyOutcome:
     """
 
     study_uid: str
-    status: JobState
+    status: Outcome
     reason: str = ""
     result_files: list[Path] = field(default_factory=list)
     plain_files: list[Path] = field(default_factory=list)
@@ -111,7 +122,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter: RegionSegmenter
     selection = select_series(series, settings.selection)
     if selection.chosen is None:
         reason = f"no suitable head CT series: {selection.summary()}"
-        return StudyOutcome(study_uid, JobState.SKIPPED, reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
+        return StudyOutcome(study_uid, Outcome.SKIPPED, reason, summary=f"study {_short(study_uid)}: skipped, {reason}")
     # The best series first; one that cannot make a volume (missing slices...) gives way to the next.
     volume, refused = None, []
     for series_uid in selection.ranked:
@@ -122,7 +133,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter: RegionSegmenter
             refused.append(f"{selection.labels[series_uid]} cannot be analysed: {error}")
     if volume is None:
         reason = "; ".join(refused)
-        return StudyOutcome(study_uid, JobState.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+        return StudyOutcome(study_uid, Outcome.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
     if refused:
         log.info("study %s: %d better series could not be analysed", _short(study_uid), len(refused))
     refused += [selection.notes[series_uid]] if selection.notes.get(series_uid) else []
@@ -143,7 +154,7 @@ def analyse_study(instances: Sequence, out_dir: Path, segmenter: RegionSegmenter
         # Our own checks (empty segmentation, labels off the source planes...) name the problem.
         log.warning("study %s failed: %s", _short(study_uid), error)
         reason = f"analysis failed: {error}"
-        return StudyOutcome(study_uid, JobState.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
+        return StudyOutcome(study_uid, Outcome.FAILED, reason, summary=f"study {_short(study_uid)}: failed, {reason}")
 
 
 def analyse_image(
@@ -200,7 +211,7 @@ def _analyse_volume(volume: SeriesVolume, study_uid: str, out_dir: Path, segment
         check_notes.append(f"cross-check not made: {segmentation.model['cross_check_error']}")
     notes = quality_notes(image, segmentation.model, [*extra_notes, *check_notes])
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcome = StudyOutcome(study_uid, JobState.DONE)
+    outcome = StudyOutcome(study_uid, Outcome.DONE)
     outcome.plain_files += write_plain_files(out_dir, case_id, segmentation, normative, notes)
     views = render_key_views(image, segmentation.labels)
     pdf = None

@@ -10,11 +10,12 @@ from tests.output_fixtures import PartitionSegmenter
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys):
+def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path, capsys, monkeypatch):
     # The model-free stand-in keeps this test fast; the real model runs in test_node_roundtrip.
     port = free_port()
+    monkeypatch.setattr("inference.factory.segmenter_factory", lambda settings: PartitionSegmenter)
     status = main(["demo", "--matrix", "64", "--seed", "5", "--workdir", str(tmp_path), "--timeout", "120",
-                   "--port", str(port)], segmenter_factory=PartitionSegmenter)
+                   "--port", str(port)])
     out = capsys.readouterr().out
     assert status == 0, out
     assert f"node LOBEVOL listening on 127.0.0.1:{port};" in out
@@ -25,4 +26,4 @@ def test_demo_prints_volumes_next_to_the_truth_and_the_received_objects(tmp_path
     assert "reference: Xi2025" in out and "n = 1487" in out and "not adjusted for age or sex" in out
     received = sorted((tmp_path / "pacs").iterdir())
     assert len(received) >= 3 and all(str(path) in out for path in received)
-    assert (tmp_path / "results" / "1" / "report.pdf").is_file()
+    assert (tmp_path / "results" / "1" / "1" / "report.pdf").is_file()  # job 1, attempt 1

@@ -9,6 +9,7 @@ import pytest
 from node.config import NodeConfig, RemoteAE, ResultsSettings, RetentionSettings, RetryPolicy, StorageSettings
 from node.service.jobs import Delivery, JobStore
 from node.service.spool import Spool, check_uid
+pytest_plugins = ("tests.postgres",)  # fixtures: postgres, store_location
 
 STUDY, SERIES = "1.2.3.4", "1.2.3.4.5"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -16,8 +17,9 @@ SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture
-def store(tmp_path) -> JobStore:
-    return JobStore(tmp_path / "db" / "jobs.sqlite")
+def store(store_location) -> JobStore:
+    """The job store on each back end (SQLite, PostgreSQL)."""
+    return JobStore(store_location)
 
 
 def _receive(store: JobStore, spool: Spool, sop: str, study: str = STUDY, origin: str = "PACS") -> int:

@@ -121,19 +121,37 @@ def test_echo_send_and_a_destination_that_comes_up_late_even_after_a_restart(tmp
         _one_result_set(pacs, pydicom.dcmread(study[0]).StudyInstanceUID)
 
 
-def test_second_sending_of_a_processed_study_starts_a_new_run(tmp_path, study, node_factory):
+def test_results_sent_back_and_the_same_study_again_start_no_analysis_a_change_does(tmp_path, study, node_factory):
+    """Issue 29: a PACS that routes our results back, or the identical study sent again, must not loop."""
     with StoreSCP(tmp_path / "pacs") as pacs:
         config = write_node_config(tmp_path / "node", port=free_port(), pacs_port=pacs.port)
         node = node_factory(config)
         storescu(node.port, study)
         wait_for(lambda: node.jobs.counts().get("done") == 1, 60, "the first run")
-        storescu(node.port, study[:4])  # the scanner sends some images again
-        wait_for(lambda: node.jobs.counts().get("done") == 2, 60, "the second run")
-        first, second = sorted(node.jobs.jobs(), key=lambda j: j.id)
-        assert first.study_uid == second.study_uid
-        assert (first.instances, second.instances) == (len(study), 4)
-        assert len(node.jobs.job_inputs(second.id)) == len(study)  # the new run sees the whole study
-        assert _results_by_class(pacs.received())[SegmentationStorage] == 2
+        results = sorted((tmp_path / "pacs").iterdir())
+        from node.config import RemoteAE
+        from node.service.scu import store_files
+
+        sent_back = store_files(RemoteAE("LOBEVOL", "127.0.0.1", node.port), results, "PACS")
+        assert [r.outcome for r in sent_back] == ["sent"] * len(results)  # the PACS routes our results back
+        wait_for(lambda: node.jobs.counts().get("skipped") == 1, 60, "our results to be ignored")
+        storescu(node.port, study)  # the scanner sends the identical study again
+        wait_for(lambda: node.jobs.counts().get("skipped") == 2, 60, "the identical study to be ignored")
+        back, again = sorted(node.jobs.jobs(states=["skipped"]), key=lambda j: j.id)
+        assert "its results are already in the study (job 1)" in back.reason and back.ignored == len(results)
+        assert "identical to those job 1 analysed" in again.reason, again.reason
+        assert _results_by_class(pacs.received())[SegmentationStorage] == 1
+        changed = pydicom.dcmread(study[0])
+        changed.ImageComments = "reconstructed again"  # a real change: same SOP Instance UID, other content
+        changed.save_as(tmp_path / "changed.dcm")
+        storescu(node.port, [tmp_path / "changed.dcm"])
+        wait_for(lambda: node.jobs.counts().get("done") == 2, 60, "the changed study's run")
+        latest = node.jobs.jobs(limit=1)[0]
+        assert (latest.instances, latest.new_instances) == (1, 1)
+        assert len(node.jobs.job_inputs(latest.id)) == len(study)  # the new run sees the whole study
+        assert main(["retry", str(again.id), "--config", str(config)]) == 0  # forcing the identical one
+        wait_for(lambda: node.jobs.counts().get("done") == 3, 60, "the forced run")
+        assert _results_by_class(pacs.received())[SegmentationStorage] == 3
 
 
 def test_study_without_an_eligible_series_is_skipped_with_the_reason(tmp_path, study, node_factory):

@@ -25,6 +25,8 @@ from tests.node_peers import Orthanc, storescu, wait_for
 from tests.output_fixtures import PartitionSegmenter, region_labels, write_ct_series
 
 PLUGIN = Path(__file__).resolve().parents[1] / "node" / "service" / "orthanc_plugin.py"
+#: The real plugin run with a model-free stand-in segmenter (tests/stand_in_orthanc_plugin.py).
+STAND_IN_PLUGIN = Path(__file__).resolve().parent / "stand_in_orthanc_plugin.py"
 ORTHANC_PYTHON = "/usr/share/orthanc/plugins/libOrthancPython.so"
 SITE_PACKAGES = [str(p) for p in map(Path, __import__("sys").path) if p.name == "site-packages" and p.is_dir()]
 EXPLAINED_WARNINGS = ("<99LOBEVOL>", "would be needed to build DICOMDIR")
@@ -65,8 +67,9 @@ port = 4242
 
 def plugin_orthanc(folder: Path, config: Path, segmenter: str = "tests.output_fixtures:PartitionSegmenter",
                    **extra) -> Orthanc:
-    lobevol = {"Configuration": str(config), "SitePackages": SITE_PACKAGES, "TestSegmenter": segmenter}
-    settings = {"Plugins": [ORTHANC_PYTHON], "PythonScript": str(PLUGIN), "StableAge": 1, "Lobevol": lobevol}
+    lobevol = {"Configuration": str(config), "SitePackages": SITE_PACKAGES}
+    settings = {"Plugins": [ORTHANC_PYTHON], "PythonScript": str(STAND_IN_PLUGIN), "StableAge": 1, "Lobevol": lobevol,
+                "LobevolStandIn": segmenter}
     settings.update(extra.pop("settings", {}))
     return Orthanc(folder, extra=settings, **extra)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from inference.vocabulary import __version__
 from node.logsafe import configure_logging
@@ -22,7 +23,7 @@ from node.logsafe import configure_logging
 #: Subcommands listed first in ``--help``, in this order (the daily work of a node);
 #: every other module of this package follows alphabetically.
 COMMAND_ORDER: tuple[str, ...] = (
-    "serve", "orthanc", "status", "echo", "send", "retry", "config", "demo", "segment", "normative",
+    "serve", "worker", "orthanc", "status", "echo", "send", "retry", "db", "config", "demo", "segment", "normative",
     "phantom", "train", "evaluate", "compare", "run",
 )
 
@@ -47,6 +48,7 @@ age and sex (Xi et al. 2025, Front. Neurol. 16:1573060).
 EPILOG = """\
 examples:
   lobevol serve --config config.ini             the DICOM node (what make run starts)
+  lobevol worker --config config.ini            analyse jobs of a shared job store (PostgreSQL)
   lobevol orthanc --config config.ini           Orthanc with lobevol inside it (make run-orthanc)
   lobevol demo                                  node + PACS + phantom on loopback, in one command
   lobevol run                                   phantom -> segment -> volumes vs truth
@@ -79,15 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, *, segmenter_factory: Optional[Callable[[], object]] = None) -> int:
-    """Run one command; ``segmenter_factory`` replaces the configured model where a node runs (serve, demo).
-
-    The factory is how tests run the node with a model-free stand-in (it must be
-    picklable: the worker is a spawned process).
-    """
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.segmenter_factory = segmenter_factory
     # Logged values come from the network too (AE titles, UIDs): control characters escaped.
     configure_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                       "%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,6 +96,10 @@ def main(argv: Optional[Sequence[str]] = None, *, segmenter_factory: Optional[Ca
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (lobevol status | head): nothing more to say, and no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # Errors raised by our own validation carry a message meant for the user.
         logging.getLogger("lobevol").debug("error", exc_info=True)

@@ -113,7 +113,7 @@ def _demo(args, config, work: Path) -> int:
              else "volumes drawn from the cohort model"))
     print(f"reference: {reference.name} ({reference.population}, n = {reference.n}, "
           f"{reference.age_range_years[0]:g}-{reference.age_range_years[1]:g} years), {reference.kind}")
-    node = Node(config, args.segmenter_factory)
+    node = Node(config)
     print("starting the node (loading the model)...")
     node.start()
     print(f"node {config.node.ae_title} listening on 127.0.0.1:{node.port}; the PACS (storescp) on "

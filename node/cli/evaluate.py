@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.record is not None and not args.record.strip():
         raise ValueError("--record needs a description of the evaluated cases")
     # One bar over the cases (none when the output is a log file), not one per network pass.
-    from node.service.worker import load_segmenter
+    from inference.factory import load_segmenter
 
     segmenter = load_segmenter(inference_settings(args), progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)

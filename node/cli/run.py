@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from inference.phantoms.generator import make_phantom
     from inference.metrics import dice_per_region
-    from node.service.worker import load_segmenter
+    from inference.factory import load_segmenter
 
     phantom = make_phantom(args.seed, slice_thickness_mm=args.slice_thickness)
     segmenter = load_segmenter(inference_settings(args), progress=True)

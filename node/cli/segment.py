@@ -25,6 +25,11 @@ examples:
       the network's regions, checked against the atlas's (agreement per region in every result)
   lobevol segment incoming/ --out results --config config.ini
       the node's [selection] rules and [outputs] settings (options given here win)
+  lobevol segment /data/cohort --queue --config /etc/lobevol/config.ini --out cohort-results
+      put every study on the job store's queue for the running 'lobevol worker' processes
+      (any machine), follow their progress, and collect results/<study uid>/ and one
+      volumes.csv; run it again after an interruption: finished studies are not redone
+      (the folder must be on the file system the workers share; the workers' [outputs] apply)
 
 Series selection: per study, the thinnest soft-tissue head CT series (ORIGINAL axial,
 slices <= 5 mm, covering a head) is analysed; the summary says why others were skipped.
@@ -53,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", metavar="INPUT", type=Path,
                         help="folder of DICOM files (one or several studies), or an image file (.nii, .nii.gz, .mha, .nrrd)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (created; required unless --dry-run)")
+    parser.add_argument("--queue", action="store_true",
+                        help="analyse on the shared job store's workers instead of here (needs --config; "
+                             "resumable: studies already done are collected, not redone)")
     parser.add_argument("--dry-run", action="store_true",
                         help="only list each study's series and which one would be analysed, with the reasons "
                              "(no model, nothing written)")
@@ -102,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return _segment_image(args, settings)
     if args.sex or args.age is not None:
         raise ValueError("--sex and --age apply to image input; DICOM studies carry their own")
+    if args.queue:
+        return _queue_cohort(args)
     return _segment_dicom(args, settings)
 
 
@@ -136,7 +146,7 @@ def _segmenter(args):
         from node.config import load_config
 
         base = load_config(args.config).inference
-    from node.service.worker import load_segmenter
+    from inference.factory import load_segmenter
 
     return load_segmenter(inference_settings(args, base), progress=True)
 
@@ -179,8 +189,7 @@ def _segment_dicom(args, settings) -> int:
     from tqdm import tqdm
 
     from node.dicom.files import find_dicom_files, group_by_study
-    from node.pipeline import analyse_study, write_volumes_csv
-    from node.service.jobs import JobState
+    from node.pipeline import Outcome, analyse_study, write_volumes_csv
 
     studies = group_by_study(find_dicom_files(args.input))
     if not studies:
@@ -192,11 +201,71 @@ def _segment_dicom(args, settings) -> int:
         outcome = analyse_study(instances, args.out / study_uid, segmenter, settings)
         tqdm.write(outcome.summary)
         outcomes.append(outcome)
-    done = [o for o in outcomes if o.status == JobState.DONE]
+    done = [o for o in outcomes if o.status == Outcome.DONE]
     if len(studies) > 1 and done:
         path = write_volumes_csv(args.out / "volumes.csv", [o.volumes_row for o in done])
         print(f"volumes of {len(done)} studies: {path}")
     if not done:
         reasons = "; ".join(f"study {o.study_uid}: {o.reason}" for o in outcomes)
         raise RuntimeError(f"no study could be analysed ({reasons})")
+    return 0
+
+
+def _queue_cohort(args) -> int:
+    """Queue each study of the folder on the job store, wait for the workers, collect results and volumes.csv."""
+    import csv
+    import shutil
+    import time
+
+    from tqdm import tqdm
+
+    from node.config import load_config
+    from node.dicom.files import find_dicom_files, group_by_study
+    from node.pipeline import write_volumes_csv
+    from node.service.jobs import FINAL_STATES, JobStore
+    from node.service.spool import Spool
+
+    if args.config is None:
+        raise ValueError("--queue needs --config: the node configuration naming the job store and its folders")
+    config = load_config(args.config)
+    jobs, spool = JobStore(config.storage.database), Spool(config.storage.spool_dir)
+    studies = group_by_study(find_dicom_files(args.input))
+    if not studies:
+        raise ValueError(f"no DICOM files found under {args.input}")
+    cohort, queued = str(args.input.resolve()), {}
+    for study_uid, series in studies.items():
+        paths = sorted(str(Path(h.path).resolve()) for headers in series.values() for h in headers)
+        job_id, created = jobs.queue_cohort_study(study_uid, paths, cohort)
+        if created or not jobs.get(job_id).input_ready:
+            spool.freeze_job_input(job_id, [Path(p) for p in paths])
+            jobs.mark_input_ready(job_id)
+        queued[study_uid] = job_id
+    now, runners = jobs.workers()
+    if not any(r.stopped_at is None and now - r.heartbeat_at < 15 and r.role != "orthanc" for r in runners):
+        print("no runner is running on this job store (see lobevol status): the studies wait in its queue")
+    print(f"{len(queued)} study(ies) of {cohort} on the queue of {jobs.describe()}; Ctrl-C stops waiting, "
+          "not the analyses (run the command again to collect)")
+    with tqdm(total=len(queued), desc="studies", unit="study") as progress:
+        while True:
+            ended = sum(jobs.get(job_id).state in FINAL_STATES for job_id in queued.values())
+            progress.update(ended - progress.n)
+            if ended == len(queued):
+                break
+            time.sleep(1.0)
+    rows, problems = [], []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for study_uid, job_id in queued.items():
+        job = jobs.get(job_id)
+        if job.state != "done" or not job.results_dir:
+            problems.append(f"study {study_uid}: {job.state}, {job.reason}")
+            continue
+        shutil.copytree(job.results_dir, args.out / study_uid, dirs_exist_ok=True)
+        with open(Path(job.results_dir) / "volumes.csv", newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    for problem in problems:
+        print(problem)
+    if not rows:
+        raise RuntimeError(f"no study of the cohort was analysed ({len(problems)} not done)")
+    path = write_volumes_csv(args.out / "volumes.csv", rows)
+    print(f"volumes of {len(rows)} of {len(queued)} studies: {path}")
     return 0

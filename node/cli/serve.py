@@ -21,8 +21,10 @@ Then, from another shell:
 
 A study is processed once no instance of it arrived for [series] stability_s
 seconds; results go back to the sender (when it may receive) and to the extra
-destinations. SIGTERM stops accepting associations, lets the running job finish
-for [node] shutdown_grace_s seconds (else it runs again at the next start) and exits.
+destinations. SIGTERM or Ctrl-C (SIGINT) stops accepting associations, ends a
+delivery in flight (it goes on at the next start), lets the running job finish
+for [node] shutdown_grace_s seconds (else it runs again at the next start: a stop
+is never counted as a crash) and exits; a second SIGTERM or Ctrl-C skips the grace.
 """
 
 
@@ -41,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_option(parser)
     parser.add_argument("--port", type=int, default=None, help="listen on this port instead of the file's [node] port")
+    parser.add_argument("--receive-only", action="store_true",
+                        help="receive and send results, but leave the analyses to 'lobevol worker' processes "
+                             "sharing the job store (no model loaded here)")
     parser.set_defaults(func=run)
 
 
@@ -59,14 +64,18 @@ def run(args: argparse.Namespace) -> int:
     check_port_free(config.node)  # before the model loads
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
-    node = Node(config, args.segmenter_factory)
+    node = Node(config, analyse=not args.receive_only)
+    stops = []
+
+    def stop(signum, frame) -> None:  # the first signal stops with grace, a second one at once
+        stops.append(signum)
+        node.request_stop(now=len(stops) > 1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     node.start()
     print(f"lobevol node {config.node.ae_title} listening on {config.node.bind_address}:{node.port} "
-          f"(results in {config.storage.results_dir}); stop with Ctrl-C", flush=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: node.request_stop())
-    try:
-        node.wait()
-    except KeyboardInterrupt:
-        pass
+          f"(results in {config.storage.results_dir}, jobs in {node.jobs.describe()}); stop with Ctrl-C", flush=True)
+    node.wait()
     node.stop()
     return 0

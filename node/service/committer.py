@@ -15,6 +15,7 @@ arriving during a commit wait, and one of them commits all of them next.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
@@ -121,12 +122,13 @@ class InstanceCommitter:
               sop_instance_uid: str, size: int, origin_ae: str) -> Stored:
         """Write ``data`` (DICOM file bytes) and record it; returns once it is durable and queued.
 
-        Raises OSError when the spool cannot be written, sqlite3.Error when the
-        queue cannot be; the instance must then be refused (the sender resends).
+        Raises OSError when the spool cannot be written, StoreUnavailable when the
+        store cannot be; the instance must then be refused (the sender resends).
+        The file's digest tells an instance sent again unchanged from a new one.
         """
         written = self.spool.write_file(data, study_uid, series_uid, sop_instance_uid)
         instance = ReceivedInstance(study_uid, series_uid, sop_class_uid, sop_instance_uid, str(written.path), size,
-                                    origin_ae)
+                                    origin_ae, hashlib.sha256(data).hexdigest())
         job_id = self._group.submit(_Pending(written, instance))
         return Stored(str(written.path), written.replaced, job_id)
 

@@ -29,7 +29,7 @@ How a study goes through it (the node's job queue, states and reasons):
 - Orthanc's stable-study event puts the study's id on an in-memory queue and
   returns at once; the *intake* thread records a ``selected`` job in the SQLite
   queue (one transaction).
-- The *processor* thread fetches the job's input through Orthanc's REST API,
+- The job runner's thread (``node/service/runner.py``, the node's) fetches the job's input through Orthanc's REST API,
   called in-process (no HTTP, no credentials): the CT series' instances, written
   under ``[storage] spool/jobs/<job>/``. A study whose every series was made by
   lobevol, or whose lobevol results were stored after its last image, ends as
@@ -80,8 +80,6 @@ SECTION = "Lobevol"
 #: The outbox destination of results stored back into Orthanc.
 DESTINATION = "ORTHANC"
 REPOSITORY = Path(__file__).resolve().parents[2]
-IDLE_PERIOD_S = 1.0
-WORKER_RESTART_DELAY_S = 5.0
 RETENTION_PERIOD_S = 60.0
 #: The sections of lobevol's config.ini that apply inside Orthanc; the others (network) are not read.
 APPLICABLE_SECTIONS = ("storage", "inference", "outputs", "selection", "retry", "retention")
@@ -101,15 +99,13 @@ class PluginSettings:
         configuration: lobevol's config.ini.
         site_packages: folders appended to ``sys.path`` (lobevol's dependencies).
         worker_python: the interpreter of the worker process.
-        test_segmenter: ``module:Class`` of a model-free segmenter (tests only; logged loudly).
     """
 
     configuration: Path
     site_packages: tuple[Path, ...] = ()
     worker_python: Path = Path(sys.base_exec_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    test_segmenter: str = ""
 
-    KEYS = ("Configuration", "SitePackages", "WorkerPython", "TestSegmenter")
+    KEYS = ("Configuration", "SitePackages", "WorkerPython")
 
     @classmethod
     def from_orthanc(cls, configuration: Mapping[str, Any], base: Path) -> "PluginSettings":
@@ -151,29 +147,30 @@ class PluginSettings:
                                      f'Python, the same version as Orthanc\'s: {sys.version.split()[0]})')
         if not settings.configuration.is_file():
             raise ConfigurationError(f'"{SECTION}" "Configuration": {settings.configuration} does not exist')
-        test_segmenter = section.get("TestSegmenter", "")
-        if not isinstance(test_segmenter, str) or (test_segmenter and ":" not in test_segmenter):
-            raise ConfigurationError(f'"{SECTION}" "TestSegmenter" must be "module:Class", got {test_segmenter!r}')
-        return cls(settings.configuration, folders, python, test_segmenter.strip())
+        return cls(settings.configuration, folders, python)
 
 
 def already_analysed(series: Sequence[Mapping[str, Any]]) -> str | None:
     """Why a study need not be analysed (its series as Orthanc lists them), or None.
 
-    Every series made by lobevol: nothing to analyse. lobevol series updated no
-    earlier than the study's last other series: its results are in it already
-    (new images after them start a new analysis, as in the node).
+    Every series made by lobevol: nothing to analyse. Otherwise the node's intake
+    rule (:func:`node.service.intake.nothing_new`): CT images no newer than
+    lobevol's series are not new, their results are already in the study; new
+    images after them start a new analysis.
     """
+    from node.service.intake import nothing_new
+
     ours = [s for s in series if made_by_lobevol(s)]
     if not ours:
         return None
     others = [s for s in series if not made_by_lobevol(s)]
     if not others:
         return f"every series of the study ({len(ours)}) was made by lobevol: nothing to analyse"
-    if max(s.get("LastUpdate", "") for s in ours) >= max(s.get("LastUpdate", "") for s in others):
-        return (f"its results are already in the study ({len(ours)} lobevol series stored after its last image); "
-                "send new images to analyse it again")
-    return None
+    results_at = max(s.get("LastUpdate", "") for s in ours)
+    new = sum(max(len(s.get("Instances", [])), 1) for s in others if s.get("LastUpdate", "") > results_at)
+    images = sum(max(len(s.get("Instances", [])), 1) for s in others)
+    return nothing_new(new, images, sum(max(len(s.get("Instances", [])), 1) for s in ours),
+                       f"{len(ours)} lobevol series stored after its last image")
 
 
 def made_by_lobevol(series: Mapping[str, Any]) -> bool:
@@ -278,6 +275,7 @@ class LobevolPlugin:
     def __init__(self, studies: OrthancStudies, config, factory: Callable[[], object], stable_age_s: float = 60.0):
         from node.service.jobs import JobStore
         from node.service.outbox import Outbox
+        from node.service.runner import JobRunner, RunnerSettings, default_name
         from node.service.spool import Spool
         from node.service.worker import Worker
 
@@ -288,12 +286,24 @@ class LobevolPlugin:
         self.worker = Worker(factory, config.pipeline)
         transport = OrthancTransport(studies)
         self.outbox = Outbox(config, self.jobs, transports=lambda d: transport if d == DESTINATION else None,
-                             from_pacs=True)
+                             from_pacs=True, lease_s=config.storage.lease_s)
+        self.runner = JobRunner(self.jobs, self.worker, RunnerSettings(
+            name=default_name("orthanc"), role="orthanc", results_dir=config.storage.results_dir,
+            input_dir=lambda job: self.spool.job_input(job.id), deliveries=self._deliveries,
+            job_timeout_s=config.inference.job_timeout_s, from_pacs=True, housekeeping=self._housekeeping,
+            lease_s=config.storage.lease_s,
+            on_finished=lambda job, state: self.outbox.deliver_due(), log_prefix="lobevol: ",
+            announce_level=logging.WARNING))
         self._stable: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._catch_up_timer: threading.Timer | None = None
-        self.worker_status = "starting"
+        self._next_retention = 0.0
+
+    @property
+    def worker_status(self) -> str:
+        """"ready: <model>" once the worker process has loaded it, else what the runner does (loading, cannot start)."""
+        return f"ready: {self.worker.description}" if self.worker.alive else self.runner.activity
 
     # -- Orthanc's events ---------------------------------------------------------------------
 
@@ -307,13 +317,11 @@ class LobevolPlugin:
             self.stop()
 
     def start(self) -> None:
-        resumed = self.jobs.recover(from_pacs=True)
-        if resumed:
-            log.warning("lobevol: resuming %d job(s) interrupted by the last stop: %s", len(resumed), resumed)
-        for name, target in (("intake", self._intake_loop), ("processor", self._process_loop)):
-            thread = threading.Thread(target=target, name=f"lobevol-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """The intake thread, and the job runner (it loads the model in its own thread: Orthanc is not held up)."""
+        self.runner.start(load_model=False)
+        thread = threading.Thread(target=self._intake_loop, name="lobevol-intake", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Checkpoint the running job (it runs again at the next start) and stop the worker."""
@@ -321,10 +329,12 @@ class LobevolPlugin:
         self._stable.put(None)
         if self._catch_up_timer is not None:
             self._catch_up_timer.cancel()
+        self.outbox.stop()
+        self.runner.request_stop(now=True)
         for thread in self._threads:
             thread.join(timeout_s)
         self._threads.clear()
-        self.worker.stop()
+        self.runner.stop(timeout_s)
 
     # -- catching up: studies Orthanc received while no stable event could reach us ------------
 
@@ -410,39 +420,23 @@ class LobevolPlugin:
 
     # -- processing: fetch, analyse, store ----------------------------------------------------
 
-    def _process_loop(self) -> None:
-        next_retention = 0.0
-        while not self._stopping.is_set():
-            try:
-                if not self.worker.alive and not self._start_worker():
-                    continue
-                for job_id in self.jobs.jobs_needing_input(from_pacs=True):
-                    self.fetch(job_id)
-                self.outbox.deliver_due()
-                job = self.jobs.claim_next(from_pacs=True)
-                if job is not None:
-                    self.process(job)
-                    continue
-                if time.monotonic() >= next_retention:
-                    from node.service.server import apply_retention
+    def _housekeeping(self) -> None:
+        """Before each claim (the runner's thread): fetch inputs, send results, apply retention."""
+        for job_id in self.jobs.jobs_needing_input(from_pacs=True):
+            self.fetch(job_id)
+        self.outbox.deliver_due()
+        if time.monotonic() >= self._next_retention:
+            from node.service.server import apply_retention
 
-                    apply_retention(self.jobs, self.spool, self.config)
-                    next_retention = time.monotonic() + RETENTION_PERIOD_S
-            except Exception:  # a bug must not stop the plugin silently
-                log.exception("lobevol: processing error")
-            self._stopping.wait(IDLE_PERIOD_S if self._stable.empty() else 0.05)
+            apply_retention(self.jobs, self.spool, self.config)
+            self._next_retention = time.monotonic() + RETENTION_PERIOD_S
 
-    def _start_worker(self) -> bool:
-        try:
-            self.worker_status = "loading the model"
-            self.worker_status = f"ready: {self.worker.start()}"
-            log.warning("lobevol: worker %s", self.worker_status)
-            return True
-        except RuntimeError as error:
-            self.worker_status = f"cannot start: {error}"
-            log.error("lobevol: cannot start the worker: %s; trying again in %g s", error, WORKER_RESTART_DELAY_S)
-            self._stopping.wait(WORKER_RESTART_DELAY_S)
-            return False
+    def _deliveries(self, job, result_files: Sequence[str]) -> tuple[list, list[str]]:
+        from node.service.jobs import Delivery
+        from node.service.scu import read_file_header
+
+        headers = [read_file_header(Path(p)) for p in result_files]
+        return [Delivery(DESTINATION, str(h.path), h.sop_class_uid, h.sop_instance_uid) for h in headers], []
 
     def fetch(self, job_id: int) -> None:
         """Write the job's CT instances from Orthanc into its input folder, or end it (skipped, failed)."""
@@ -483,39 +477,6 @@ class LobevolPlugin:
             return
         self.jobs.record_fetched_input(job_id, count, ignored)
         log.info("lobevol: job %d (study %s): %d CT instance(s) fetched from Orthanc", job_id, job.study_uid, count)
-
-    def process(self, job) -> None:
-        from node.service.jobs import Delivery, JobState
-        from node.service.scu import read_file_header
-        from node.service.worker import MAX_WORKER_CRASHES, JobRequest, WorkerCrashed, WorkerStopped, WorkerTimedOut
-
-        output = self.config.storage.results_dir / str(job.id)
-        request = JobRequest(job.id, str(self.spool.job_input(job.id)), str(output))
-        log.info("lobevol: job %d (study %s): processing (attempt %d)", job.id, job.study_uid, job.attempts)
-        try:
-            outcome = self.worker.run(request, self.config.inference.job_timeout_s, self._stopping.is_set, 0.0)
-        except WorkerStopped as error:
-            self.jobs.requeue(job.id, f"checkpointed at shutdown ({error}); runs again at the next start")
-            return
-        except WorkerTimedOut as error:
-            log.error("lobevol: job %d (study %s): failed, %s", job.id, job.study_uid, error)
-            self.jobs.finish_analysis(job.id, JobState.FAILED, str(error), "", str(output), [])
-            return
-        except WorkerCrashed as error:  # killed, out of memory: analysed again, up to MAX_WORKER_CRASHES
-            state = self.jobs.record_crash(job.id, str(error), MAX_WORKER_CRASHES)
-            log.error("lobevol: job %d (study %s): %s; %s", job.id, job.study_uid, error,
-                      "analysed again by a new worker" if state == JobState.SELECTED else
-                      f"failed after {MAX_WORKER_CRASHES} crashes")
-            return
-        deliveries = []
-        if outcome.status == JobState.DONE:
-            headers = [read_file_header(Path(p)) for p in outcome.result_files]
-            deliveries = [Delivery(DESTINATION, str(h.path), h.sop_class_uid, h.sop_instance_uid) for h in headers]
-        state = self.jobs.finish_analysis(job.id, outcome.status, outcome.reason, outcome.summary, str(output),
-                                          deliveries)
-        log.info("lobevol: job %d (study %s): %s%s", job.id, job.study_uid, state,
-                 f", {outcome.reason}" if outcome.reason else "")
-        self.outbox.deliver_due()
 
     # -- REST routes --------------------------------------------------------------------------
 
@@ -605,7 +566,7 @@ def _bootstrap(api) -> LobevolPlugin:
         sys.path.insert(0, str(REPOSITORY))
     sys.path.extend(str(p) for p in settings.site_packages if str(p) not in sys.path)
     try:
-        from node.service.worker import segmenter_factory, stand_in_factory
+        from inference.factory import segmenter_factory
     except ImportError as error:
         raise ConfigurationError(f"cannot import lobevol's dependencies ({error}): give their site-packages "
                                  f'folder in "{SECTION}" "SitePackages"') from None
@@ -614,10 +575,7 @@ def _bootstrap(api) -> LobevolPlugin:
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"lobevol configuration: {error}") from None
     multiprocessing.set_executable(str(settings.worker_python))  # sys.executable is Orthanc itself
-    if settings.test_segmenter:
-        factory = stand_in_factory(settings.test_segmenter, f'"{SECTION}" "TestSegmenter"')
-    else:
-        factory = segmenter_factory(config)
+    factory = segmenter_factory(config.inference)
     stable_age = json.loads(api.GetConfiguration()).get("StableAge", 60)
     return LobevolPlugin(OrthancStudies(api), config, factory, float(stable_age))
 

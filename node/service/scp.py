@@ -20,7 +20,9 @@ C-STORE status codes we answer (PS3.4 Annex B.2.3):
           study already has max_instances_per_study instances, or the spool's
           disk is above its high-water mark or has not room for the instance and
           a reserve (checked before writing: node.service.spool.Spool.room_problem;
-          a disk that fills during the write is answered so too)
+          a disk that fills during the write is answered so too), or the job
+          store is unavailable for now (locked past its busy timeout, disk full,
+          server down): the sender may send it again later
   0xA900  dataset does not match SOP class: a Study/Series/SOP Instance UID is
           missing or invalid, the SOP Instance UID differs from the request's, or
           a CT image's pixel data is not what its header says (shorter than Rows x
@@ -54,7 +56,7 @@ from node.dicom.pixels import pixel_data_problem
 from node.logsafe import printable
 from node.service.committer import InstanceCommitter
 from node.service.connections import ConnectionGuard, GuardedAssociationServer
-from node.service.jobs import JobStore
+from node.service.jobs import JobStore, StoreUnavailable
 from node.service.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
@@ -248,7 +250,11 @@ class StorageSCP:
 
     def _on_store(self, event) -> Dataset | int:
         tally = self._tallies.get(id(event.assoc)) or AssociationTally(event.assoc.requestor.ae_title.strip())
-        status = self._store(event, tally)
+        try:
+            status = self._store(event, tally)
+        except StoreUnavailable as error:  # transient: the sender keeps the instance and sends it again
+            log.error("instance from %s refused: the job store is unavailable: %s", tally.calling_ae, error)
+            status = _refusal(OUT_OF_RESOURCES, "job store unavailable, send again later")
         if isinstance(status, Dataset):
             tally.refused += 1
         return status
@@ -306,7 +312,7 @@ class StorageSCP:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):  # another association took the last room first
                 return _refusal(OUT_OF_RESOURCES, "spool disk full")
             return _refusal(CANNOT_STORE, "writing to the spool failed")
-        except sqlite3.Error as error:
+        except sqlite3.Error as error:  # not a transient condition (a corrupt database file...)
             log.error("study %s: recording an instance in the job queue failed: %s", study_uid, error)
             if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
                 return _refusal(OUT_OF_RESOURCES, "job database disk full")

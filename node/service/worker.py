@@ -3,31 +3,34 @@
 The network process keeps receiving while the worker computes, and a crash
 in the worker (a segfault, the kernel's out-of-memory killer, kill -9) costs
 the node nothing but that analysis: :class:`Worker` notices the dead process
-and reports :class:`WorkerCrashed`; the node counts the crash against the job,
-starts a fresh worker and analyses the job again, until the job has crashed
-the worker ``max_crashes`` times (then it fails, naming the crashes).
+and reports :class:`WorkerCrashed`; the job runner (:mod:`node.service.runner`)
+counts the crash against the job, starts a fresh worker and analyses the job
+again, until the job has crashed the worker ``max_crashes`` times (then it
+fails, naming the crashes). The process ignores SIGINT and SIGTERM: Ctrl-C in a
+terminal and ``systemctl stop`` signal the whole process group, and a stop is
+the runner's to carry out (finish or checkpoint), not a crash.
 
-The worker never touches the job database: it gets a :class:`JobRequest`
-through a pipe and answers a :class:`JobOutcome`; the node records it. When
+The worker never touches the job store: it gets a :class:`JobRequest`
+through a pipe and answers a :class:`JobOutcome`; the runner records it. When
 the node itself dies (even by kill -9) the worker notices its parent is gone
 and exits, so a restarted node never races an orphan.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from node.config import InferenceSettings, NodeConfig
-from node.service.jobs import JobState
+from node.service.jobs import MAX_CRASHES
+
+if TYPE_CHECKING:
+    from node.pipeline import Outcome
 
 if TYPE_CHECKING:  # the network process does not import the engine
     from inference.predict import RegionSegmenter
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 #: A job that kills the worker this many times fails (one poison study must not crash it forever).
-MAX_WORKER_CRASHES = 3
+MAX_WORKER_CRASHES = MAX_CRASHES
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,10 @@ class JobRequest:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """The pipeline's outcome of one job: status done, skipped or failed."""
+    """The pipeline's outcome of one job (``status``: :class:`node.pipeline.Outcome`)."""
 
     job_id: int
-    status: JobState
+    status: Outcome
     reason: str = ""
     summary: str = ""
     result_files: list[str] = field(default_factory=list)
@@ -70,52 +73,6 @@ class WorkerTimedOut(WorkerCrashed):
 
 class WorkerStopped(RuntimeError):
     """The node asked to stop before the job finished: the job must be checkpointed (re-run later)."""
-
-
-def load_segmenter(settings: InferenceSettings, progress: bool = False) -> RegionSegmenter:
-    """The real segmenter of ``settings`` (the one place one is built; in the node it runs in the worker process).
-
-    method "network": :class:`inference.predict.Segmenter` (model, device, tta);
-    "atlas": :class:`inference.atlas.registration.AtlasSegmenter` (those three do not apply);
-    cross_check: the other method runs too (:class:`inference.cross_check.CrossCheckedSegmenter`).
-    ``progress`` is off for the node: a server log, not a terminal.
-    """
-    if settings.cross_check:
-        from inference.cross_check import CrossCheckedSegmenter
-
-        other = "atlas" if settings.method == "network" else "network"
-        alone = dataclasses.replace(settings, cross_check=False)
-        return CrossCheckedSegmenter(load_segmenter(alone, progress),
-                                     load_segmenter(dataclasses.replace(alone, method=other), progress),
-                                     settings.cross_check_min_dice)
-    if settings.method == "atlas":
-        from inference.atlas.registration import AtlasSegmenter
-
-        return AtlasSegmenter(threads=settings.threads, progress=progress, refine_surface=settings.refine_surface)
-    from inference.predict import Segmenter
-
-    return Segmenter(str(settings.model) if settings.model else None, device=settings.device,
-                     threads=settings.threads, tta=settings.tta, refine_surface=settings.refine_surface,
-                     progress=progress)
-
-
-def segmenter_factory(config: NodeConfig) -> Callable[[], object]:
-    """A picklable factory of the configured model (``[inference]`` section).
-
-    Tests give :class:`node.service.server.Node` (or ``node.cli.main``'s
-    ``segmenter_factory``) a model-free stand-in instead.
-    """
-    return functools.partial(load_segmenter, config.inference)
-
-
-def stand_in_factory(spec: str, where: str) -> Callable[[], object]:
-    """The model-free segmenter ``module:Class`` named by a test (``where``: the setting that named it), logged loudly."""
-    module, _, name = spec.partition(":")
-    log.warning("%s=%s: results come from a test stand-in, not from a model", where, spec)
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise RuntimeError(f"{where}={spec}: {error}") from None
 
 
 class Worker:
@@ -224,7 +181,13 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
     """The worker process: load the model, then answer job requests until told to stop."""
     from node.logsafe import configure_logging
 
+    # A stop is the node's to handle: Ctrl-C in a terminal (SIGINT to the process group) and systemctl stop
+    # (SIGTERM to the control group) reach this process too; it finishes or is stopped by the node.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level or logging.WARNING, "%(asctime)s %(levelname)s worker %(name)s: %(message)s")
+    from node.pipeline import Outcome
+
     _exit_when_orphaned(os.getppid())
     try:
         segmenter = factory()
@@ -243,7 +206,7 @@ def _worker_main(connection, factory, settings, log_level: int) -> None:
             outcome = analyse_job(request, segmenter, settings)
         except Exception as error:  # one bad study must not end the worker
             log.exception("job %d failed", request.job_id)
-            outcome = JobOutcome(request.job_id, JobState.FAILED, f"analysis error: {type(error).__name__}: {error}")
+            outcome = JobOutcome(request.job_id, Outcome.FAILED, f"analysis error: {type(error).__name__}: {error}")
         connection.send(outcome)
 
 
@@ -272,7 +235,7 @@ def analyse_job(request: JobRequest, segmenter: RegionSegmenter, settings: Pipel
     import shutil
 
     from node.dicom.files import find_dicom_files, group_by_study
-    from node.pipeline import analyse_study
+    from node.pipeline import Outcome, analyse_study
 
     output = Path(request.output_dir)
     if output.exists():
@@ -280,7 +243,7 @@ def analyse_job(request: JobRequest, segmenter: RegionSegmenter, settings: Pipel
     instances = find_dicom_files(Path(request.input_dir))
     studies = group_by_study(instances)
     if len(studies) != 1:
-        return JobOutcome(request.job_id, JobState.FAILED, f"the job's input holds {len(studies)} studies, expected one")
+        return JobOutcome(request.job_id, Outcome.FAILED, f"the job's input holds {len(studies)} studies, expected one")
     outcome = analyse_study(instances, output, segmenter, settings)
     return JobOutcome(request.job_id, outcome.status, outcome.reason, outcome.summary,
                       [str(p) for p in outcome.result_files])
