@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from inference.metrics import dice_per_region
-from inference.vocabulary import REGIONS
+from inference.vocabulary import REGIONS, Method
 
 log = logging.getLogger(__name__)
 
@@ -190,4 +190,4 @@ class CrossCheckedSegmenter:
 
 
 def _method(model: Mapping) -> str:
-    return str(model.get("method") or "network")
+    return str(model.get("method") or Method.NETWORK)

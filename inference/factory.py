@@ -11,6 +11,8 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Callable
 
+from inference.vocabulary import Method
+
 if TYPE_CHECKING:
     from inference.predict import RegionSegmenter
     from node.config import InferenceSettings
@@ -27,12 +29,12 @@ def load_segmenter(settings: InferenceSettings, progress: bool = False) -> Regio
     if settings.cross_check:
         from inference.cross_check import CrossCheckedSegmenter
 
-        other = "atlas" if settings.method == "network" else "network"
+        other = Method.ATLAS if settings.method == Method.NETWORK else Method.NETWORK
         alone = dataclasses.replace(settings, cross_check=False)
         return CrossCheckedSegmenter(load_segmenter(alone, progress),
                                      load_segmenter(dataclasses.replace(alone, method=other), progress),
                                      settings.cross_check_min_dice)
-    if settings.method == "atlas":
+    if settings.method == Method.ATLAS:
         from inference.atlas.registration import AtlasSegmenter
 
         return AtlasSegmenter(threads=settings.threads, progress=progress, refine_surface=settings.refine_surface)

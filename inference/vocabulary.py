@@ -9,10 +9,24 @@ imports nothing of ours and nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 #: lobevol's version, written in every checkpoint and derived DICOM object.
 __version__ = "0.1.0"
+
+
+class Method(str, Enum):
+    """What made a segmentation's regions (``[inference] method``, ``Segmentation.model["method"]``).
+
+    A ``str`` Enum: it compares equal to its value and prints as it.
+    """
+
+    NETWORK = "network"   # the 3D ResU-Net
+    ATLAS = "atlas"       # the template registration (the paper's own labelling)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,11 @@ import types
 import typing
 import urllib.parse
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from inference.vocabulary import Method
 from node.dicom.selection import SelectionRules
 
 if TYPE_CHECKING:
@@ -50,10 +52,23 @@ if TYPE_CHECKING:
 #: AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2).
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 REMOTE_PREFIX = "remote "
-SEG_TYPES = ("binary", "labelmap", "none")
+
+
+class SegType(str, Enum):
+    """``[outputs] seg``: the DICOM SEG written (``none``: no SEG, hence no SR)."""
+
+    BINARY = "binary"
+    LABELMAP = "labelmap"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SEG_TYPES = tuple(kind.value for kind in SegType)
 DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 #: Segmentation methods of ``[inference] method``: the network, or the template registration.
-METHODS = ("network", "atlas")
+METHODS = tuple(method.value for method in Method)
 #: ``[storage] database`` values naming a PostgreSQL server (a shared job store) instead of an SQLite file.
 DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
 #: The type of ``[storage] database``: a file path (SQLite, resolved like every path) or a PostgreSQL URL (text).
@@ -238,7 +253,7 @@ class OutputSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "outputs")
-        if self.write_sr and self.seg_type == "none":
+        if self.write_sr and self.seg_type == SegType.NONE:
             raise ValueError("[outputs] the SR references the SEG's segments: enable the SEG (seg) or "
                              "disable the SR (sr = no)")
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported where used: the Orthanc plugin's process needs onl
     from normative.compare import NormativeResult
 
 from inference.vocabulary import REGION_KEYS
-from node.config import OutputSettings
+from node.config import OutputSettings, SegType
 from node.dicom.selection import SelectionRules
 
 log = logging.getLogger(__name__)
@@ -262,8 +262,8 @@ def _write_dicom_results(volume: SeriesVolume, label_slices, segmentation: Segme
 
     written = []
     source = volume.datasets[0]
-    if settings.outputs.seg_type != "none" and _frame_of_reference(volume):
-        seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.outputs.seg_type == "labelmap")
+    if settings.outputs.seg_type != SegType.NONE and _frame_of_reference(volume):
+        seg = build_seg(volume, label_slices, segmentation.model, labelmap=settings.outputs.seg_type == SegType.LABELMAP)
         written.append(_save(seg, out_dir / "seg.dcm"))
         if settings.outputs.write_sr:
             sr = build_sr(volume, seg, normative, segmentation.model,

@@ -45,12 +45,12 @@ from inference.atlas.bundle import ATLAS_FILE, MAPPING_FILE, TEMPLATE_FILE, load
 from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, parenchyma_labels, set_cpu_threads
 from inference.preprocess import PreprocessConfig, check_image, preprocess_image, resample_to
 from inference.surface import SurfaceRefinement, refine_brain_surface
-from inference.vocabulary import NUM_CLASSES
+from inference.vocabulary import NUM_CLASSES, Method
 
 log = logging.getLogger(__name__)
 
 #: Name of the method, as results record it (``model["method"]``).
-METHOD = "atlas"
+METHOD = Method.ATLAS.value
 #: Margin (mm) around the brain's box in the fixed image: the skull and scalp, which the template shows too.
 SKULL_MARGIN_MM = 20.0
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from node.cli._options import add_config_option, add_device_options, inference_settings
+from node.config import METHODS, SEG_TYPES
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 
@@ -64,20 +65,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="only list each study's series and which one would be analysed, with the reasons "
                              "(no model, nothing written)")
-    parser.add_argument("--method", choices=("network", "atlas"), default=None,
+    parser.add_argument("--method", choices=METHODS, default=None,
                         help="what makes the regions: network (default) or atlas (the bundled adult CT template "
                              "registered with ANTs, its lobar atlas warped onto the scan; about 15-30 s a scan)")
     parser.add_argument("--cross-check", action=argparse.BooleanOptionalAction, default=None,
                         help="run the other method too and report the per-region agreement (Dice, volume "
-                             "difference) in volumes.json, the PDF and the SR; 'methods disagree: review the "
-                             "regions' when any region's Dice is below 0.2 (default: the config file's "
-                             "[inference] cross_check, else off)")
+                             "difference in %% and in reference SDs) in volumes.json, the PDF and the SR; 'methods "
+                             "disagree: review the regions' when a region's volumes differ by more than one "
+                             "reference SD or its Dice is below 0.2, and such a region's z-score is marked uncertain "
+                             "(default: the config file's [inference] cross_check, else off)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled model; network only)")
     add_device_options(parser, tta=True)
     add_config_option(parser, default=None,
                       help="take the [selection] and [outputs] settings of a node config file (config.ini); "
                            "the options below override them")
-    parser.add_argument("--seg", choices=("binary", "labelmap", "none"), default=None,
+    parser.add_argument("--seg", choices=SEG_TYPES, default=None,
                         help="DICOM SEG type (default binary: what most viewers display)")
     parser.add_argument("--no-sr", action="store_true", help="do not write the TID 1500 SR")
     parser.add_argument("--no-pdf", action="store_true", help="do not write the PDF report")

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.datadict import dictionary_VM
 from pydicom.multival import MultiValue
 
-from inference.vocabulary import __version__
+from inference.vocabulary import Method, __version__
 
 MANUFACTURER = "lobevol"
 
@@ -37,8 +37,8 @@ REQUIRED_PATIENT_STUDY_KEYWORDS = (
 
 #: Which method made the regions (``Segmentation.model["method"]``), as the results name it.
 METHOD_DESCRIPTIONS = {
-    "network": "3D ResU-Net",
-    "atlas": "atlas registration (ANTs SyN of an adult CT template with the BLAST-CT lobar atlas)",
+    Method.NETWORK: "3D ResU-Net",
+    Method.ATLAS: "atlas registration (ANTs SyN of an adult CT template with the BLAST-CT lobar atlas)",
 }
 
 
@@ -48,10 +48,10 @@ def segmentation_method(model) -> str:
     Raises:
         ValueError: an unknown method.
     """
-    method = str(model.get("method") or "network")
+    method = str(model.get("method") or Method.NETWORK)
     if method not in METHOD_DESCRIPTIONS:
-        raise ValueError(f"unknown segmentation method {method!r}; known: {', '.join(METHOD_DESCRIPTIONS)}")
-    return method
+        raise ValueError(f"unknown segmentation method {method!r}; known: {', '.join(map(str, METHOD_DESCRIPTIONS))}")
+    return Method(method)
 
 
 def device_serial_number() -> str:

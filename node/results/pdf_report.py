@@ -24,7 +24,7 @@ from reportlab.lib.units import mm
 from reportlab.platypus import Image as PdfImage
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-from inference.vocabulary import REGIONS, region_by_key
+from inference.vocabulary import REGIONS, Method, region_by_key
 from inference.vocabulary import __version__
 from normative.report_styles import paragraph_styles
 from node.results.derived import METHOD_DESCRIPTIONS, segmentation_method
@@ -382,7 +382,7 @@ def _provenance(normative, model: dict, styles, created: datetime) -> Paragraph:
     reference = normative.reference
     low, high = reference.age_range_years
     kernel = "x".join(str(k) for k in model.get("kernel_size", ())) or "?"
-    if segmentation_method(model) == "atlas":
+    if segmentation_method(model) == Method.ATLAS:
         made_with = (f"{_escape(str(model.get('name', '?')))} ({_escape(str(model.get('architecture', '?')))}), "
                      f"{_escape(str(model.get('trained_on', '?')))}, data sha256 ")
     else:
