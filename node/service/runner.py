@@ -277,7 +277,7 @@ class JobRunner:
             self.activity = "loading the model"
             description = self.worker.start()
             self.activity = "idle"
-            self._say(self.settings.announce_level, "worker ready: %s", description)
+            self._say(self.settings.announce_level, "worker ready (process %s): %s", self.worker.pid, description)
             return True
         except RuntimeError as error:
             self.activity = f"cannot start the worker: {error}"

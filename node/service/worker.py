@@ -91,6 +91,10 @@ class Worker:
         self.description = ""
 
     @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
@@ -119,7 +123,6 @@ class Worker:
             self.stop()
             raise RuntimeError(f"the worker cannot load the model: {message}")
         self.description = message
-        log.info("worker process %d ready: %s", self._process.pid, message)
         return message
 
     def run(self, request: JobRequest, timeout_s: float, stop_requested: Callable[[], bool] = lambda: False,
