@@ -489,6 +489,7 @@ class Segmenter:
 
         mark = time.perf_counter()
         labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=self.progress)
+        del probabilities, scores  # the 11 channels on the working grid: not needed any more
         timings["to_source"] = time.perf_counter() - mark
         refined = self._refines(image)
         if refined:
