@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from inference.metrics import dice_per_region
+from inference.preprocess import check_image, preprocess_image
 from inference.vocabulary import REGIONS
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,11 @@ class CrossCheckedSegmenter:
     """Segments with ``primary`` and cross-checks with ``other``: the Segmenter interface.
 
     The two methods run at the same time, ``other`` in a thread of its own, each on one
-    CPU thread of torch and SimpleITK while both run (the network and the registration
-    release the GIL): the time is the longer method's instead of the sum. The result is
+    CPU thread of torch and SimpleITK while both run (torch, SciPy and SimpleITK release
+    the GIL; antspyx's registration holds it, so the network's work falls before and after
+    the registration, beside the atlas's other stages). Two methods of
+    the same ``preprocessing`` (the network's and the atlas's by default) share it: it is
+    made once, before both, and its time is in each one's timings. The result is
     ``primary``'s segmentation, with ``cross_check`` set; the other method's time is in
     ``timings_s["cross_check"]``. When the other method fails on the image (ValueError,
     RuntimeError: e.g. a registration that finds no head), the primary result stands and
@@ -179,10 +183,16 @@ class CrossCheckedSegmenter:
         return self.primary.model
 
     def segment(self, image: sitk.Image):
+        # Methods of one preprocessing (the network's and the atlas's by default) share it: made once.
+        shared = {}
+        preprocessing = getattr(self.primary, "preprocessing", None)
+        if preprocessing is not None and preprocessing == getattr(self.other, "preprocessing", None):
+            check_image(image)
+            shared["prepared"] = preprocess_image(image, preprocessing)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cross-check") as pool:
             with _one_thread_each():
-                other = pool.submit(_timed_segment, self.other, image)
-                result = self.primary.segment(image)
+                other = pool.submit(_timed_segment, self.other, image, **shared)
+                result = self.primary.segment(image, **shared)
             # The other method goes on, with every thread, after the primary one is done.
             second, seconds, error = other.result()
         if error is not None:
@@ -195,11 +205,11 @@ class CrossCheckedSegmenter:
         return dataclasses.replace(result, cross_check=check, timings_s={**result.timings_s, "cross_check": seconds})
 
 
-def _timed_segment(segmenter, image: sitk.Image):
+def _timed_segment(segmenter, image: sitk.Image, **shared):
     """(segmentation, seconds, None), or (None, seconds, error) for an image the method cannot segment."""
     started = time.perf_counter()
     try:
-        return segmenter.segment(image), time.perf_counter() - started, None
+        return segmenter.segment(image, **shared), time.perf_counter() - started, None
     except (ValueError, RuntimeError) as error:
         return None, time.perf_counter() - started, error
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from inference.atlas.bundle import ATLAS_FILE, MAPPING_FILE, TEMPLATE_FILE, load_template, metadata, region_atlas
 from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, parenchyma_labels, set_cpu_threads
-from inference.preprocess import PreprocessConfig, check_image, preprocess_image, resample_to
+from inference.preprocess import Preprocessed, PreprocessConfig, check_image, preprocess_image, resample_to
 from inference.surface import SurfaceRefinement, refine_brain_surface
 from inference.vocabulary import NUM_CLASSES
 
@@ -279,14 +279,24 @@ class AtlasSegmenter:
         timings["warp"] = time.perf_counter() - mark
         return labels
 
-    def segment(self, image: sitk.Image) -> Segmentation:
-        """Labels on exactly ``image``'s grid (HU input), volumes in cm3."""
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        """The preprocessing whose working grid and mask :meth:`segment` uses."""
+        return self.preprocess
+
+    def segment(self, image: sitk.Image, prepared: Preprocessed | None = None) -> Segmentation:
+        """Labels on exactly ``image``'s grid (HU input), volumes in cm3.
+
+        ``prepared``: ``preprocess_image(image, self.preprocessing)`` when already made (another
+        method of the same preprocessing shares it); None preprocesses here.
+        """
         check_image(image)
         timings: dict[str, float] = {}
         started = time.perf_counter()
         with tqdm(total=4, desc="atlas", unit="stage", leave=False, disable=not self.progress) as bar:
-            prepared = preprocess_image(image, self.preprocess)
-            timings["preprocess"] = time.perf_counter() - started
+            if prepared is None:
+                prepared = preprocess_image(image, self.preprocess)
+            timings["preprocess"] = sum(prepared.timings_s.values())
             bar.update(1)
             grid_labels = self.grid_labels(image, prepared.grid, timings)
             grid_labels[~prepared.mask] = 0
