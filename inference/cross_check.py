@@ -17,13 +17,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+from scipy import ndimage
 
 from inference.metrics import dice_per_region
+from inference.preprocess import check_image, preprocess_image
 from inference.vocabulary import REGIONS, Method
 
 log = logging.getLogger(__name__)
@@ -159,10 +164,16 @@ def compare_segmentations(labels: sitk.Image, other_labels: sitk.Image, volumes_
 class CrossCheckedSegmenter:
     """Segments with ``primary`` and cross-checks with ``other``: the Segmenter interface.
 
-    The result is ``primary``'s segmentation, with ``cross_check`` set; the other
-    method's time is in ``timings_s["cross_check"]``. When the other method fails on the
-    image (ValueError, RuntimeError: e.g. a registration that finds no head), the primary
-    result stands and ``model["cross_check_error"]`` says why: a check must not lose a study.
+    The two methods run at the same time, ``other`` in a thread of its own, each on one
+    CPU thread of torch and SimpleITK while both run (torch, SciPy and SimpleITK release
+    the GIL; antspyx's registration holds it, so the network's work falls before and after
+    the registration, beside the atlas's other stages). Two methods of
+    the same ``preprocessing`` (the network's and the atlas's by default) share it: it is
+    made once, before both, and its time is in each one's timings. The result is
+    ``primary``'s segmentation, with ``cross_check`` set; the other method's time is in
+    ``timings_s["cross_check"]``. When the other method fails on the image (ValueError,
+    RuntimeError: e.g. a registration that finds no head), the primary result stands and
+    ``model["cross_check_error"]`` says why: a check must not lose a study.
     """
 
     def __init__(self, primary, other, min_dice: float = DEFAULT_MIN_DICE):
@@ -175,18 +186,60 @@ class CrossCheckedSegmenter:
         return self.primary.model
 
     def segment(self, image: sitk.Image):
-        result = self.primary.segment(image)
-        started = time.perf_counter()
-        try:
-            second = self.other.segment(image)
-        except (ValueError, RuntimeError) as error:
+        # Methods of one preprocessing (the network's and the atlas's by default) share it: made once.
+        shared = {}
+        preprocessing = getattr(self.primary, "preprocessing", None)
+        if preprocessing is not None and preprocessing == getattr(self.other, "preprocessing", None):
+            check_image(image)
+            shared["prepared"] = preprocess_image(image, preprocessing)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cross-check") as pool:
+            with _one_thread_each():
+                other = pool.submit(_timed_segment, self.other, image, **shared)
+                result = self.primary.segment(image, **shared)
+            # The other method goes on, with every thread, after the primary one is done.
+            second, seconds, error = other.result()
+        if error is not None:
             log.warning("cross-check by %s failed: %s", _method(self.other.model), error)
             return dataclasses.replace(result, model={**result.model, "cross_check_error": str(error)})
-        seconds = time.perf_counter() - started
-        check = compare_segmentations(result.labels, second.labels, result.volumes_cm3, second.volumes_cm3,
+        labels, other_labels = _common_box(result.labels, second.labels)
+        check = compare_segmentations(labels, other_labels, result.volumes_cm3, second.volumes_cm3,
                                       method=_method(result.model), other_method=_method(second.model),
                                       min_dice=self.min_dice, seconds=seconds)
         return dataclasses.replace(result, cross_check=check, timings_s={**result.timings_s, "cross_check": seconds})
+
+
+def _timed_segment(segmenter, image: sitk.Image, **shared):
+    """(segmentation, seconds, None), or (None, seconds, error) for an image the method cannot segment."""
+    started = time.perf_counter()
+    try:
+        return segmenter.segment(image, **shared), time.perf_counter() - started, None
+    except (ValueError, RuntimeError) as error:
+        return None, time.perf_counter() - started, error
+
+
+@contextmanager
+def _one_thread_each():
+    """torch (this thread's) and SimpleITK (new filters) on one CPU thread within; their counts restored after."""
+    torch_threads, sitk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_threads)
+
+
+def _common_box(labels: sitk.Image, other_labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """Both label maps cut to the box holding every labelled voxel of either: the same Dice and volumes,
+    without comparing the empty rest of the grid."""
+    either = (sitk.GetArrayViewFromImage(labels) > 0) | (sitk.GetArrayViewFromImage(other_labels) > 0)
+    found = ndimage.find_objects(either.astype(np.uint8))
+    if not found or found[0] is None:
+        return labels, other_labels
+    low = [found[0][axis].start for axis in (2, 1, 0)]
+    size = [found[0][axis].stop - found[0][axis].start for axis in (2, 1, 0)]
+    return sitk.RegionOfInterest(labels, size, low), sitk.RegionOfInterest(other_labels, size, low)
 
 
 def _method(model: Mapping) -> str:

@@ -459,14 +459,24 @@ class Segmenter:
     def _refines(self, image: sitk.Image) -> bool:
         return self.surface_refinement is not None and self.surface_refinement.applies_to(image.GetSpacing())
 
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        """The checkpoint's preprocessing, which :meth:`segment` applies."""
+        return self.config
+
     @torch.inference_mode()
-    def segment(self, image: sitk.Image) -> Segmentation:
-        """Segment a head CT in HU; labels on exactly ``image``'s grid, volumes in cm3."""
+    def segment(self, image: sitk.Image, prepared: Preprocessed | None = None) -> Segmentation:
+        """Segment a head CT in HU; labels on exactly ``image``'s grid, volumes in cm3.
+
+        ``prepared``: ``preprocess_image(image, self.preprocessing)`` when already made (another
+        method of the same preprocessing shares it); None preprocesses here.
+        """
         check_image(image)
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        prepared = preprocess_image(image, self.config)
-        timings["preprocess"] = time.perf_counter() - started
+        if prepared is None:
+            prepared = preprocess_image(image, self.config)
+        timings["preprocess"] = sum(prepared.timings_s.values())
         timings.update({f"preprocess_{k}": v for k, v in prepared.timings_s.items()})
 
         mark = time.perf_counter()
@@ -489,6 +499,7 @@ class Segmenter:
 
         mark = time.perf_counter()
         labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=self.progress)
+        del probabilities, scores  # the 11 channels on the working grid: not needed any more
         timings["to_source"] = time.perf_counter() - mark
         refined = self._refines(image)
         if refined:

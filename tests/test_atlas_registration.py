@@ -59,6 +59,22 @@ def test_registration_recovers_a_known_affine():
     assert np.percentile(errors, 95) < 2.0, f"95th percentile error {np.percentile(errors, 95):.2f} mm"
 
 
+def test_registration_is_repeatable():
+    """One ITK thread and the settings' seed: the same image gives the same transforms, run after run."""
+    import ants
+
+    template = load_template()
+    grid = isotropic_grid(template, 4.0)
+    shift = sitk.TranslationTransform(3, (4.0, -3.0, 2.0))
+    fixed = sitk.Resample(template, grid, shift, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    settings = RegistrationSettings(spacing_mm=4.0, hu_range=(-1.0, 5000.0), affine_iterations=(100, 50),
+                                    syn_iterations=(5,))
+    runs = [register_template(fixed, settings) for _ in range(2)]
+    affine = [ants.read_transform(run.forward[-1]).parameters for run in runs]
+    warp = [ants.image_read(run.forward[0]).numpy() for run in runs]
+    assert np.array_equal(affine[0], affine[1]) and np.array_equal(warp[0], warp[1])
+
+
 def test_phantom_labels_land_on_the_truth():
     """A downsampled phantom (3 mm slices, 1.6 mm pixels): every region found where its truth is.
 

@@ -135,3 +135,43 @@ def test_cross_check_judged_in_reference_sds_names_the_regions_and_by_how_much()
     assert regions["left_frontal_lobe"]["agrees"]
     within = check.judged(dict.fromkeys(REGION_KEYS, 0.4), dict.fromkeys(REGION_KEYS, False))
     assert within.agrees and "within one reference SD (largest" in within.message
+
+
+def test_cross_check_runs_both_methods_at_once_and_compares_them_as_on_the_whole_grid():
+    import threading
+
+    import torch
+
+    from inference.cross_check import CrossCheckedSegmenter, compare_segmentations
+    from inference.predict import Segmentation, measure_volumes
+
+    rng = np.random.default_rng(3)
+    arrays = [np.zeros((30, 40, 50), np.uint8) for _ in range(2)]
+    arrays[0][5:20, 8:30, 10:40] = rng.integers(0, 11, (15, 22, 30))
+    arrays[1][7:24, 6:28, 12:45] = rng.integers(0, 11, (17, 22, 33))
+    images = [sitk.GetImageFromArray(a) for a in arrays]
+    for image in images:
+        image.SetSpacing((0.5, 0.6, 1.2))
+        image.SetOrigin((10.0, -20.0, 30.0))
+    both_running = threading.Barrier(2, timeout=20)
+
+    class AtOnce:
+        """Returns its labels only once the other method is running too."""
+
+        def __init__(self, image, method):
+            self.image, self.method = image, method
+
+        @property
+        def model(self):
+            return {"method": self.method}
+
+        def segment(self, image):
+            both_running.wait()
+            return Segmentation(self.image, measure_volumes(self.image), self.model, {"total": 1.0})
+
+    threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    result = CrossCheckedSegmenter(AtOnce(images[0], "network"), AtOnce(images[1], "atlas")).segment(images[0])
+    assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == threads
+    whole = compare_segmentations(images[0], images[1], measure_volumes(images[0]), measure_volumes(images[1]),
+                                  method="network", other_method="atlas", seconds=result.cross_check.seconds)
+    assert result.cross_check == whole

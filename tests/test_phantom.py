@@ -223,15 +223,17 @@ def test_regions_lie_where_the_anatomy_puts_them(boy):
 
 def test_labels_lie_on_parenchyma_densities_only(boy):
     image, labels = arrays(boy)
-    brain = image[labels > 0].astype(float)
-    # No label on air or bone after the slice profile, the kernel blur and the noise
-    # (measured: 0.1st and 99th percentiles 1 and 53 HU, none below -20 HU)...
-    assert np.percentile(brain, 0.1) > -20.0 and np.percentile(brain, 99) < 100.0
-    # ...but for partial volume with the skull: the 0.3 % of labelled voxels above 100 HU
-    # all lie within 2 mm of bone; farther than 3 mm the brightest labelled voxel is 71 HU.
-    bone = (image > 300) & (labels == 0)
+    labelled = labels > 0
+    # No label on air after the slice profile, the kernel blur and the noise (measured: 0.1st percentile 1 HU).
+    assert np.percentile(image[labelled].astype(float), 0.1) > -20.0
+    # Bright labelled voxels are partial volume with the skull where the cortex touches it (the truth
+    # is counted before acquisition): a few %, all within one voxel of bone (measured 1.8 %, at most
+    # 1.95 mm); farther than 3 mm the brightest labelled voxel is brain (measured 69 HU).
+    bone = (image > 300) & ~labelled
     from_bone_mm = ndimage.distance_transform_edt(~bone, sampling=boy.image.GetSpacing()[::-1])
-    assert image[(labels > 0) & (from_bone_mm > 3.0)].max() < 100
+    bright = labelled & (image >= 100)
+    assert bright.sum() < 0.03 * labelled.sum() and from_bone_mm[bright].max() <= 2.0
+    assert image[labelled & (from_bone_mm > 3.0)].max() < 100
     densities = boy.meta["anatomy"]["densities"]
     for region in REGIONS:
         median = float(np.median(image[labels == region.value]))

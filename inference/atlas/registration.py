@@ -24,6 +24,12 @@ the volumes take its labels unchanged:
    source grid (:func:`inference.surface.refine_brain_surface`), and volumes counted.
 
 Registration is at a coarse spacing: its cost then depends little on the source matrix.
+It runs on one ITK thread with ``RegistrationSettings.seed`` set (:func:`register_template`): ANTs
+is repeatable only so (antspyx's own deterministic mode does the same). With more threads, or with
+the seed given as ``ants.registration``'s ``random_seed`` keyword (which antspyx 0.6 ignores), the
+metric's sampling changes from run to run and so do the labels, at times by a whole failed
+registration. Run beside the network (:class:`inference.cross_check.CrossCheckedSegmenter`) one
+thread is what it gets anyway.
 Both template and atlas are of adults (see ``data/NOTICE``).
 """
 from __future__ import annotations
@@ -43,7 +49,7 @@ from tqdm import tqdm
 
 from inference.atlas.bundle import ATLAS_FILE, MAPPING_FILE, TEMPLATE_FILE, load_template, metadata, region_atlas
 from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, parenchyma_labels, set_cpu_threads
-from inference.preprocess import PreprocessConfig, check_image, preprocess_image, resample_to
+from inference.preprocess import Preprocessed, PreprocessConfig, check_image, preprocess_image, resample_to
 from inference.surface import SurfaceRefinement, refine_brain_surface
 from inference.vocabulary import NUM_CLASSES, Method
 
@@ -53,6 +59,8 @@ log = logging.getLogger(__name__)
 METHOD = Method.ATLAS.value
 #: Margin (mm) around the brain's box in the fixed image: the skull and scalp, which the template shows too.
 SKULL_MARGIN_MM = 20.0
+#: ITK threads of the registration: ANTs's results are repeatable on one thread only.
+ANTS_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,11 @@ class Registration:
 
 
 def _ants():
+    # ANTs's ITK reads its thread count from the environment once, when it first runs. SimpleITK's
+    # ITK reads the same variable once too: it reads it first, so that it keeps the count it had.
+    if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS") != str(ANTS_THREADS):
+        sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ANTS_THREADS)
     import ants  # heavy (ITK wrappers): loaded only when registering
 
     return ants
@@ -163,11 +176,13 @@ def register_template(fixed: sitk.Image, settings: RegistrationSettings = Regist
     moving_ants = to_ants(template if template is not None else load_template())
     levels = len(settings.affine_iterations)
     started = time.perf_counter()
+    # antspyx passes a seed to antsRegistration from its config only (its random_seed keyword is ignored).
+    ants.config._random_seed = int(settings.seed)
     affine = ants.registration(
         fixed=fixed_ants, moving=moving_ants, type_of_transform="Affine", aff_metric="mattes",
         aff_iterations=tuple(int(n) for n in settings.affine_iterations),
         aff_shrink_factors=_shrink_factors(levels), aff_smoothing_sigmas=tuple(range(levels - 1, -1, -1)),
-        random_seed=settings.seed, verbose=False)
+        verbose=False)
     timings = {"affine": time.perf_counter() - started}
     result = affine
     if any(settings.syn_iterations):
@@ -176,7 +191,7 @@ def register_template(fixed: sitk.Image, settings: RegistrationSettings = Regist
             fixed=fixed_ants, moving=moving_ants, type_of_transform="SyNOnly", syn_metric="mattes",
             initial_transform=affine["fwdtransforms"][0],
             reg_iterations=tuple(int(n) for n in settings.syn_iterations),
-            random_seed=settings.seed, verbose=False)
+            verbose=False)
         timings["syn"] = time.perf_counter() - mark
     timings["registration"] = time.perf_counter() - started
     log.info("template registered (%s) in %.1f s", settings.transform_type, timings["registration"])
@@ -219,7 +234,8 @@ class AtlasSegmenter:
 
     Args:
         settings: registration parameters.
-        threads: CPU threads for ANTs, SimpleITK and torch (process-wide); None leaves the defaults.
+        threads: CPU threads for SimpleITK and torch (process-wide); None leaves the defaults. The
+            registration itself runs on :data:`ANTS_THREADS` (repeatable results).
         progress: show a progress bar over the stages.
         refine_surface: move the cerebral lobes' edge to the image's CSF/brain contrast (as the network does).
         preprocess: the preprocessing whose working grid and intracranial mask are used.
@@ -229,9 +245,7 @@ class AtlasSegmenter:
                  progress: bool = True, refine_surface: bool = True,
                  preprocess: PreprocessConfig = PreprocessConfig()):
         set_cpu_threads(threads)
-        if threads is not None:
-            # ANTs reads ITK's thread count from the environment when it registers.
-            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+        _ants()  # before any registration: ANTs's thread count is read once
         self.settings, self.progress, self.preprocess = settings, progress, preprocess
         self.surface_refinement = SurfaceRefinement() if refine_surface else None
         self.atlas = region_atlas()
@@ -265,21 +279,32 @@ class AtlasSegmenter:
         timings["warp"] = time.perf_counter() - mark
         return labels
 
-    def segment(self, image: sitk.Image) -> Segmentation:
-        """Labels on exactly ``image``'s grid (HU input), volumes in cm3."""
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        """The preprocessing whose working grid and mask :meth:`segment` uses."""
+        return self.preprocess
+
+    def segment(self, image: sitk.Image, prepared: Preprocessed | None = None) -> Segmentation:
+        """Labels on exactly ``image``'s grid (HU input), volumes in cm3.
+
+        ``prepared``: ``preprocess_image(image, self.preprocessing)`` when already made (another
+        method of the same preprocessing shares it); None preprocesses here.
+        """
         check_image(image)
         timings: dict[str, float] = {}
         started = time.perf_counter()
         with tqdm(total=4, desc="atlas", unit="stage", leave=False, disable=not self.progress) as bar:
-            prepared = preprocess_image(image, self.preprocess)
-            timings["preprocess"] = time.perf_counter() - started
+            if prepared is None:
+                prepared = preprocess_image(image, self.preprocess)
+            timings["preprocess"] = sum(prepared.timings_s.values())
             bar.update(1)
             grid_labels = self.grid_labels(image, prepared.grid, timings)
             grid_labels[~prepared.mask] = 0
             bar.update(2)
             mark = time.perf_counter()
-            scores = torch.nn.functional.one_hot(torch.from_numpy(grid_labels.astype(np.int64)),
-                                                 NUM_CLASSES).permute(3, 0, 1, 2).float()
+            # The one-hot labels as scores, made in float32 directly (one_hot makes int64 first: 8 bytes x 11 a voxel).
+            scores = torch.zeros((NUM_CLASSES,) + grid_labels.shape, dtype=torch.float32)
+            scores.scatter_(0, torch.from_numpy(grid_labels.astype(np.int64))[None], 1.0)
             labels = labels_on_source_grid(scores, grid_labels, prepared.grid, image, progress=False)
             del scores
             refined = self.surface_refinement is not None and self.surface_refinement.applies_to(image.GetSpacing())

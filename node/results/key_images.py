@@ -86,15 +86,19 @@ def render_key_views(image: sitk.Image, labels: sitk.Image, *, size_px: int = 38
             f"labels grid {labels.GetSize()} / {labels.GetSpacing()} differs from the image grid "
             f"{image.GetSize()} / {image.GetSpacing()}"
         )
-    # Reorient to LPS so array axes are (z: I->S, y: A->P, x: R->L) whatever the source direction.
-    hu = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), "LPS"))
-    lab = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.Cast(labels, sitk.sitkUInt8), "LPS"))
-    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()  # (x, y, z) mm
-    if not lab.any():
+    # Views of the arrays as LPS-oriented (z: I->S, y: A->P, x: R->L) whatever the source direction:
+    # the three cuts are taken from them, no copy of the whole volume is made.
+    axes, reversed_axes, spacing = _lps_arrangement(image)  # spacing (x, y, z) mm
+    hu = _arranged(sitk.GetArrayViewFromImage(image), axes, reversed_axes)
+    lab = _arranged(sitk.GetArrayViewFromImage(labels), axes, reversed_axes)
+    labelled = _arranged_counts(sitk.GetArrayViewFromImage(labels) > 0, axes, reversed_axes)
+    if not labelled[0].any():
         raise ValueError("the label map is empty: nothing to show")
     if slices is None:
-        z, y, x = (int(round(c)) for c in np.argwhere(lab > 0).mean(axis=0))
-        z = _best_axial_slice(lab, z)
+        # The centre of the labelled voxels (the mean of their indices, from counts per slice).
+        z, y, x = (int(round(float(np.dot(np.arange(n.size), n)) / n.sum())) for n in labelled)
+        values = sitk.GetArrayViewFromImage(labels)
+        z = _best_axial_slice(_arranged_counts((values >= 1) & (values <= 8), axes, reversed_axes)[0], z)
     else:
         z, y, x = (int(v) for v in slices)
         if not all(0 <= v < n for v, n in zip((z, y, x), lab.shape)):
@@ -106,17 +110,45 @@ def render_key_views(image: sitk.Image, labels: sitk.Image, *, size_px: int = 38
         "sagittal": (hu[::-1, :, x], lab[::-1, :, x], spacing[2], spacing[1], x),
     }
     return [
-        _render(name, plane_hu, plane_labels, row_mm, col_mm, index, size_px)
+        _render(name, np.asarray(plane_hu, dtype=np.float32), np.asarray(plane_labels).astype(np.uint8),
+                row_mm, col_mm, index, size_px)
         for name, (plane_hu, plane_labels, row_mm, col_mm, index) in cuts.items()
     ]
 
 
-def _best_axial_slice(labels: np.ndarray, centre: int) -> int:
-    """The axial slice showing the most lobe labels (1..8) near the centre; the centre if none."""
-    lobes = ((labels >= 1) & (labels <= 8)).reshape(labels.shape[0], -1).sum(axis=1)
-    if not lobes.any():
+def _best_axial_slice(lobes_per_slice: np.ndarray, centre: int) -> int:
+    """The axial slice showing the most lobe labels (1..8, counted per slice); the centre if none."""
+    if not lobes_per_slice.any():
         return centre
-    return int(np.argmax(lobes))
+    return int(np.argmax(lobes_per_slice))
+
+
+def _lps_arrangement(image: sitk.Image) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[float, ...]]:
+    """How ``sitk.DICOMOrient(image, "LPS")`` rearranges the (z, y, x) array: for each axis of the
+    oriented array, the source array's axis and whether it is reversed; and the oriented spacing
+    (x, y, z). Read from DICOMOrient itself, on a 2 x 2 x 2 image of the same direction."""
+    probe = sitk.GetImageFromArray(np.arange(8, dtype=np.uint8).reshape(2, 2, 2))
+    probe.SetSpacing(image.GetSpacing())
+    probe.SetDirection(image.GetDirection())
+    oriented = sitk.DICOMOrient(probe, "LPS")
+    values = sitk.GetArrayViewFromImage(oriented).astype(int)
+    strides = (4, 2, 1)  # of the probe's (z, y, x) array
+    steps = [int(values[step]) - int(values[0, 0, 0]) for step in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+    return tuple(strides.index(abs(d)) for d in steps), tuple(d < 0 for d in steps), oriented.GetSpacing()
+
+
+def _arranged(array: np.ndarray, axes: Sequence[int], reversed_axes: Sequence[bool]) -> np.ndarray:
+    """A view of ``array`` with its axes in ``axes`` order, those marked reversed reversed."""
+    return np.transpose(array, axes)[tuple(slice(None, None, -1) if r else slice(None) for r in reversed_axes)]
+
+
+def _arranged_counts(mask: np.ndarray, axes: Sequence[int], reversed_axes: Sequence[bool]) -> list[np.ndarray]:
+    """Per axis of the arranged array, the number of ``mask`` voxels in each of its slices."""
+    counts = []
+    for axis, reverse in zip(axes, reversed_axes):
+        per_slice = mask.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        counts.append(per_slice[::-1] if reverse else per_slice)
+    return counts
 
 
 def _render(name, plane_hu, plane_labels, row_mm, col_mm, index, size_px) -> KeyView:
