@@ -322,9 +322,11 @@ def strongest_velocity(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     top = DeformationParameters(large_mm=6.0, medium_mm=2.0, asymmetry=0.03, petalia=0.03)
     velocity = top.large_mm * anatomy._random_field(rng, shape, 24.0) + top.medium_mm * anatomy._random_field(rng, shape, 8.0)
     velocity[0] -= np.sqrt(xyz[0] ** 2 + 25.0) * (top.asymmetry + top.petalia * np.tanh(xyz[1] / 30.0))
-    limit = math.log(anatomy.MAX_REGION_SCALE)
-    velocity += anatomy.region_scaling_velocity(regions, xyz, {r.value: float(rng.choice([-limit, limit]))
-                                                               for r in REGIONS})
+    limits = {r.value: math.log(anatomy.MAX_BRAINSTEM_SCALE if r.key == "brainstem" else anatomy.MAX_REGION_SCALE)
+              for r in REGIONS}
+    scales = {value: float(rng.choice([-limit, limit])) for value, limit in limits.items()}
+    scales[region_by_key("brainstem").value] = -limits[region_by_key("brainstem").value]   # the way it is scaled
+    velocity += anatomy.region_scaling_velocity(regions, xyz, scales)
     return regions, velocity
 
 

@@ -60,7 +60,10 @@ LATTICE_MM = 4.0
 #: Scaling-and-squaring steps: the velocity is divided by 2**STEPS before composing.
 SQUARING_STEPS = 6
 #: Atlas label volumes a case may be scaled to, as a factor of the atlas's own share (linear, per axis).
-MAX_REGION_SCALE = 2.5
+MAX_REGION_SCALE = 1.35
+#: The brainstem's bound: the adult atlas's brainstem is about twice the cohort's share, and its
+#: scaling is diluted by its larger neighbours (the velocity is smoothed over ~6 mm).
+MAX_BRAINSTEM_SCALE = 2.5
 #: Template CT (Cormack units of the Rorden template, not HU) levels between which tissues are drawn.
 TEMPLATE_BONE_LEVEL = (2880.0, 3060.0)     # soft tissue | bone: drawn per case, varies the skull
 TEMPLATE_BONE_TOP = 3700.0                  # the template's densest bone
@@ -373,7 +376,8 @@ def _fit_region_scales(base: AtlasAnatomy, shares: np.ndarray, base_velocity: np
     """The deformation whose regional shares of the parenchyma approach ``shares`` (10,), by a few fixed-point
     steps from ``log_scales`` (10,)."""
     log_scales = np.asarray(log_scales, dtype=float).copy()
-    limit = math.log(MAX_REGION_SCALE)
+    limit = np.array([math.log(MAX_BRAINSTEM_SCALE if region.key == "brainstem" else MAX_REGION_SCALE)
+                      for region in REGIONS])
     # Subsampled before the sum: the same values as summing first, an eighth of the work.
     spacing = SPACING_MM * FIT_FACTOR
     coarse_regions = grid_image(_coarse(base.regions), base.origin_mm, spacing)
