@@ -146,12 +146,14 @@ def test_a_database_locked_by_another_process_delays_but_never_fails_a_study(tmp
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs mounted for the test (root: CI and this machine run the tests as root)."""
+    """A 16 MiB tmpfs mounted for the test (root: CI and this machine run the tests as root); larger than the
+    receiver's free-space reserve for the job database (node.service.spool.DISK_RESERVE_BYTES), so instances are
+    accepted until the test fills it."""
     if os.geteuid() != 0:
         pytest.fail("the full-disk test mounts a tmpfs: run the tests as root (as CI does)")
     folder = tmp_path / "small"
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], check=True)
     yield folder
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
