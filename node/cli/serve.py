@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 
+from node.cli._node_process import run_until_stopped
 from node.cli._options import add_config_option
 
 EPILOG = """\
@@ -62,20 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port {args.port} is not in 0-65535")
         config = dataclasses.replace(config, node=dataclasses.replace(config.node, port=args.port))
     check_port_free(config.node)  # before the model loads
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        logging.getLogger("node").setLevel(logging.INFO)  # a server's log is its status line
     node = Node(config, analyse=not args.receive_only)
-    stops = []
-
-    def stop(signum, frame) -> None:  # the first signal stops with grace, a second one at once
-        stops.append(signum)
-        node.request_stop(now=len(stops) > 1)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    node.start()
-    print(f"lobevol node {config.node.ae_title} listening on {config.node.bind_address}:{node.port} "
-          f"(results in {config.storage.results_dir}, jobs in {node.jobs.describe()}); stop with Ctrl-C", flush=True)
-    node.wait()
-    node.stop()
-    return 0
+    return run_until_stopped(node, lambda: f"lobevol node {config.node.ae_title} listening on "
+                                           f"{config.node.bind_address}:{node.port} (results in "
+                                           f"{config.storage.results_dir}, jobs in {node.jobs.describe()}); "
+                                           "stop with Ctrl-C")

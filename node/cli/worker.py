@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 
+from node.cli._node_process import run_until_stopped
 from node.cli._options import add_config_option
 
 EPILOG = """\
@@ -55,20 +54,6 @@ def run(args: argparse.Namespace) -> int:
         if not DEVICE.fullmatch(args.device):
             raise ValueError(f"--device {args.device!r} is not auto, cpu, cuda or cuda:N")
         config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, device=args.device))
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        logging.getLogger("node").setLevel(logging.INFO)
     node = Node(config, name=args.name, receive=False)
-    stops = []
-
-    def stop(signum, frame) -> None:
-        stops.append(signum)
-        node.request_stop(now=len(stops) > 1)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    node.start()
-    print(f"lobevol worker {node.runner.name} analysing jobs of {node.jobs.describe()} on "
-          f"{config.inference.device}; stop with Ctrl-C", flush=True)
-    node.wait()
-    node.stop()
-    return 0
+    return run_until_stopped(node, lambda: f"lobevol worker {node.runner.name} analysing jobs of "
+                                           f"{node.jobs.describe()} on {config.inference.device}; stop with Ctrl-C")
