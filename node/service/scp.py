@@ -39,6 +39,7 @@ import logging
 import socket
 import sqlite3
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -264,7 +265,10 @@ class StorageSCP:
         if size > self.config.storage.max_instance_bytes:
             log.warning("instance from %s refused: %.1f MiB, above max_instance_mb", tally.calling_ae, size / 2**20)
             return _refusal(OUT_OF_RESOURCES, f"instance of {size / 2**20:.0f} MiB is above max_instance_mb")
-        full = self.spool.room_problem(size, self.config.storage.disk_high_water_percent, self.config.storage.database)
+        database = self.config.storage.database
+        # Only an embedded SQLite file lives on a disk of ours; a PostgreSQL server minds its own.
+        full = self.spool.room_problem(size, self.config.storage.disk_high_water_percent,
+                                       database if isinstance(database, Path) else None)
         if full is not None:
             log.error("refusing new instances: %s", full)
             return _refusal(OUT_OF_RESOURCES, full)
