@@ -12,6 +12,7 @@ from inference.preprocess import (
     intracranial_mask,
     labels_to_grid,
     preprocess_image,
+    resample_to,
 )
 
 BRAIN_RADIUS_MM = 60.0
@@ -227,5 +228,12 @@ def test_phantom_labels_lie_inside_the_mask():
     labels = labels_to_grid(phantom.labels, prepared.grid)
     voxel_cm3 = np.prod(config.spacing_mm) / 1000
     brain_cm3 = sum(phantom.meta["volumes_cm3"].values())
-    assert ((labels > 0) & ~prepared.mask).sum() * voxel_cm3 < 0.01 * brain_cm3
-    assert brain_cm3 < mask_cm3(prepared, config) < 1.45 * brain_cm3  # + CSF spaces, no leak
+    # Generation 6 counts the cortex that touches the inner table (truth before acquisition): on the
+    # 1.5 mm grid a shell of it falls on the skull's partial-volume edge, outside the mask. The same
+    # 2 % as test_phantom's "the preprocessing finds the whole brain" (measured here 1.8 %).
+    assert ((labels > 0) & ~prepared.mask).sum() * voxel_cm3 < 0.02 * brain_cm3
+    assert brain_cm3 < mask_cm3(prepared, config)  # the brain and its CSF spaces
+    # No leak: the mask holds what lies inside the skull, not bone or air (generation-6 phantoms
+    # draw CSF from tight to atrophic, so its size against the brain says nothing of a leak).
+    hu = sitk.GetArrayFromImage(resample_to(phantom.image, prepared.grid))[prepared.mask]
+    assert ((hu < -100) | (hu > 300)).mean() < 0.02
