@@ -93,7 +93,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 over parameter names, dtypes, shapes and values, in name order."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
+        tensor = state_dict[name].detach().cpu().clone(memory_format=torch.contiguous_format)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -111,7 +111,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMe
     """
     from inference.vocabulary import __version__
 
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # Stored in the standard layout whatever layout training kept the model in (channels-last).
+    state_dict = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                  for k, v in model.state_dict().items()}
     meta = dataclasses.replace(
         meta,
         weights_sha256=weights_sha256(state_dict),

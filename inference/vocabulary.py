@@ -29,6 +29,23 @@ class Method(str, Enum):
         return self.value
 
 
+class Precision(str, Enum):
+    """Arithmetic of the network's forward pass during training.
+
+    ``AUTO`` is float16 mixed precision on CUDA and bfloat16 mixed precision on a CPU with
+    native bfloat16 instructions (AVX512-BF16 or AMX), else float32: each device's fastest
+    precision whose gradients stay those of float32 (``benchmarks/train_step_cpu.py``
+    prints both, side by side). The loss and the weights stay float32 in every case.
+    """
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Region:
     """One labelled region.

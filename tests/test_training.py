@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from inference.checkpoint import load_checkpoint, read_checkpoint
-from inference.vocabulary import REGIONS, left_right_permutation, region_by_key
-from inference.training import (TrainConfig, TrainingCase, k_fold_split, learning_rate_at,
+from inference.vocabulary import REGIONS, Precision, left_right_permutation, region_by_key
+from inference.training import (TrainConfig, TrainingCase, autocast_dtype, cpu_has_native_bfloat16, k_fold_split,
+                                learning_rate_at,
                                 random_flip, random_rotation, sample_patch, segmentation_loss, train)
 
 
@@ -41,6 +42,27 @@ def test_rotation_keeps_labels_as_labels_and_moves_image_with_them():
     assert set(rotated_labels.unique().tolist()) <= {0, 3}
     inside = rotated_labels == 3
     assert rotated[:, 0][inside].mean() > 0.9 and rotated[:, 0][~inside].mean() < 0.1
+
+
+def test_zoom_magnifies_image_and_labels_together():
+    images = torch.zeros(1, 1, 24, 24, 24)
+    images[:, :, 8:16, 8:16, 8:16] = 1.0
+    labels = (images[:, 0] > 0).long() * 3
+    zoomed, zoomed_labels = random_rotation(images, labels, 0.0, torch.Generator().manual_seed(1), (1.25, 1.25))
+    # An 8-voxel cube magnified 1.25 times is a 10-voxel cube: 1,000 voxels instead of 512.
+    assert int((zoomed_labels == 3).sum()) == pytest.approx(1000, rel=0.1)
+    inside = zoomed_labels == 3
+    assert zoomed[:, 0][inside].mean() > 0.9 and zoomed[:, 0][~inside].mean() < 0.1
+    with pytest.raises(ValueError, match="zoom range"):
+        TrainConfig(zoom_range=(1.1, 1.3))
+
+
+def test_precision_is_float32_bfloat16_or_cudas_float16_as_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, Precision.FLOAT32) is None
+    assert autocast_dtype(cpu, Precision.BFLOAT16) is torch.bfloat16
+    assert autocast_dtype(cuda, Precision.AUTO) is torch.float16
+    assert autocast_dtype(cpu, Precision.AUTO) is (torch.bfloat16 if cpu_has_native_bfloat16() else None)
 
 
 def test_patch_is_padded_when_the_case_is_small():
@@ -106,6 +128,21 @@ def test_training_writes_checkpoints_that_load_and_resume_deterministically(tmp_
     model, meta = load_checkpoint(whole.best)
     assert meta.trained_on == "tiny cubes" and "validation_mean_dice" in meta.metrics
     assert read_checkpoint(whole.best)["training_state"] is None
+
+
+def test_a_run_saved_before_zoom_existed_resumes_as_the_run_it_was(tmp_path):
+    cases = _cases(3)
+    unzoomed = dataclasses.replace(_config(2), zoom_range=(1.0, 1.0))
+    run = train(dataclasses.replace(unzoomed, epochs=1), cases[:2], cases[2:], tmp_path / "old",
+                trained_on="tiny cubes", progress=False)
+    payload = read_checkpoint(run.last)
+    del payload["training_state"]["config"]["zoom_range"]   # what an older last.pt holds
+    torch.save(payload, run.last)
+    with pytest.raises(ValueError, match="other settings"):
+        train(_config(2), cases[:2], cases[2:], tmp_path / "old", trained_on="tiny cubes", resume=True, progress=False)
+    resumed = train(unzoomed, cases[:2], cases[2:], tmp_path / "old", trained_on="tiny cubes", resume=True,
+                    progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
 
 
 def test_bad_training_settings_are_named():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from inference.vocabulary import Precision
 from node.cli._options import add_device_options
 
 EPILOG = """\
@@ -84,9 +85,23 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                         help="poly: lr x (1 - epoch/epochs)^0.9 each epoch (default); constant")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice loss (0: CE only)")
     parser.add_argument("--rotation", type=float, default=10.0, help="largest random rotation per axis, degrees")
+    parser.add_argument("--zoom", default="0.85,1.2", metavar="LOW,HIGH",
+                        help="range of the random magnification of a patch's content (default %(default)s: "
+                             "heads from an infant's to an adolescent's size; 1,1 = none)")
     parser.add_argument("--seed", type=int, default=2025)
     add_device_options(parser)
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.AUTO.value,
+                        help="arithmetic of the forward pass: auto (default) = float16 mixed precision on CUDA, "
+                             "bfloat16 on a CPU with native bfloat16 (AVX512-BF16/AMX; about twice as fast), "
+                             "else float32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log files)")
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -109,7 +124,7 @@ def train_config(args: argparse.Namespace, **changes):
         preprocessing=PreprocessConfig(spacing_mm=(args.spacing,) * 3),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
         patch_size=_ints(args.patch, "--patch"), learning_rate=args.lr, lr_decay=args.lr_decay, dice_weight=args.dice_weight,
-        rotation_deg=args.rotation, seed=args.seed,
+        rotation_deg=args.rotation, zoom_range=_floats(args.zoom, "--zoom"), seed=args.seed,
     )
     values.update(changes)
     return TrainConfig(**values)
@@ -178,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     fold = f", fold {args.fold} of {args.folds}" if args.folds else ""
     print(f"training on {len(training)} cases, validating on {len(validation)}{fold}", flush=True)
     result = train(config, training, validation, args.out, trained_on=described + fold, device=args.device,
-                   resume=args.resume, initial=initial, progress=not args.no_progress)
+                   resume=args.resume, initial=initial, progress=not args.no_progress,
+                   precision=Precision(args.precision))
     print(f"best epoch {result.best_epoch}: validation mean Dice {result.best_dice:.4f}; "
           f"checkpoints {result.best} and {result.last}")
     return 0
