@@ -2,6 +2,13 @@
 
 A :class:`CaseEvaluation` compares a predicted label map with the true one on
 the same grid (the source grid, as a radiologist's volumes are measured).
+
+A method's volumes are counted by the node's definition on the acquired image
+(:func:`inference.volumes.countable_labels`), where the scanner's blur has darkened the
+cortex beside CSF; a phantom's truth is its tissue before that blur. When the truth's
+territories are also counted on the acquired image (``counted_truth``), the two volume
+errors separate what the method placed wrongly (territory error) from what the
+definition cannot see on a blurred image (partial volume), which both methods share.
 :func:`summary_rows` groups cases by slice thickness, which is what decides
 how hard a scan is (partial volume).
 """
@@ -16,6 +23,7 @@ import numpy as np
 
 from inference.vocabulary import REGION_KEYS, REGIONS
 from inference.metrics import dice_per_region
+from inference.volumes import region_volumes_cm3
 
 #: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.
 THICKNESS_GROUPS = ((0.0, 1.25), (1.25, 5.0))
@@ -33,6 +41,8 @@ class CaseEvaluation:
         dice: Dice per region key.
         true_cm3: true volume per region key (cm3).
         predicted_cm3: predicted volume per region key (cm3).
+        counted_true_cm3: the true territories counted by the definition on the acquired
+            image, with the method's threshold, per region key (cm3); None when not measured.
     """
 
     name: str
@@ -40,6 +50,7 @@ class CaseEvaluation:
     dice: dict[str, float]
     true_cm3: dict[str, float]
     predicted_cm3: dict[str, float]
+    counted_true_cm3: dict[str, float] | None = None
 
     @property
     def total_error_percent(self) -> float:
@@ -50,24 +61,35 @@ class CaseEvaluation:
     def volume_error_percent(self, key: str) -> float:
         return 100.0 * (self.predicted_cm3[key] - self.true_cm3[key]) / self.true_cm3[key]
 
+    def territory_error_percent(self, key: str) -> float:
+        """Error against the true territory counted on the acquired image (needs ``counted_true_cm3``)."""
+        if self.counted_true_cm3 is None:
+            raise ValueError(f"case {self.name}: the truth was not counted on the acquired image")
+        return 100.0 * (self.predicted_cm3[key] - self.counted_true_cm3[key]) / self.counted_true_cm3[key]
+
 
 def evaluate_labels(name: str, predicted: np.ndarray, truth: np.ndarray, voxel_mm3: float | np.ndarray,
-                    slice_thickness_mm: float) -> CaseEvaluation:
+                    slice_thickness_mm: float, counted_truth: np.ndarray | None = None) -> CaseEvaluation:
     """Compare two label arrays of one grid.
 
     Args:
         voxel_mm3: volume of one voxel (mm3), or an array per slice (first axis)
             for series whose slices are unevenly spaced.
+        counted_truth: the true labels counted by the definition on the acquired image
+            (:func:`inference.volumes.countable_labels` with the method's threshold), if measured.
     """
     if predicted.shape != truth.shape:
         raise ValueError(f"case {name}: prediction shape {predicted.shape} differs from truth {truth.shape}")
+    if counted_truth is not None and counted_truth.shape != truth.shape:
+        raise ValueError(f"case {name}: counted truth shape {counted_truth.shape} differs from truth {truth.shape}")
     per_slice = np.broadcast_to(np.asarray(voxel_mm3, dtype=float), (truth.shape[0],))
-    dice, true_cm3, predicted_cm3 = dice_per_region(predicted, truth), {}, {}
-    for region in REGIONS:
-        p, t = predicted == region.value, truth == region.value
-        true_cm3[region.key] = float((t.reshape(t.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
-        predicted_cm3[region.key] = float((p.reshape(p.shape[0], -1).sum(1) * per_slice).sum() / 1000.0)
-    return CaseEvaluation(name, float(slice_thickness_mm), dice, true_cm3, predicted_cm3)
+
+    def volumes(labels: np.ndarray) -> dict[str, float]:
+        # The node's one volume counter; a voxel's volume stands for pixel area x slice extent.
+        return region_volumes_cm3(np.asarray(labels).astype(np.uint8, copy=False), 1.0, per_slice)
+
+    return CaseEvaluation(name, float(slice_thickness_mm), dice_per_region(predicted, truth), volumes(truth),
+                          volumes(predicted), None if counted_truth is None else volumes(counted_truth))
 
 
 def summary_rows(evaluations: Sequence[CaseEvaluation]) -> list[dict[str, object]]:
@@ -120,13 +142,22 @@ def format_table(evaluations: Sequence[CaseEvaluation]) -> str:
     summaries = summary_rows(evaluations)
     header = f"{'region':<22}" + "".join(f"{'Dice ' + str(s['slices_mm']) + ' mm':>18}" for s in summaries)
     header += f"{'mean |vol err| %':>18}"
+    counted = all(e.counted_true_cm3 is not None for e in evaluations)
+    if counted:
+        header += f"{'|territory err| %':>19}"
     lines = [header, "-" * len(header)]
     for key in REGION_KEYS:
         errors = [abs(e.volume_error_percent(key)) for e in evaluations]
-        lines.append(f"{key:<22}" + "".join(f"{s[key]:>18.3f}" for s in summaries) + f"{np.mean(errors):>18.2f}")
+        line = f"{key:<22}" + "".join(f"{s[key]:>18.3f}" for s in summaries) + f"{np.mean(errors):>18.2f}"
+        if counted:
+            line += f"{np.mean([abs(e.territory_error_percent(key)) for e in evaluations]):>19.2f}"
+        lines.append(line)
     lines.append("-" * len(header))
     lines.append(f"{'cases':<22}" + "".join(f"{s['cases']:>18}" for s in summaries))
     lines.append(f"{'worst |total err| %':<22}" + "".join(f"{s['max_abs_total_error_percent']:>18.2f}" for s in summaries))
+    if counted:
+        lines.append("vol err: against the true tissue; territory err: against the true territories counted by the "
+                     "definition on the acquired image (partial volume left out)")
     return "\n".join(lines)
 
 
@@ -135,6 +166,7 @@ def write_csv(path: Path, evaluations: Sequence[CaseEvaluation]) -> Path:
     columns = ["case", "slice_thickness_mm"]
     columns += [f"dice_{k}" for k in REGION_KEYS]
     columns += [f"true_cm3_{k}" for k in REGION_KEYS] + [f"predicted_cm3_{k}" for k in REGION_KEYS]
+    columns += [f"true_counted_cm3_{k}" for k in REGION_KEYS]
     columns += ["total_error_percent"]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -145,6 +177,7 @@ def write_csv(path: Path, evaluations: Sequence[CaseEvaluation]) -> Path:
                 + [f"{e.dice[k]:.4f}" for k in REGION_KEYS]
                 + [f"{e.true_cm3[k]:.3f}" for k in REGION_KEYS]
                 + [f"{e.predicted_cm3[k]:.3f}" for k in REGION_KEYS]
+                + [f"{e.counted_true_cm3[k]:.3f}" if e.counted_true_cm3 else "" for k in REGION_KEYS]
                 + [f"{e.total_error_percent:.3f}"]
             )
     return Path(path)

@@ -64,3 +64,19 @@ def test_csv_has_one_row_per_case(tmp_path):
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="shape"):
         evaluate_labels("c", np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), 1.0, 1.0)
+
+
+def test_territory_error_is_taken_against_the_truth_counted_on_the_acquired_image(tmp_path):
+    truth = _truth()
+    counted = truth.copy()
+    counted[:, 0, :2] = 0            # the blur darkened 2 of the region's 10 voxels a slice below the threshold
+    predicted = counted.copy()       # a method that places the territory exactly, counted the same way
+    result = evaluate_labels("c", predicted, truth, 1.0, 1.0, counted_truth=counted)
+    assert result.volume_error_percent("right_frontal_lobe") == pytest.approx(-20.0)
+    assert result.territory_error_percent("right_frontal_lobe") == pytest.approx(0.0)
+    assert "territory err" in format_table([result])
+    write_csv(tmp_path / "e.csv", [result])
+    row = next(csv.DictReader(open(tmp_path / "e.csv")))
+    assert float(row["true_counted_cm3_right_frontal_lobe"]) == pytest.approx(0.032)
+    with pytest.raises(ValueError, match="not counted"):
+        evaluate_labels("c", truth, truth, 1.0, 1.0).territory_error_percent("right_frontal_lobe")

@@ -127,8 +127,20 @@ def _evaluate_image(segmenter, name: str, image, truth):
 
     segmentation = segmenter.segment(image)
     voxel = float(np.prod(image.GetSpacing()))
-    return evaluate_labels(name, sitk.GetArrayFromImage(segmentation.labels), sitk.GetArrayFromImage(truth),
-                           voxel, image.GetSpacing()[2])
+    truth_array = sitk.GetArrayFromImage(truth)
+    return evaluate_labels(name, sitk.GetArrayFromImage(segmentation.labels), truth_array, voxel, image.GetSpacing()[2],
+                           counted_truth=_counted_on(truth_array, image, segmentation))
+
+
+def _counted_on(truth, image, segmentation):
+    """The true labels (array on ``image``'s grid) counted by the definition on the acquired image,
+    with the threshold the method used."""
+    import SimpleITK as sitk
+
+    from inference.volumes import countable_labels
+
+    return countable_labels(truth, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1],
+                            float(segmentation.model["parenchyma_threshold_hu"]))
 
 
 def _evaluate_dicom_case(segmenter, case_dir: Path):
@@ -143,8 +155,20 @@ def _evaluate_dicom_case(segmenter, case_dir: Path):
     segmentation = segmenter.segment(volume.image)
     predicted = volume.labels_on_source_slices(segmentation.labels)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "labels.nii.gz")))
+    # The truth goes the predicted labels' way: onto the volume's grid, counted there, back to the slices.
+    truth_on_grid = sitk.GetArrayFromImage(volume.source_slices_to_grid(truth.astype("uint8"), nearest=True))
+    counted = volume.labels_on_source_slices(
+        _image_like(_counted_on(truth_on_grid, volume.image, segmentation), volume.image))
     meta = json.loads((case_dir / "meta.json").read_text()) if (case_dir / "meta.json").is_file() else {}
     first = volume.datasets[0]
     thickness = float(meta.get("slice_thickness_mm") or first.SliceThickness)
     pixel_area = float(first.PixelSpacing[0]) * float(first.PixelSpacing[1])
-    return evaluate_labels(case_dir.name, predicted, truth, pixel_area * thickness, thickness)
+    return evaluate_labels(case_dir.name, predicted, truth, pixel_area * thickness, thickness, counted_truth=counted)
+
+
+def _image_like(array, reference):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
