@@ -1,15 +1,16 @@
 """A model on a real head CT against the atlas-registration labels (prints figures; not a test).
 
-For the model card (issue 19, deliverable 3): the network (``inference.predict.Segmenter``
+For the model card (issues 19 and 26): the network (``inference.predict.Segmenter``
 with its defaults: flip TTA, surface refinement) and the template registration
 (``inference.atlas.registration.AtlasSegmenter``, as ``lobevol segment --method atlas``)
 label the same image; the script prints
 
-- per region: Dice of the network against the atlas labels, network cm3, atlas cm3, and
-  the issue's target (every lobe >= 0.75, cerebellum >= 0.85; the brainstem has none);
+- per region: Dice of the network against the atlas labels, network cm3, atlas cm3, their
+  difference, and issue 26's targets (Dice >= 0.85 for every lobe and the cerebellum, the
+  brainstem has none; every region's volume within 10 % of the atlas's);
 - the hemisphere agreement (share of the voxels both call cerebral that both put on the
   same side; target >= 0.98);
-- the anatomical relations (``inference.anatomy_checks``) of both label maps;
+- the anatomical relations (``inference.anatomy_checks``) of both label maps (target: all hold);
 - one line per target, met or not. The exit status is 0 whatever the figures.
 
 It writes key images (the node's renderer, ``node.results.key_images``: radiological
@@ -57,9 +58,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-#: The issue's targets on the real head (issue 19): Dice against the atlas labels, hemisphere agreement.
-LOBE_DICE_TARGET = 0.75
+#: The targets on the real head (issue 26): Dice against the atlas labels, volumes, hemisphere agreement.
+LOBE_DICE_TARGET = 0.85
 CEREBELLUM_DICE_TARGET = 0.85
+VOLUME_DIFFERENCE_TARGET_PERCENT = 10.0
 HEMISPHERE_TARGET = 0.98
 DEFAULT_CACHE = Path("/tmp/lobevol-real-head-cache")
 
@@ -149,6 +151,11 @@ def atlas_labels(image: sitk.Image, cache: Path | None, threads: int) -> tuple[s
     return labels, record
 
 
+def volume_difference_percent(network_cm3: float, atlas_cm3: float) -> float:
+    """The network's volume against the atlas's, in percent of the atlas's."""
+    return 100.0 * (network_cm3 - atlas_cm3) / atlas_cm3 if atlas_cm3 else float("inf")
+
+
 def dice_target(key: str) -> float | None:
     """The issue's Dice target of a region (None: no target)."""
     from inference.vocabulary import region_by_key
@@ -222,11 +229,19 @@ def measure(args: argparse.Namespace) -> dict:
     relations = {name: [{**c._asdict(), "value": None if math.isnan(c.value) else c.value}
                         for c in anatomical_relations(labels)]
                  for name, labels in (("network", network_labels), ("atlas", atlas))}
-    targets = [{"what": f"Dice {key}", "value": dice[key], "target": dice_target(key)}
-               for key in REGION_KEYS if dice_target(key) is not None]
-    targets.append({"what": "hemisphere agreement", "value": agreement, "target": HEMISPHERE_TARGET})
-    for target in targets:
-        target["met"] = target["value"] is not None and target["value"] >= target["target"]
+    at_least = [{"what": f"Dice {key}", "value": dice[key], "target": dice_target(key)}
+                for key in REGION_KEYS if dice_target(key) is not None]
+    at_least.append({"what": "hemisphere agreement", "value": agreement, "target": HEMISPHERE_TARGET})
+    at_least.append({"what": "relations that hold (network)", "value": sum(c["passed"] for c in relations["network"]),
+                     "target": len(relations["network"])})
+    at_most = [{"what": f"|volume difference| {key} (%)",
+                "value": abs(volume_difference_percent(network_cm3[key], atlas_cm3[key])),
+                "target": VOLUME_DIFFERENCE_TARGET_PERCENT} for key in REGION_KEYS]
+    for target in at_least:
+        target.update(comparison=">=", met=target["value"] is not None and target["value"] >= target["target"])
+    for target in at_most:
+        target.update(comparison="<=", met=target["value"] <= target["target"])
+    targets = at_least + at_most
     images = key_images(head.image, network_labels, atlas, args.out, f"{args.input.name}, {network.checkpoint.name}")
     return {
         "input": head.source,
@@ -254,13 +269,13 @@ def report(result: dict) -> str:
              + (f"from {result['atlas']['cached']}" if result["atlas"]["from_cache"]
                 else f"registered in {result['atlas']['seconds']} s ({result['atlas']['threads']} thread(s))"),
              "",
-             f"{'region':<22}{'Dice':>7}{'target':>8}{'network cm3':>13}{'atlas cm3':>11}"]
+             f"{'region':<22}{'Dice':>7}{'target':>8}{'network cm3':>13}{'atlas cm3':>11}{'diff %':>9}"]
     for key in REGION_KEYS:
         target = dice_target(key)
-        mark = "" if target is None else ("  met" if result["dice_network_vs_atlas"][key] >= target else "  not met")
+        difference = volume_difference_percent(result["network_cm3"][key], result["atlas_cm3"][key])
         lines.append(f"{key:<22}{result['dice_network_vs_atlas'][key]:>7.3f}"
                      f"{'-' if target is None else f'{target:.2f}':>8}{result['network_cm3'][key]:>13.1f}"
-                     f"{result['atlas_cm3'][key]:>11.1f}{mark}")
+                     f"{result['atlas_cm3'][key]:>11.1f}{difference:>+9.1f}")
     lines.append(f"{'total':<22}{'':>15}{sum(result['network_cm3'].values()):>13.1f}"
                  f"{sum(result['atlas_cm3'].values()):>11.1f}")
     agreement = result["hemisphere_agreement"]
@@ -277,11 +292,11 @@ def report(result: dict) -> str:
         checks = result["relations"][name]
         lines.append(f"{name}: {sum(c['passed'] for c in checks)} of {len(checks)} relations hold")
     met = [t for t in result["targets"] if t["met"]]
-    lines += ["", f"targets (issue 19): {len(met)} of {len(result['targets'])} met"]
+    lines += ["", f"targets (issue 26): {len(met)} of {len(result['targets'])} met"]
     for target in result["targets"]:
         value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
         lines.append(f"  {'met    ' if target['met'] else 'NOT MET'} {target['what']}: {value} "
-                     f"(target >= {target['target']})")
+                     f"(target {target['comparison']} {target['target']})")
     lines += ["", "key images: " + ", ".join(result["key_images"])]
     return "\n".join(lines)
 
