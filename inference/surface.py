@@ -3,8 +3,8 @@
 The network sees the head on its working grid (1.5 mm for the bundled model);
 its labels come back to source voxels of 0.35-0.6 mm by interpolation, so
 along the cerebral surface the edge sits where the network expects it, not
-necessarily where the image draws it. On held-out phantoms the total of the
-10 volumes followed the width of the extra-axial CSF, about 4 % per mm.
+necessarily where the image draws it, and on held-out phantoms the total of
+the 10 volumes followed the width of the extra-axial CSF (README, *Training*).
 :func:`refine_brain_surface` moves that edge, on the source grid, by the
 image's own contrast between CSF (about 0-15 HU) and cortex (about 30-40 HU):
 
@@ -24,15 +24,14 @@ image's own contrast between CSF (about 0-15 HU) and cortex (about 30-40 HU):
 
 Only images whose voxels are at most ``max_spacing_mm`` along every axis are
 refined. A thicker slice averages CSF and cortex over more than the removal
-depth, so its HU no longer says where the edge lies within it: on 27 held-out
-phantoms of 2.5-5 mm slices the refinement moved totals down by 0.9 point on
-average and pushed 3 of them beyond 3 %, while on 18 of 1.25 mm it brought
-all within 3 % (worst 4.7 % before, 2.6 % after).
+depth, so its HU no longer says where the edge lies within it; on held-out
+phantoms of 2.5-5 mm slices the refinement made totals worse, on 1.25 mm ones
+better (figures: the model card).
 
 The brainstem and the cerebellum are left as the network drew them: they
 border cisterns where partial volume with the petrous bone and the tentorium
-reads as brain, and adding there lowered the brainstem's Dice by 0.01-0.02
-on the tuning phantoms. Lengths in mm, intensities in HU.
+reads as brain, and adding there lowered the brainstem's Dice on the tuning
+phantoms. Lengths in mm, intensities in HU.
 """
 from __future__ import annotations
 
@@ -164,8 +163,8 @@ def _distance_to(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Distance (mm, float32) of every voxel to the nearest voxel of ``mask``; 0 on it.
 
     SimpleITK's Maurer transform: exact Euclidean distances like
-    ``scipy.ndimage.distance_transform_edt`` but multi-threaded, about 4 times faster
-    on a head at 0.45 mm.
+    ``scipy.ndimage.distance_transform_edt`` but multi-threaded, so faster on a
+    head at 0.45 mm.
     """
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     image.SetSpacing([float(s) for s in spacing[::-1]])

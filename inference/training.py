@@ -85,8 +85,8 @@ class TrainConfig:
         batch_size: patches per step (the paper uses 4).
         patch_size: (z, y, x) voxels of a training patch; multiples of 16. The
             default covers most of a child's cropped head at 1.5 mm: inference sees
-            the whole head in one pass, and training on that much context lifted
-            held-out Dice by up to 0.04 per region over 64 x 80 x 64 patches.
+            the whole head in one pass, so training sees nearly as much context
+            (what smaller patches cost: README, *Training*).
         learning_rate: Adam's step size (the paper uses 1e-5 over 200 epochs;
             1e-3 suits the short CPU budgets of this project).
         lr_decay: "poly" lowers the step size each epoch as
