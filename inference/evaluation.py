@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from inference.vocabulary import REGION_KEYS, REGIONS
+from inference.vocabulary import REGION_KEYS
 from inference.metrics import dice_per_region
 from inference.volumes import region_volumes_cm3
 
