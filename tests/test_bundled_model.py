@@ -22,12 +22,10 @@ from node.results.seg import segment_numbers_by_key
 from tests.conftest import phantom_truth_on_source_slices
 
 # (seed, slice thickness mm, gantry tilt deg, lowest Dice of any region, lowest mean Dice,
-# largest total volume error). Floors well under what the shipped model measures on these two
-# generation-5 cases, so that a broken model or a SEG whose frames land on the wrong planes
-# fails, not a model a little worse (1.25 mm: lowest 0.769, the brainstem, mean 0.861, total
-# -4.7 %; 5 mm with tilt: lowest 0.737, mean 0.845, total +4.3 %; flip TTA and surface
-# refinement on, as by default). The project's targets (every region >= 0.90 up to 1.25 mm,
-# the total within 3 %) are not met by this model; MODEL_CARD.md has where it stands.
+# largest total volume error). Floors well under what any bundled model since issue 19 has
+# measured on held-out phantoms (MODEL_CARD.md), so that a broken model or a SEG whose frames
+# land on the wrong planes fails, not a model a little worse. The project's targets are not
+# met by this model; MODEL_CARD.md has where it stands.
 HELD_OUT = [
     (910001, 1.25, 0.0, 0.65, 0.78, 0.10),
     (910002, 5.0, 15.0, 0.62, 0.76, 0.10),
