@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import SimpleITK as sitk
 
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
@@ -14,6 +15,14 @@ from node.cli.train import train_config
 
 TINY_BUDGET = ["--epochs", "1", "--iterations", "1", "--batch-size", "1", "--patch", "32,32,32",
                "--validation-fraction", "0.5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two labelled cases, made once for the module: the commands only read them."""
+    folder = tmp_path_factory.mktemp("pairs") / "data"
+    _write_pairs(folder)
+    return folder
 
 
 def _write_pairs(data, seeds=(41, 42)) -> None:
@@ -34,9 +43,7 @@ def test_command_line_defaults_are_the_train_config_defaults():
         assert train_config(args) == TrainConfig()
 
 
-def test_train_fine_tunes_the_bundled_model_on_image_label_pairs(tmp_path, capsys):
-    data = tmp_path / "data"
-    _write_pairs(data)
+def test_train_fine_tunes_the_bundled_model_on_image_label_pairs(data, tmp_path, capsys):
     out = tmp_path / "tuned"
     status = main(["train", "--data", str(data), "--out", str(out), "--init", "bundled", *TINY_BUDGET])
     assert status == 0
@@ -54,9 +61,7 @@ def test_train_names_a_missing_initial_checkpoint(tmp_path, capsys):
     assert "no.pt" in capsys.readouterr().err
 
 
-def test_evaluate_records_its_figures_in_the_checkpoint_without_touching_the_weights(tmp_path, capsys):
-    data = tmp_path / "data"
-    _write_pairs(data)
+def test_evaluate_records_its_figures_in_the_checkpoint_without_touching_the_weights(data, tmp_path, capsys):
     out = tmp_path / "small"
     assert main(["train", "--data", str(data), "--out", str(out), "--channels", "4,8,8,8,8", *TINY_BUDGET]) == 0
     _, before = load_checkpoint(out / "best.pt")
@@ -78,9 +83,7 @@ def test_evaluate_refuses_an_empty_record_description(tmp_path, capsys):
     assert "--record needs a description" in capsys.readouterr().err
 
 
-def test_compare_trains_the_three_models_alike_and_prints_the_papers_table(tmp_path, capsys):
-    data = tmp_path / "data"
-    _write_pairs(data)
+def test_compare_trains_the_three_models_alike_and_prints_the_papers_table(data, tmp_path, capsys):
     out = tmp_path / "compare"
     status = main(["compare", "--data", str(data), "--out", str(out), "--channels", "4,8,8,8,8", *TINY_BUDGET])
     assert status == 0
