@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="train a segmentation model (phantoms or your own image/label pairs)",
         description="Train a 3D ResU-Net (or the U-Net baseline) with the inference preprocessing: "
-                    "Adam, cross-entropy (+ soft Dice), random left-right flips (labels swapped) and "
-                    "rotations, validation Dice per epoch, periodic and best checkpoints.",
+                    "Adam, cross-entropy (+ soft Dice), random left-right flips (labels swapped), "
+                    "rotations and zoom, validation Dice per epoch, periodic and best checkpoints.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for checkpoints")
@@ -87,7 +87,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotation", type=float, default=10.0, help="largest random rotation per axis, degrees")
     parser.add_argument("--zoom", default="0.85,1.2", metavar="LOW,HIGH",
                         help="range of the random magnification of a patch's content (default %(default)s: "
-                             "heads from an infant's to an adolescent's size; 1,1 = none)")
+                             "heads from an infant's size to an adult's; 1,1 = none)")
     parser.add_argument("--seed", type=int, default=2025)
     add_device_options(parser)
     parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.AUTO.value,
