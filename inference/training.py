@@ -334,7 +334,9 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = choose_device(device)
     torch.manual_seed(config.seed)
-    model = build_model(config.architecture, config.kernel_size, config.channels).to(torch_device)
+    # Channels-last before the optimiser takes the parameters: the layout change may replace them.
+    model = build_model(config.architecture, config.kernel_size, config.channels).to(
+        torch_device, memory_format=torch.channels_last_3d)
     dtype = autocast_dtype(torch_device, precision)
     log.info("training on %s in %s", torch_device, "float32" if dtype is None else f"{dtype} mixed precision")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -348,7 +350,6 @@ def train(
     elif initial is not None:
         model.load_state_dict(_initial_state(initial, config))
         log.info("starting from the weights %s", initial[1].weights_sha256[:12])
-    model = model.to(memory_format=torch.channels_last_3d)
     meta = _meta(config, trained_on)
     for epoch in range(start_epoch, config.epochs):
         started = time.monotonic()
