@@ -65,13 +65,8 @@ _JAVA_XPATH_UNLIMITED = ("-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOp
 
 
 @dataclass
-class SRValidation:
+class SRValidation(Validation):
     """PixelMed DicomSRValidator's verdict on one SR: its Error and Warning lines."""
-
-    path: Path
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    output: str = ""
 
     def unexplained_errors(self, explained: tuple[str, ...]) -> list[str]:
         """Errors matching none of the ``explained`` regular expressions."""
