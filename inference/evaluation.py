@@ -55,17 +55,20 @@ class CaseEvaluation:
     @property
     def total_error_percent(self) -> float:
         """Error of the total of the 10 volumes, in percent of the true total."""
-        true = sum(self.true_cm3.values())
-        return 100.0 * (sum(self.predicted_cm3.values()) - true) / true
+        return _percent_error(sum(self.predicted_cm3.values()), sum(self.true_cm3.values()))
 
     def volume_error_percent(self, key: str) -> float:
-        return 100.0 * (self.predicted_cm3[key] - self.true_cm3[key]) / self.true_cm3[key]
+        return _percent_error(self.predicted_cm3[key], self.true_cm3[key])
 
     def territory_error_percent(self, key: str) -> float:
         """Error against the true territory counted on the acquired image (needs ``counted_true_cm3``)."""
         if self.counted_true_cm3 is None:
             raise ValueError(f"case {self.name}: the truth was not counted on the acquired image")
-        return 100.0 * (self.predicted_cm3[key] - self.counted_true_cm3[key]) / self.counted_true_cm3[key]
+        return _percent_error(self.predicted_cm3[key], self.counted_true_cm3[key])
+
+
+def _percent_error(measured: float, true: float) -> float:
+    return 100.0 * (measured - true) / true
 
 
 def evaluate_labels(name: str, predicted: np.ndarray, truth: np.ndarray, voxel_mm3: float | np.ndarray,

@@ -8,7 +8,7 @@ compare`` use exactly the same ones:
   makes) and :func:`inference.preprocess.labels_to_grid`;
 - :class:`CaseCache` keeps prepared cases on disk (``.npz``), so a second run
   on the same data starts at once;
-- :func:`sample_patch`, :func:`random_flip` and :func:`random_rotation` are the
+- :func:`sample_patch`, :func:`random_flip` and :func:`random_rotation_and_zoom` are the
   training-only transforms (the paper's random flips and rotations; a
   left-right flip swaps the right and left labels, or the model would learn
   that the sides are interchangeable);
@@ -206,7 +206,7 @@ def random_flip(images: torch.Tensor, labels: torch.Tensor, probability: float,
     return images, labels
 
 
-def random_rotation(images: torch.Tensor, labels: torch.Tensor, max_deg: float,
+def random_rotation_and_zoom(images: torch.Tensor, labels: torch.Tensor, max_deg: float,
                     generator: torch.Generator,
                     zoom_range: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each patch about its centre by up to ``max_deg`` on each axis and magnify its
@@ -395,7 +395,7 @@ def _train_epoch(model, optimizer, scaler, config: TrainConfig, cases: Sequence[
         images = torch.from_numpy(np.stack([p[0] for p in patches]))[:, None]
         labels = torch.from_numpy(np.stack([p[1] for p in patches]).astype(np.int64))
         images, labels = random_flip(images, labels, config.flip_probability, generator)
-        images, labels = random_rotation(images, labels, config.rotation_deg, generator, config.zoom_range)
+        images, labels = random_rotation_and_zoom(images, labels, config.rotation_deg, generator, config.zoom_range)
         images, labels = _to_model_layout(images.to(device)), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, dtype):

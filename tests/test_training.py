@@ -11,7 +11,7 @@ from inference.checkpoint import load_checkpoint, read_checkpoint
 from inference.vocabulary import REGIONS, Precision, left_right_permutation, region_by_key
 from inference.training import (TrainConfig, TrainingCase, autocast_dtype, cpu_has_native_bfloat16, k_fold_split,
                                 learning_rate_at,
-                                random_flip, random_rotation, sample_patch, segmentation_loss, train)
+                                random_flip, random_rotation_and_zoom, sample_patch, segmentation_loss, train)
 
 
 def test_left_right_flip_swaps_the_lateral_labels_only():
@@ -38,7 +38,7 @@ def test_rotation_keeps_labels_as_labels_and_moves_image_with_them():
     images = torch.zeros(2, 1, 16, 16, 16)
     images[:, :, 4:12, 4:12, 4:12] = 1.0
     labels = (images[:, 0] > 0).long() * 3
-    rotated, rotated_labels = random_rotation(images, labels, 15.0, torch.Generator().manual_seed(1))
+    rotated, rotated_labels = random_rotation_and_zoom(images, labels, 15.0, torch.Generator().manual_seed(1))
     assert set(rotated_labels.unique().tolist()) <= {0, 3}
     inside = rotated_labels == 3
     assert rotated[:, 0][inside].mean() > 0.9 and rotated[:, 0][~inside].mean() < 0.1
@@ -48,7 +48,7 @@ def test_zoom_magnifies_image_and_labels_together():
     images = torch.zeros(1, 1, 24, 24, 24)
     images[:, :, 8:16, 8:16, 8:16] = 1.0
     labels = (images[:, 0] > 0).long() * 3
-    zoomed, zoomed_labels = random_rotation(images, labels, 0.0, torch.Generator().manual_seed(1), (1.25, 1.25))
+    zoomed, zoomed_labels = random_rotation_and_zoom(images, labels, 0.0, torch.Generator().manual_seed(1), (1.25, 1.25))
     # An 8-voxel cube magnified 1.25 times is a 10-voxel cube: 1,000 voxels instead of 512.
     assert int((zoomed_labels == 3).sum()) == pytest.approx(1000, rel=0.1)
     inside = zoomed_labels == 3
