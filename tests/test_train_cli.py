@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from inference.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from inference.phantoms.generator import make_phantom
 from inference.training import TrainConfig
+from inference.vocabulary import REGION_KEYS
 from node.cli import build_parser, main
 from node.cli.train import train_config
 
@@ -81,6 +82,18 @@ def test_evaluate_records_its_figures_in_the_checkpoint_without_touching_the_wei
 def test_evaluate_refuses_an_empty_record_description(tmp_path, capsys):
     assert main(["evaluate", "bundled", str(tmp_path), "--record", " "]) != 0
     assert "--record needs a description" in capsys.readouterr().err
+
+
+def test_evaluate_atlas_scores_the_template_registration_on_the_same_cases(data, tmp_path, capsys):
+    table = tmp_path / "atlas.csv"
+    assert main(["evaluate", "atlas", str(data), "--threads", "1", "--csv", str(table)]) == 0
+    assert "territory err" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(table, newline="")))
+    assert [row["case"] for row in rows] == ["case41", "case42"]
+    # The registration's own labels: anatomically placed, far above what a stand-in would score.
+    assert all(sum(float(row[f"dice_{key}"]) for key in REGION_KEYS) / len(REGION_KEYS) > 0.5 for row in rows)
+    assert main(["evaluate", "atlas", str(data), "--record", "atlas"]) != 0
+    assert "the atlas method has none" in capsys.readouterr().err
 
 
 def test_compare_trains_the_three_models_alike_and_prints_the_papers_table(data, tmp_path, capsys):

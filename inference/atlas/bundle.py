@@ -8,6 +8,8 @@ Files (provenance in ``data/metadata.json`` and ``data/NOTICE``):
   the template by ``python -m inference.atlas.build`` and 0 outside its intracranial mask.
 - ``mapping.json``: atlas label -> region key of :mod:`inference.vocabulary` (or null:
   background); the reasoning is in ``MAPPING.md`` beside this module.
+- ``blast_regions_sized.nii.gz``: those 10 regions with their boundaries moved to a child's
+  proportions (:mod:`inference.atlas.sizing`, record in ``sizing.json``): the atlas method's labels.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ DATA = Path(__file__).resolve().parent / "data"
 TEMPLATE_FILE = DATA / "scct.nii.gz"
 ATLAS_FILE = DATA / "blast_lobar_atlas.nii.gz"
 MAPPING_FILE = DATA / "mapping.json"
+SIZED_ATLAS_FILE = DATA / "blast_regions_sized.nii.gz"
 METADATA_FILE = DATA / "metadata.json"
 #: Labels of the BLAST-CT atlas (1..31).
 ATLAS_LABEL_COUNT = 31
@@ -77,6 +80,19 @@ def _region_atlas(mapping_path: str) -> sitk.Image:
 def region_atlas(mapping_path: Path | str = MAPPING_FILE) -> sitk.Image:
     """The atlas as 10-region labels (UInt8, 0..10), 1 mm, in template space (a copy: callers may change it)."""
     return sitk.Image(_region_atlas(str(mapping_path)))
+
+
+@lru_cache(maxsize=1)
+def _sized_region_atlas() -> sitk.Image:
+    return sitk.ReadImage(str(SIZED_ATLAS_FILE), sitk.sitkUInt8)
+
+
+def sized_region_atlas() -> sitk.Image:
+    """The 10 regions sized to a child's proportions (UInt8, 0..10), 1 mm, template space (a copy).
+
+    What the atlas method registers; made from :func:`region_atlas` by ``python -m inference.atlas.sizing``.
+    """
+    return sitk.Image(_sized_region_atlas())
 
 
 def metadata() -> dict:

@@ -47,7 +47,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from inference.atlas.bundle import ATLAS_FILE, MAPPING_FILE, TEMPLATE_FILE, load_template, metadata, region_atlas
+from inference.atlas.bundle import SIZED_ATLAS_FILE, TEMPLATE_FILE, load_template, metadata, sized_region_atlas
 from inference.predict import Segmentation, labels_on_source_grid, measure_volumes, parenchyma_labels, set_cpu_threads
 from inference.preprocess import Preprocessed, PreprocessConfig, check_image, preprocess_image, resample_to
 from inference.surface import SurfaceRefinement, refine_brain_surface
@@ -220,9 +220,9 @@ def _empty_like(grid: sitk.Image) -> sitk.Image:
 
 @lru_cache(maxsize=1)
 def atlas_sha256() -> str:
-    """SHA-256 over the template, the atlas and the mapping: identifies the data that made the labels."""
+    """SHA-256 over the template and the sized regions: identifies the data that made the labels."""
     digest = hashlib.sha256()
-    for path in (TEMPLATE_FILE, ATLAS_FILE, MAPPING_FILE):
+    for path in (TEMPLATE_FILE, SIZED_ATLAS_FILE):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
@@ -248,7 +248,7 @@ class AtlasSegmenter:
         _ants()  # before any registration: ANTs's thread count is read once
         self.settings, self.progress, self.preprocess = settings, progress, preprocess
         self.surface_refinement = SurfaceRefinement() if refine_surface else None
-        self.atlas = region_atlas()
+        self.atlas = sized_region_atlas()
 
     @property
     def model(self) -> dict:
@@ -260,7 +260,8 @@ class AtlasSegmenter:
             "architecture": f"ANTs {self.settings.transform_type} template registration (antspyx)",
             "spacing_mm": [self.settings.spacing_mm] * 3,
             "weights_sha256": atlas_sha256(),
-            "trained_on": "none: adult CT template (Rorden 2012) with the BLAST-CT lobar atlas",
+            "trained_on": "none: adult CT template (Rorden 2012) with the BLAST-CT lobar atlas, its regions "
+                          "sized to the paper's proportions (inference/atlas/sizing.py)",
             "template_commit": data["template"]["commit"],
             "atlas_commit": data["atlas"]["commit"],
         }

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+from inference.vocabulary import Method
 from node.cli._options import add_device_options, inference_settings
 
 #: Where ``--record`` keeps the figures in the checkpoint's metrics.
 RECORD_KEY = "heldout_evaluation"
+#: MODEL that stands for the atlas method instead of a checkpoint.
+ATLAS_MODEL = Method.ATLAS.value
 
 EPILOG = """\
 examples:
@@ -21,6 +25,10 @@ examples:
       image/label NIfTI pairs (imagesTr/ + labelsTr/, or <case>/image.nii.gz + labels.nii.gz)
   lobevol evaluate MODEL --phantoms 8 --seed 900000 --slice-thickness 5
       phantoms made in memory (nothing written), here all with 5 mm slices
+  lobevol evaluate atlas heldout --threads 1
+      the atlas method (template registration, the network's teacher) on the same cases:
+      how far the two methods are from the truth, and from each other, on images whose
+      truth is known
   lobevol evaluate runs/r1/best.pt heldout --record "10 phantoms, seeds 900000-9, 1.25 mm"
       also keep the figures in the checkpoint's metadata (metrics.heldout_evaluation), so
       the model carries how it was evaluated; the weights are not changed
@@ -37,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Segment every case with MODEL (the same prediction as the node) and compare with "
                     "its true labels on the source grid.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", metavar="MODEL", help="checkpoint (.pt), or 'bundled'")
+    parser.add_argument("model", metavar="MODEL",
+                        help="checkpoint (.pt), 'bundled', or 'atlas' (the template registration, "
+                             "lobevol segment --method atlas)")
     parser.add_argument("data", metavar="DATA", nargs="?", type=Path,
                         help="folder of phantom cases or of image/label NIfTI pairs")
     parser.add_argument("--phantoms", type=int, metavar="N", help="evaluate on N phantoms made in memory instead")
@@ -60,10 +70,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either DATA or --phantoms N")
     if args.record is not None and not args.record.strip():
         raise ValueError("--record needs a description of the evaluated cases")
+    if args.record is not None and args.model == ATLAS_MODEL:
+        raise ValueError("--record keeps figures in a checkpoint; the atlas method has none")
     # One bar over the cases (none when the output is a log file), not one per network pass.
     from inference.factory import load_segmenter
 
-    segmenter = load_segmenter(inference_settings(args), progress=False)
+    if args.model == ATLAS_MODEL:
+        settings = dataclasses.replace(inference_settings(argparse.Namespace(**{**vars(args), "model": None})),
+                                       method=Method.ATLAS)
+    else:
+        settings = inference_settings(args)
+    segmenter = load_segmenter(settings, progress=False)
     cases = _phantom_cases(args) if args.phantoms is not None else _folder_cases(args.data)
     evaluations = []
     for name, evaluate_one in tqdm(cases, desc="evaluating", unit="case", disable=None):
