@@ -152,8 +152,11 @@ def atlas_labels(image: sitk.Image, cache: Path | None, threads: int) -> tuple[s
 
 
 def volume_difference_percent(network_cm3: float, atlas_cm3: float) -> float:
-    """The network's volume against the atlas's, in percent of the atlas's."""
-    return 100.0 * (network_cm3 - atlas_cm3) / atlas_cm3 if atlas_cm3 else float("inf")
+    """The network's volume against the atlas's, in percent of the atlas's (inf when the atlas has none)."""
+    from inference.metrics import percent_difference
+
+    difference = percent_difference(network_cm3, atlas_cm3)
+    return float("inf") if difference is None else difference
 
 
 def dice_target(key: str) -> float | None:

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from inference.metrics import dice_per_region
+from inference.metrics import dice_per_region, percent_difference
 from inference.preprocess import check_image, preprocess_image
 from inference.vocabulary import REGIONS, Method
 
@@ -63,7 +63,7 @@ class RegionAgreement:
     @property
     def volume_difference_percent(self) -> float | None:
         """(this - other) / other x 100; None when the other method found nothing."""
-        return None if self.other_volume_cm3 <= 0 else 100.0 * (self.volume_cm3 / self.other_volume_cm3 - 1.0)
+        return None if self.other_volume_cm3 <= 0 else percent_difference(self.volume_cm3, self.other_volume_cm3)
 
 
 @dataclass(frozen=True)

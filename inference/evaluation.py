@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from inference.vocabulary import REGION_KEYS
-from inference.metrics import dice_per_region
+from inference.metrics import dice_per_region, percent_difference
 from inference.volumes import region_volumes_cm3
 
 #: Slice-thickness groups of the summary (mm, upper bound inclusive), as the targets are set.
@@ -55,20 +55,16 @@ class CaseEvaluation:
     @property
     def total_error_percent(self) -> float:
         """Error of the total of the 10 volumes, in percent of the true total."""
-        return _percent_error(sum(self.predicted_cm3.values()), sum(self.true_cm3.values()))
+        return percent_difference(sum(self.predicted_cm3.values()), sum(self.true_cm3.values()))
 
     def volume_error_percent(self, key: str) -> float:
-        return _percent_error(self.predicted_cm3[key], self.true_cm3[key])
+        return percent_difference(self.predicted_cm3[key], self.true_cm3[key])
 
     def territory_error_percent(self, key: str) -> float:
         """Error against the true territory counted on the acquired image (needs ``counted_true_cm3``)."""
         if self.counted_true_cm3 is None:
             raise ValueError(f"case {self.name}: the truth was not counted on the acquired image")
-        return _percent_error(self.predicted_cm3[key], self.counted_true_cm3[key])
-
-
-def _percent_error(measured: float, true: float) -> float:
-    return 100.0 * (measured - true) / true
+        return percent_difference(self.predicted_cm3[key], self.counted_true_cm3[key])
 
 
 def evaluate_labels(name: str, predicted: np.ndarray, truth: np.ndarray, voxel_mm3: float | np.ndarray,

@@ -117,7 +117,11 @@ def volume_errors(predicted_cm3: Mapping[str, float], true_cm3: Mapping[str, flo
     return rows
 
 
+def percent_difference(volume: float, reference: float) -> float | None:
+    """(volume - reference) / reference x 100; None when the reference is 0."""
+    return None if reference == 0 else 100.0 * (volume - reference) / reference
+
+
 def _error_row(predicted: float, true: float) -> dict:
-    error = predicted - true
-    return {"predicted_cm3": predicted, "true_cm3": true, "error_cm3": error,
-            "error_percent": None if true == 0 else 100.0 * error / true}
+    return {"predicted_cm3": predicted, "true_cm3": true, "error_cm3": predicted - true,
+            "error_percent": percent_difference(predicted, true)}
