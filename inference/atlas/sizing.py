@@ -6,9 +6,8 @@ and brainstem are larger, its cerebellum smaller. Registration carries a templat
 labels onto a child only as far as it recovers the child's shape; where a boundary is
 invisible on CT (between lobes) or the deformation is large (a toddler's brainstem is
 less than half an adult's share), the labels keep the adult's proportions. On phantoms
-drawn at the cohort's proportions, whose truth is known, the method measured the
-parietal lobes about 14 % high, the brainstem about 90 % high and the cerebellum 12 %
-low: a method error of one to several reference SDs, in the same direction on every case.
+drawn at the cohort's proportions, whose truth is known, that is a method error of one to
+several reference SDs, in the same direction on every case (figures: ``MAPPING.md``, "Sizing").
 
 The remedy is the one a labelling method has: its atlas. :func:`size_regions` moves
 the boundaries between neighbouring regions in template space, each region's edge by
@@ -16,7 +15,7 @@ one offset (mm) along its distance map, until every region holds a given share o
 template's brain tissue; the tissue itself does not move. A voxel changes only between
 regions of its own side or the midline (a lobe never crosses to the other hemisphere).
 The shares are the paper's cohort means, corrected once by what the method then measured on
-calibration phantoms (:data:`CALIBRATION`), so that registration's own tendencies are
+calibration phantoms (``main``'s ``--calibration``), so that registration's own tendencies are
 compensated as measured rather than assumed. ``python -m inference.atlas.sizing`` writes
 the sized atlas (``data/blast_regions_sized.nii.gz``) and its record (``data/sizing.json``).
 """
@@ -31,14 +30,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.vocabulary import REGION_KEYS, REGIONS
-
 from inference.atlas.bundle import DATA, SIZED_ATLAS_FILE
+from inference.vocabulary import REGION_KEYS, REGIONS
 
 SIZING_FILE = DATA / "sizing.json"
 #: Largest change of one region's offset per iteration (mm): thin regions (the brainstem)
 #: change volume fast with their edge.
 MAX_STEP_MM = 0.5
+#: Smallest step (mm): a step halved at every overshoot still moves.
 MIN_STEP_MM = 0.01
 #: Jitter (mm) added to the distance maps to break ties between voxels.
 TIE_JITTER_MM = 0.1
