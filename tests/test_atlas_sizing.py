@@ -77,3 +77,14 @@ def test_bundled_sized_atlas_holds_its_recorded_shares_and_only_moves_boundaries
         inside = raw == region.value
         assert np.mean(sized[inside] == region.value) > 0.5, region.key
     assert not np.any(np.isin(raw, list(RIGHT)) & np.isin(sized, list(LEFT)))
+
+
+def test_sizing_command_names_a_bad_calibration_file_and_writes_nothing(tmp_path, capsys):
+    before = sizing.SIZED_ATLAS_FILE.read_bytes(), sizing.SIZING_FILE.read_bytes()
+    table = tmp_path / "cal.csv"
+    table.write_text("case,slice_thickness_mm\n")
+    for path, message in ((tmp_path / "none.csv", "no such file"), (table, "no cases with the true territories")):
+        with pytest.raises(SystemExit) as exit_info:
+            sizing.main(["--calibration", str(path)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (sizing.SIZED_ATLAS_FILE.read_bytes(), sizing.SIZING_FILE.read_bytes()) == before

@@ -183,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, help="lobevol evaluate --csv of the atlas method on phantoms")
     parser.add_argument("--note", default="", help="what the calibration cases are")
     args = parser.parse_args(argv)
+    if args.calibration is not None and not args.calibration.is_file():
+        parser.error(f"--calibration {args.calibration}: no such file (lobevol evaluate atlas ... --csv FILE)")
+    if args.calibration is not None and not SIZING_FILE.is_file():
+        parser.error(f"--calibration corrects the targets of {SIZING_FILE.name}: run without it first")
     atlas = region_atlas()
     labels = sitk.GetArrayFromImage(atlas)
     paper = np.array([PAPER_VOLUMES_CM3[key] for key in REGION_KEYS])
     targets, record = paper / paper.sum(), {"paper_shares": dict(zip(REGION_KEYS, np.round(paper / paper.sum(), 5)))}
     if args.calibration is not None:
         previous = json.loads(SIZING_FILE.read_text())
-        ratios = calibration_ratios(args.calibration)
+        try:
+            ratios = calibration_ratios(args.calibration)
+        except (ValueError, KeyError) as error:
+            parser.error(f"--calibration {args.calibration}: {error}")
         targets = np.array([previous["target_shares"][key] / ratios[key] for key in REGION_KEYS])
         targets /= targets.sum()
         record["calibration"] = {"cases": args.note, "csv": args.calibration.name,
