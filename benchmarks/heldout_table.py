@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from inference.evaluation import has_counted_truth  # noqa: E402
 from inference.vocabulary import REGION_KEYS  # noqa: E402
 
 
@@ -28,11 +29,6 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     if not rows:
         raise SystemExit(f"{path}: no cases")
     return rows
-
-
-def has_counted_truth(rows: list[dict[str, str]]) -> bool:
-    """Whether the CSV has the true territories counted on the acquired image (newer lobevol evaluate)."""
-    return bool(rows[0].get(f"true_counted_cm3_{REGION_KEYS[0]}"))
 
 
 def mean(values) -> float:

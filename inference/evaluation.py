@@ -160,6 +160,12 @@ def format_table(evaluations: Sequence[CaseEvaluation]) -> str:
     return "\n".join(lines)
 
 
+def has_counted_truth(rows: Sequence[dict[str, str]]) -> bool:
+    """Whether rows read from :func:`write_csv`'s file carry the true territories counted on the acquired
+    image (files of an older lobevol lack them)."""
+    return bool(rows) and bool(rows[0].get(f"true_counted_cm3_{REGION_KEYS[0]}"))
+
+
 def write_csv(path: Path, evaluations: Sequence[CaseEvaluation]) -> Path:
     """One row per case: thickness, Dice and true/predicted volume per region, total error."""
     columns = ["case", "slice_thickness_mm"]

@@ -95,6 +95,12 @@ def sized_region_atlas() -> sitk.Image:
     return sitk.Image(_sized_region_atlas())
 
 
+def data_on_grid(name: str, grid: sitk.Image) -> np.ndarray:
+    """The bundled map ``data/<name>.nii.gz`` resampled (linear, 0 outside) onto ``grid``: float32 (z, y, x)."""
+    image = sitk.ReadImage(str(DATA / f"{name}.nii.gz"), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
 def metadata() -> dict:
     """Provenance of the bundled data (source, commit, licence, citation, alignment figures)."""
     return json.loads(METADATA_FILE.read_text())

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.atlas.bundle import DATA, SIZED_ATLAS_FILE
+from inference.atlas.bundle import DATA, SIZED_ATLAS_FILE, data_on_grid
 from inference.vocabulary import REGION_KEYS, REGIONS
 
 SIZING_FILE = DATA / "sizing.json"
@@ -148,19 +148,17 @@ def size_regions(labels: np.ndarray, tissue: np.ndarray, target_shares: np.ndarr
 
 def template_tissue(grid: sitk.Image) -> np.ndarray:
     """The template's brain tissue fraction (grey + white probability, 0..1) on ``grid``, (z, y, x)."""
-    def on_grid(name: str) -> np.ndarray:
-        image = sitk.ReadImage(str(DATA / f"{name}.nii.gz"), sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                    sitk.sitkFloat32))
-    return np.clip(on_grid("scgrey") + on_grid("scwhite"), 0.0, 1.0)
+    return np.clip(data_on_grid("scgrey", grid) + data_on_grid("scwhite", grid), 0.0, 1.0)
 
 
 def calibration_ratios(csv_path: Path) -> dict[str, float]:
     """Mean ratio per region of the method's volume to the true territory's (``lobevol evaluate --csv``)."""
     import csv
 
+    from inference.evaluation import has_counted_truth
+
     rows = list(csv.DictReader(open(csv_path, newline="")))
-    if not rows or not rows[0].get(f"true_counted_cm3_{REGION_KEYS[0]}"):
+    if not has_counted_truth(rows):
         raise ValueError(f"{csv_path}: no cases with the true territories counted (lobevol evaluate --csv)")
     return {key: float(np.mean([float(r[f"predicted_cm3_{key}"]) / float(r[f"true_counted_cm3_{key}"])
                                 for r in rows])) for key in REGION_KEYS}

@@ -145,7 +145,7 @@ def grid_image(array: np.ndarray, origin_mm: np.ndarray, spacing_mm: float = SPA
 @lru_cache(maxsize=1)
 def atlas_anatomy() -> AtlasAnatomy:
     """The bundled atlas, template and tissue maps on the atlas's 1 mm grid, LPS identity direction (cached)."""
-    from inference.atlas.bundle import DATA, region_atlas
+    from inference.atlas.bundle import data_on_grid, region_atlas
 
     atlas = sitk.DICOMOrient(region_atlas(), "LPS")
     reference = sitk.Image(atlas.GetSize(), sitk.sitkFloat32)
@@ -153,9 +153,7 @@ def atlas_anatomy() -> AtlasAnatomy:
     reference.SetOrigin(atlas.GetOrigin())
 
     def on_grid(name: str) -> np.ndarray:
-        image = sitk.ReadImage(str(DATA / f"{name}.nii.gz"), sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                    sitk.sitkFloat32))
+        return data_on_grid(name, reference)
 
     regions = sitk.GetArrayFromImage(atlas).astype(np.uint8)
     intracranial = on_grid("blast_intracranial_mask")
