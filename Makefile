@@ -68,8 +68,8 @@ browser-deps: install-peers
 	@node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error("Node.js " + process.version + " is too old for playwright-core: install Node.js 20 or later"); process.exit(1); }'
 	cd tests/browser && npm ci --no-audit --no-fund && ./fetch-ohif.sh
 
-# Two workers, each test file in one of them (module fixtures are built once): 18.6 min instead
-# of 29 min on 2 cores. TEST_WORKERS=0 runs the suite in one process.
+# Two workers, each test file in one of them, so module fixtures are built once (times in the
+# README). TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: install install-peers browser-deps
 	$(PY) -m ruff check .
